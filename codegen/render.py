@@ -1,0 +1,74 @@
+"""Render Triton kernel sources from Jinja2 templates.
+
+A `KernelSpec` says what the kernel must do (not how fast): the form and the mask style. Rendering is
+pure and deterministic, so the same spec always gives the same text, and so the same cache key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import jinja2
+
+__all__ = ["KernelSpec", "RenderedKernel", "render_attention"]
+
+MASK_STYLES = (None, "bool", "additive")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSpec:
+    """What one attention kernel computes. causal: top-left aligned; mask: None | 'bool' | 'additive'."""
+    causal: bool = False
+    mask: str | None = None
+
+    def __post_init__(self):
+        if self.mask not in MASK_STYLES:
+            raise ValueError(f"mask style {self.mask!r} is not one of {MASK_STYLES}")
+
+    @property
+    def name(self) -> str:
+        parts = ["attnforge_fwd_dense", "causal" if self.causal else "full"]
+        if self.mask:
+            parts.append(f"{self.mask}mask")
+        return "_".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedKernel:
+    spec: KernelSpec
+    template: str
+    source: str
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("attnforge.codegen", "templates"),
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined, autoescape=False,
+    )
+
+
+def render_attention(spec: KernelSpec) -> RenderedKernel:
+    """Source text of the forward kernel for `spec` (a Python module defining KERNEL and launch)."""
+    template = "attention_fwd.py.j2"
+    source = _env().get_template(template).render(
+        template=template, name=spec.name, causal=spec.causal, mask=spec.mask, spec_repr=_spec_repr(spec),
+        description=_describe(spec),
+    )
+    return RenderedKernel(spec, template, source)
+
+
+def _spec_repr(spec: KernelSpec) -> str:
+    return f"KernelSpec(causal={spec.causal}, mask={spec.mask!r})"
+
+
+def _describe(spec: KernelSpec) -> str:
+    parts = ["dense"]
+    if spec.causal:
+        parts.append("causal (top-left: query i sees keys j <= i)")
+    if spec.mask == "bool":
+        parts.append("boolean mask (True = attend)")
+    elif spec.mask == "additive":
+        parts.append("additive mask")
+    return ", ".join(parts)

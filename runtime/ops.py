@@ -1,0 +1,140 @@
+"""`torch.ops.attnforge.attention`: the one op every rewritten attention site calls.
+
+    attention(q, k, v, mask, causal, scale, impl, kernel) -> out
+        q [B, Hq, N, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> out [B, Hq, N, Dv]
+        mask:   None, or broadcastable to [B, Hq, N, S]; bool (True = attend) or additive float
+        causal: top-left aligned (as SDPA's is_causal)
+        impl:   "auto" | "triton" | "reference"
+        kernel: key of a generated Triton source (attnforge.runtime.kernels), "" when none was generated
+
+It is a torch.library custom op with a fake implementation and autograd, so it survives torch.compile
+and torch.export. Implementations:
+    reference -> attention_reference (PyTorch; runs anywhere; the oracle)
+    triton    -> the generated kernel: compiled on CUDA, Triton's interpreter on CPU. Never falls back:
+                 if it cannot run, KernelUnavailable says why.
+    auto      -> triton on CUDA when it can run, else the reference. A fallback on CUDA warns and is
+                 recorded (`fallbacks`); CPU tensors take the reference without a warning.
+Every call bumps `counters[<implementation that ran>]`, so tests and records can see what really ran.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .kernels import KernelUnavailable
+from .reference import attention_reference, attention_reference_backward
+
+__all__ = ["attention", "counters", "fallbacks", "reset_counters", "IMPLS", "triton_check"]
+
+IMPLS = ("auto", "triton", "reference")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+counters: collections.Counter = collections.Counter()
+fallbacks: collections.Counter = collections.Counter()   # reason -> count, for automatic fallbacks
+
+
+def reset_counters() -> None:
+    counters.clear()
+    fallbacks.clear()
+
+
+def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel: str) -> Optional[str]:
+    """None if the generated kernel can run these inputs, else the reason it cannot."""
+    if not kernel:
+        return "no Triton kernel was generated for this site"
+    if q.device.type not in ("cuda", "cpu"):
+        return f"Triton kernels run on CUDA (or the CPU interpreter), not {q.device.type}"
+    if q.device.type == "cpu" and not kernels.interpreter_enabled():
+        return ("the tensors are on the CPU, where Triton runs only through its interpreter: start Python "
+                "with TRITON_INTERPRET=1")
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} is not supported by the kernel (use float16, bfloat16 or float32)"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {max(q.shape[-1], v.shape[-1])} exceeds {MAX_HEAD_DIM}"
+    if mask is not None and mask.device != q.device:
+        return f"mask is on {mask.device} but q is on {q.device}"
+    if mask is not None and mask.requires_grad:
+        return "the mask requires grad; the forward kernel does not produce its gradient"
+    return None
+
+
+def _check_args(q, k, v, mask, impl):
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads "
+                         f"({k.shape[1]}, {v.shape[1]})")
+
+
+def _run_triton(q, k, v, mask, causal, scale, kernel):
+    loaded = kernels.load_kernel(kernel, q.device)
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    if q.shape[2] and k.shape[2]:
+        loaded.launch(q, k, v, mask, out, scale)
+    else:
+        out.zero_()                      # no queries or no keys: nothing to attend to
+    counters["triton_interpreter" if loaded.interpreted else "triton"] += 1
+    return out
+
+
+@torch.library.custom_op("attnforge::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: float,
+              impl: str, kernel: str) -> Tensor:
+    _check_args(q, k, v, mask, impl)
+    if impl == "reference":
+        counters["reference"] += 1
+        return attention_reference(q, k, v, mask, causal, scale)
+    reason = triton_check(q, k, v, mask, kernel)
+    if impl == "triton":
+        if reason:
+            raise KernelUnavailable(f"impl='triton' was asked for but {reason}; use impl='auto' or "
+                                    "impl='reference'")
+        return _run_triton(q, k, v, mask, causal, scale, kernel)
+    # auto
+    if reason is None and q.device.type == "cuda":
+        try:
+            return _run_triton(q, k, v, mask, causal, scale, kernel)
+        except Exception as e:             # a kernel that fails to load or compile must not lose the run
+            reason = f"Triton kernel failed: {type(e).__name__}: {e}"
+    if q.device.type == "cuda":
+        fallbacks[reason] += 1
+        warnings.warn(f"attnforge: running the reference attention because {reason}", RuntimeWarning,
+                      stacklevel=2)
+    counters["reference"] += 1
+    return attention_reference(q, k, v, mask, causal, scale)
+
+
+@attention.register_fake
+def _(q, k, v, mask, causal, scale, impl, kernel):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, causal, scale, _impl, _kernel = inputs
+    ctx.save_for_backward(q, k, v, mask)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, grad_out):
+    q, k, v, mask = ctx.saved_tensors
+    dq, dk, dv, dmask = attention_reference_backward(grad_out, q, k, v, mask, ctx.causal, ctx.scale)
+    return dq, dk, dv, dmask, None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

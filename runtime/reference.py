@@ -1,0 +1,107 @@
+"""The PyTorch reference for attention: the oracle every other implementation is checked against.
+
+Shapes (one convention across attnforge):
+    q: [B, Hq, N, D]    k: [B, Hkv, S, D]    v: [B, Hkv, S, Dv]    out: [B, Hq, N, Dv]
+    mask: broadcastable to [B, Hq, N, S]; bool (True = attend) or floating (added to the scores).
+Hq must be a multiple of Hkv (GQA); query head h reads KV head h // (Hq // Hkv). K and V are never
+repeated: the query heads of a group are folded next to each other instead.
+
+`causal` is aligned top-left, as in `scaled_dot_product_attention(is_causal=True)`: query i sees keys
+j <= i. A row that can see no key at all returns zeros (SDPA's math path does the same).
+
+Math runs in float32 for half inputs and in the input dtype for float32/float64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["attention_reference", "attention_reference_backward"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(x: torch.Tensor, hkv: int) -> torch.Tensor:
+    # [B, Hq, ...] -> [B, Hkv, G, ...]
+    return x.unflatten(1, (hkv, x.shape[1] // hkv))
+
+
+def _scores(q, k, mask, causal, scale):
+    """Scores and the keep-mask, both [B, Hkv, G, N, S] in the compute dtype."""
+    b, hq, n, _ = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    ct = _compute_dtype(q.dtype)
+    qg = _grouped(q.to(ct), hkv)                                  # [B, Hkv, G, N, D]
+    scores = torch.matmul(qg, k.to(ct).unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, N, S]
+    keep = None
+    if causal:
+        rows = torch.arange(n, device=q.device)[:, None]
+        cols = torch.arange(s, device=q.device)[None, :]
+        keep = cols <= rows                                       # [N, S]
+    if mask is not None:
+        full = mask.expand(b, hq, n, s)
+        full = _grouped(full, hkv)
+        if full.dtype == torch.bool:
+            keep = full if keep is None else keep & full
+        else:
+            scores = scores + full.to(ct)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores
+
+
+def _probs(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys; rows with no visible key give zeros instead of NaN."""
+    row_max = scores.amax(dim=-1, keepdim=True)
+    dead = torch.isneginf(row_max)
+    p = torch.exp(scores - torch.where(dead, torch.zeros_like(row_max), row_max))
+    denom = p.sum(dim=-1, keepdim=True)
+    return p / torch.where(denom == 0, torch.ones_like(denom), denom)
+
+
+def attention_reference(q, k, v, mask=None, causal=False, scale=None):
+    """out = softmax(q k^T * scale + mask) v, GQA by grouping. Returns q's dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    p = _probs(_scores(q, k, mask, causal, scale))                # [B, Hkv, G, N, S]
+    out = torch.matmul(p, v.to(p.dtype).unsqueeze(2))             # [B, Hkv, G, N, Dv]
+    return out.flatten(1, 2).to(q.dtype)
+
+
+def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back down to `shape` (the mask's own shape)."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    for i, size in enumerate(shape):
+        if size == 1 and grad.shape[i] != 1:
+            grad = grad.sum(i, keepdim=True)
+    return grad
+
+
+def attention_reference_backward(grad_out, q, k, v, mask=None, causal=False, scale=None):
+    """Gradients (dq, dk, dv, dmask) of `attention_reference`, written out so that it can be traced.
+
+    dP = dO V^T;  dS = P * (dP - rowsum(dO * O));  dQ = dS K * scale;  dK = dS^T Q * scale;  dV = P^T dO
+    K/V gradients are summed over the query heads of their group. dmask is None unless the mask is
+    floating (an additive bias), where it equals dS reduced to the mask's shape.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    hkv = k.shape[1]
+    p = _probs(_scores(q, k, mask, causal, scale))                # [B, Hkv, G, N, S]
+    ct = p.dtype
+    go = _grouped(grad_out.to(ct), hkv)                           # [B, Hkv, G, N, Dv]
+    vg = v.to(ct).unsqueeze(2)                                    # [B, Hkv, 1, S, Dv]
+    out = torch.matmul(p, vg)
+    dp = torch.matmul(go, vg.transpose(-1, -2))                   # [B, Hkv, G, N, S]
+    ds = p * (dp - (go * out).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, k.to(ct).unsqueeze(2)) * scale          # [B, Hkv, G, N, D]
+    dk = torch.matmul(ds.transpose(-1, -2), _grouped(q.to(ct), hkv)).sum(2) * scale
+    dv = torch.matmul(p.transpose(-1, -2), go).sum(2)
+    dmask = None
+    if mask is not None and mask.dtype != torch.bool:
+        dmask = _reduce_to(ds.flatten(1, 2), mask.shape).to(mask.dtype)
+    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
