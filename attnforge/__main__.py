@@ -1,0 +1,3 @@
+from attnforge.compiler.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,11 @@
+"""attnforge.compiler: the driver. capture, IR, backend, CLI, built-in models."""
+from .api import compile_and_compare, detect_model, find_attention
+from .backend import Backend, BackendOptions, GraphRecord, attnforge_backend, named_backend
+from .capture import capture, capture_dynamo, capture_symbolic
+from .ir import AttentionSite, Decline
+
+__all__ = [
+    "AttentionSite", "Backend", "BackendOptions", "Decline", "GraphRecord", "attnforge_backend",
+    "capture", "capture_dynamo", "capture_symbolic", "compile_and_compare", "detect_model",
+    "find_attention", "named_backend",
+]

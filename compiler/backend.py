@@ -1,0 +1,164 @@
+"""The torch.compile backend: detect attention, rewrite it into the attnforge op, emit its kernels,
+then hand the graph to Inductor (or run it as it is).
+
+    be = attnforge.Backend()                        # every site dense and exact
+    out = torch.compile(model, backend=be)(x)
+    be.records                                      # one GraphRecord per graph Dynamo captured
+
+    torch.compile(model, backend="attnforge", options={"impl": "reference"})   # found by name
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from attnforge import codegen, runtime
+from attnforge.passes import AttentionSite, Decline, canonicalize, detect
+
+__all__ = ["Backend", "BackendOptions", "GraphRecord", "attnforge_backend", "named_backend"]
+
+COMPILERS = ("inductor", "eager")
+_MASK_STYLE = {"none": None, "causal": None, "boolean": "bool", "additive": "additive"}
+
+
+@dataclass(frozen=True, slots=True)
+class BackendOptions:
+    """impl: 'auto' | 'triton' | 'reference' (see attnforge.runtime.ops); compiler: what runs the
+    rewritten graph, 'inductor' (default) or 'eager'; rewrite: False only detects and records;
+    debug: print the graph after each pass."""
+    impl: str = "auto"
+    compiler: str = "inductor"
+    rewrite: bool = True
+    debug: bool = False
+    plan: Any = None
+
+    def __post_init__(self):
+        if self.impl not in runtime.IMPLS:
+            raise ValueError(f"impl must be one of {runtime.IMPLS}, not {self.impl!r}")
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {COMPILERS}, not {self.compiler!r}")
+        if self.plan is not None:
+            raise NotImplementedError("per-head plans are not implemented yet in this version: every "
+                                      "site runs dense and exact; pass plan=None")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelRecord:
+    site: str
+    name: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class GraphRecord:
+    """What the backend did with one captured graph."""
+    index: int
+    sites: tuple[AttentionSite, ...]
+    rewritten: tuple[str, ...]          # site ids now running torch.ops.attnforge.attention
+    declined: tuple[Decline, ...]       # near misses left untouched, with the reason
+    kernels: tuple[KernelRecord, ...]
+    impl: str
+    compiler: str
+    code: str = field(repr=False)       # the rewritten graph's Python code (a reproducer to read)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("code")
+        return d
+
+
+class Backend:
+    """A torch.compile backend (a callable) that holds its options and one record per graph."""
+
+    def __init__(self, plan=None, impl: str = "auto", compiler: str = "inductor", rewrite: bool = True,
+                 debug: bool = False):
+        self.options = BackendOptions(impl=impl, compiler=compiler, rewrite=rewrite, debug=debug, plan=plan)
+        self.records: list[GraphRecord] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"attnforge.Backend({self.options}, graphs={len(self.records)})"
+
+    @property
+    def sites_rewritten(self) -> int:
+        return sum(len(r.rewritten) for r in self.records)
+
+    def transform(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, GraphRecord]:
+        """Detect, emit kernels, rewrite. Returns the (rewritten) graph and its record."""
+        opts = self.options
+        sites, declined = detect(gm)
+        self._dump("after detect", gm, sites=sites, declined=declined)
+        kernels: dict[str, str] = {}
+        kernel_records = []
+        if opts.rewrite and opts.impl != "reference":
+            for site in sites:
+                spec = codegen.KernelSpec(causal=site.causal, mask=_MASK_STYLE[site.mask])
+                rendered = codegen.render_attention(spec)
+                key = runtime.kernels.register_source(rendered.source)
+                kernels[site.id] = key
+                kernel_records.append(KernelRecord(site.id, spec.name, key))
+        changed = False
+        if opts.rewrite and sites:
+            gm, changed = canonicalize(gm, sites, impl=opts.impl, kernels=kernels)
+            self._dump("after canonicalize", gm)
+        rewritten = tuple(s.id for s in sites) if changed else ()
+        with self._lock:
+            record = GraphRecord(len(self.records), tuple(sites), rewritten, tuple(declined),
+                                 tuple(kernel_records), opts.impl, opts.compiler, gm.code)
+            self.records.append(record)
+        return gm, record
+
+    def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
+        gm, _ = self.transform(gm)
+        if self.options.compiler == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    def _dump(self, title, gm, **extra):
+        if not self.options.debug:
+            return
+        print(f"--- attnforge: {title} ---")
+        for key, value in extra.items():
+            for item in value:
+                print(f"{key}: {item}")
+        print(gm.code)
+
+
+_named: dict[tuple, Backend] = {}
+_named_lock = threading.Lock()
+
+
+def named_backend(options: dict | None = None) -> Backend:
+    """The shared Backend used by backend="attnforge" with these options (its records live here)."""
+    options = dict(options or {})
+    key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+    with _named_lock:
+        if key not in _named:
+            _named[key] = Backend(**options)
+        return _named[key]
+
+
+def attnforge_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
+    """Entry point for torch.compile(model, backend="attnforge", options={...})."""
+    if kwargs.get("mode") not in (None, "default"):
+        raise ValueError(f"the attnforge backend takes options=, not mode={kwargs['mode']!r}")
+    return named_backend(options)(gm, example_inputs)
+
+
+def _register() -> None:
+    # Installed, the package names the backend through its entry point and Dynamo loads it on first
+    # use; registering then would be a duplicate. From a bare source tree there is no entry point.
+    from torch._dynamo.backends import registry
+
+    registry._lazy_import()
+    if "attnforge" not in registry._BACKENDS:
+        registry.register_backend(attnforge_backend, name="attnforge")
+
+
+_register()

@@ -1,0 +1,175 @@
+"""Node predicates that see through the many spellings of one operation in FX graphs.
+
+Dynamo, symbolic_trace and hand-written graphs spell `x @ y` as operator.matmul, torch.matmul or the
+method; softmax as F.softmax, torch.softmax or the method or an nn.Softmax module; and so on. The
+detection rules ask these predicates instead of comparing targets themselves.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_MATMUL = {torch.matmul, operator.matmul, torch.Tensor.matmul}
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax}
+_MUL = {operator.mul, torch.mul, torch.Tensor.mul}
+_DIV = {operator.truediv, torch.div, torch.true_divide, torch.Tensor.div}
+_ADD = {operator.add, torch.add, torch.Tensor.add}
+_DROPOUT = {F.dropout, torch.dropout}
+_CASTS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
+
+
+def is_call(node: Any, functions: set, methods: tuple = ()) -> bool:
+    """node calls one of `functions`, or a method named in `methods`."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
+def module_of(node: fx.Node):
+    """The nn.Module a call_module node calls, or None."""
+    if node.op != "call_module":
+        return None
+    return node.graph.owning_module.get_submodule(node.target)
+
+
+def is_sdpa(node) -> bool:
+    return is_call(node, _SDPA)
+
+
+def is_matmul(node) -> bool:
+    return is_call(node, _MATMUL, ("matmul",))
+
+
+def is_softmax(node) -> bool:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        return isinstance(module_of(node), torch.nn.Softmax)
+    return is_call(node, _SOFTMAX, ("softmax",))
+
+
+def is_mul(node) -> bool:
+    return is_call(node, _MUL, ("mul",))
+
+
+def is_div(node) -> bool:
+    return is_call(node, _DIV, ("div", "true_divide"))
+
+
+def is_add(node) -> bool:
+    return is_call(node, _ADD, ("add",))
+
+
+def is_cast(node) -> bool:
+    """A dtype conversion (or a no-op conversion) that keeps the shape."""
+    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target not in _CASTS:
+        return False
+    if node.target == "to":
+        # .to(dtype) / .to(dtype=...) only; a device move is not a cast we may drop
+        extra = list(node.args[1:]) + [v for k, v in node.kwargs.items() if k != "copy"]
+        return all(isinstance(a, torch.dtype) or a is None for a in extra)
+    return True
+
+
+def is_dropout(node) -> bool:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        return isinstance(module_of(node), torch.nn.Dropout)
+    return is_call(node, _DROPOUT, ("dropout",))
+
+
+def dropout_p(node: fx.Node) -> float:
+    """Effective dropout probability of a dropout node: 0.0 when it is inactive (eval / training=False)."""
+    if node.op == "call_module":
+        mod = module_of(node)
+        return float(mod.p) if mod.training else 0.0
+    p = arg(node, 1, "p", 0.5)
+    training = arg(node, 2, "training" if node.target is F.dropout else "train", True)
+    return float(p) if training else 0.0
+
+
+def softmax_dim(node: fx.Node):
+    if node.op == "call_module":
+        return module_of(node).dim
+    return arg(node, 1, "dim", None)
+
+
+def softmax_dtype(node: fx.Node):
+    if node.op == "call_module":
+        return None
+    return node.kwargs.get("dtype")
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """Argument `name` of a call, given positionally at `index` or as a keyword."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if len(node.args) > index:
+        return node.args[index]
+    return default
+
+
+def transpose_dims(node) -> tuple[int, int] | None:
+    """The two dims a transpose/permute of a 4-D tensor swaps, normalized to be >= 0; else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if is_call(node, {torch.transpose}, ("transpose",)):
+        a, b = arg(node, 1, "dim0"), arg(node, 2, "dim1")
+        if isinstance(a, int) and isinstance(b, int):
+            return tuple(sorted((a % 4, b % 4)))
+        return None
+    if is_call(node, {torch.permute}, ("permute",)):
+        dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+        dims = tuple(d % 4 for d in dims) if all(isinstance(d, int) for d in dims) else ()
+        if len(dims) == 4:
+            moved = [i for i, d in enumerate(dims) if d != i]
+            if len(moved) == 2 and dims[moved[0]] == moved[1]:
+                return tuple(moved)
+    return None
+
+
+def meta(node) -> Any:
+    """The example value (fake tensor) or tensor metadata FX recorded for `node`, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    for key in ("example_value", "val", "tensor_meta"):
+        value = node.meta.get(key)
+        if value is not None and hasattr(value, "shape"):
+            return value
+    return None
+
+
+def static_int(x) -> int | None:
+    """x as a Python int when it is known statically (an int, or a SymInt bound to a constant)."""
+    if isinstance(x, int):
+        return x
+    node = getattr(x, "node", None)
+    maybe = getattr(node, "maybe_as_int", None)
+    return maybe() if maybe is not None else None
+
+
+def same_size(a, b) -> bool:
+    """Equal sizes, comparing symbolic sizes by their expression (never adding a guard)."""
+    ia, ib = static_int(a), static_int(b)
+    if ia is not None and ib is not None:
+        return ia == ib
+    return str(a) == str(b)
+
+
+def module_path(node: fx.Node) -> str:
+    """Qualified path of the innermost module a node came from ('' at the top)."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        for prefix in ("L['self'].", "L['self']", "self."):
+            if path.startswith(prefix):
+                path = path[len(prefix):]
+                break
+        return path
+    return node.meta.get("attnforge_module_path", "")

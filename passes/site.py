@@ -1,0 +1,58 @@
+"""IR records produced by detection: where attention is (`AttentionSite`) and what was declined.
+
+They live here, in the lowest layer that creates them, and are re-exported by attnforge.compiler.ir.
+Sizes that depend on batch or sequence length are kept as strings ("s0", "256"), so that a site prints
+and serializes the same whether its graph was captured with static or symbolic shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["AttentionSite", "Decline", "MASK_KINDS"]
+
+# none: no mask; causal: only the causal structure; boolean / additive: an exact mask tensor is carried.
+MASK_KINDS = ("none", "causal", "boolean", "additive")
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionSite:
+    id: str                 # stable: "<module path>#<order within that module>", e.g. "model.layers.3.self_attn#0"
+    module_path: str
+    spelling: str           # which rule matched: "sdpa" | "matmul_softmax"
+    output: str             # FX node names (of the graph the site was found in)
+    q: str
+    k: str                  # K and V before any repeat_kv expansion
+    v: str
+    mask_node: str | None
+    batch: str              # [B, H, N, D] sizes
+    q_len: str
+    kv_len: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    head_dim_v: int
+    causal: bool            # top-left aligned, as SDPA's is_causal
+    mask: str               # one of MASK_KINDS
+    scale: float
+    dtype: str
+    softmax_dtype: str      # dtype the softmax ran in, in the original graph
+    dropout: float          # always 0.0 for a rewritten site: dropout sites are declined
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Decline:
+    """A near miss: something that looked like attention and was left alone, and why."""
+    node: str
+    module_path: str
+    rule: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
