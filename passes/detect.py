@@ -163,7 +163,8 @@ def _peel_scores(node: fx.Node):
             elif M.is_mul(node) and isinstance(b, fx.Node) and isinstance(a, (int, float)):
                 nxt, factor = b, a
             else:
-                raise NotAttention(f"scores are scaled by a tensor ({node.name}), not a constant")
+                raise NotAttention(f"scores are scaled by a value computed in the graph ({node.name}), "
+                                   "not a constant")
             scale = scale * factor if M.is_mul(node) else scale / factor
         elif M.is_add(node):
             if "alpha" in node.kwargs or len(node.args) != 2:

@@ -7,6 +7,7 @@ detection rules ask these predicates instead of comparing targets themselves.
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ _MUL = {operator.mul, torch.mul, torch.Tensor.mul}
 _DIV = {operator.truediv, torch.div, torch.true_divide, torch.Tensor.div}
 _ADD = {operator.add, torch.add, torch.Tensor.add}
 _DROPOUT = {F.dropout, torch.dropout}
+_DYNAMO_ROOT = re.compile(r"^(L\['[^']*'\]|self)\.?")
 _CASTS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
 
 
@@ -167,9 +169,5 @@ def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1][0]
-        for prefix in ("L['self'].", "L['self']", "self."):
-            if path.startswith(prefix):
-                path = path[len(prefix):]
-                break
-        return path
+        return _DYNAMO_ROOT.sub("", path)       # "L['self'].model.layers.0" -> "model.layers.0"
     return node.meta.get("attnforge_module_path", "")

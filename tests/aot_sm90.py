@@ -1,0 +1,54 @@
+"""Compile every generated kernel for Hopper (sm_90) ahead of time; no GPU needed. Prints JSON.
+
+Run without TRITON_INTERPRET (an interpreter-mode Triton cannot compile). Used by test_codegen_cuda.py.
+"""
+import inspect
+import json
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from attnforge import codegen
+from attnforge.runtime import kernels
+
+CONSTEXPR = ("GROUP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "PRECISION")
+
+
+def compile_sm90(spec, dtype="bf16", head_dim=64, group=3):
+    src = codegen.render_attention(spec).source
+    module = kernels._module_from_source(kernels.source_key(src), src)
+    fn = triton.jit(getattr(module, module.KERNEL))
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {}
+    for n in names:
+        if n in ("Q", "K", "V", "Out"):
+            sig[n] = f"*{dtype}"
+        elif n == "M":
+            sig[n] = "*i1" if spec.mask == "bool" else "*fp32"
+        elif n == "sm_scale":
+            sig[n] = "fp32"
+        else:
+            sig[n] = "constexpr" if n in CONSTEXPR else "i32"
+    consts = {"GROUP": group, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim,
+              "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 3})
+
+
+def main():
+    cases = [(codegen.KernelSpec(causal=c, mask=m), "bf16", 64) for c in (False, True)
+             for m in (None, "bool", "additive")]
+    cases += [(codegen.KernelSpec(causal=True), "fp16", 128), (codegen.KernelSpec(causal=True), "fp32", 64)]
+    results = []
+    for spec, dtype, d in cases:
+        c = compile_sm90(spec, dtype, d)
+        results.append({"kernel": spec.name, "dtype": dtype, "head_dim": d, "cubin_bytes": len(c.asm["cubin"]),
+                        "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Regenerate the golden kernel sources: python tests/golden/regen.py (then review the diff)."""
+from pathlib import Path
+
+from attnforge.codegen import KernelSpec, render_attention
+
+SPECS = [KernelSpec(causal=c, mask=m) for c in (False, True) for m in (None, "bool", "additive")]
+
+
+def main():
+    here = Path(__file__).parent
+    for spec in SPECS:
+        (here / f"{spec.name}.py.txt").write_text(render_attention(spec).source)
+
+
+if __name__ == "__main__":
+    main()

