@@ -13,7 +13,6 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-import torch
 from torch import fx
 
 from attnforge import codegen, runtime

@@ -15,6 +15,11 @@ MODEL_HELP = ("a built-in example (smollm2, smollm2-eager, tiny, tiny-sdpa), pat
               "package.module:factory where factory() returns (model, example_inputs)")
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--seq-len", type=int, default=None, help="example input length (built-in models)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnforge", description="A compiler for the attention in PyTorch "
                                 "models: find every attention, rewrite it into one op, run it from "
@@ -29,8 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Capture MODEL's graphs on its example input and list every attention "
                                    "site found, with heads, KV heads, head dim, causal and mask kind; "
                                    "also every near miss that was declined and why.")
-    d.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    d.add_argument("--seq-len", type=int, default=None, help="example input length (built-in models)")
+    _model_args(d)
     d.add_argument("--capture", choices=("dynamo", "symbolic"), default="dynamo",
                    help="graph capture: Dynamo (as torch.compile) or torch.fx.symbolic_trace")
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -39,8 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Run MODEL eagerly and through torch.compile(backend=attnforge); "
                                    "report sites rewritten, which implementation ran, and the output "
                                    "difference.")
-    r.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    r.add_argument("--seq-len", type=int, default=None, help="example input length (built-in models)")
+    _model_args(r)
     r.add_argument("--impl", choices=("auto", "triton", "reference"), default="auto",
                    help="attention implementation (triton on CPU needs TRITON_INTERPRET=1)")
     r.add_argument("--compiler", choices=("inductor", "eager"), default="inductor",

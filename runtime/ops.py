@@ -19,7 +19,6 @@ Every call bumps `counters[<implementation that ran>]`, so tests and records can
 from __future__ import annotations
 
 import collections
-import math
 import warnings
 from typing import Optional
 
@@ -134,7 +133,3 @@ def _backward(ctx, grad_out):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

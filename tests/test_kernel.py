@@ -38,7 +38,7 @@ def _check(q, k, v, mask, causal, scale, key):
 @pytest.mark.parametrize("causal", [False, True])
 def test_dense_matches_fp64(causal, h, hk, n, d):
     q, k, v = _qkv(h, hk, n, d)
-    out, eager, ref64 = _check(q, k, v, None, causal, d ** -0.5, _key(causal))
+    out, _eager, ref64 = _check(q, k, v, None, causal, d ** -0.5, _key(causal))
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
     assert_closer(out, sdpa, ref64)
 
