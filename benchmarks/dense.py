@@ -49,7 +49,7 @@ def main():
         fns = {
             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
             "flex": lambda: flex(q, k, v, block_mask=mask, enable_gqa=True),
-            "attnforge": lambda: torch.ops.attnforge.attention(q, k, v, None, True, d ** -0.5, "triton", key),
+            "attnforge": lambda: torch.ops.attnforge.attention(q, k, v, None, True, 0, d ** -0.5, "triton", key),
         }
         ref = fns["sdpa"]()
         times = {}

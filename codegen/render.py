@@ -17,9 +17,11 @@ MASK_STYLES = (None, "bool", "additive")
 
 @dataclass(frozen=True, slots=True)
 class KernelSpec:
-    """What one attention kernel computes. causal: top-left aligned; mask: None | 'bool' | 'additive'."""
+    """What one attention kernel computes. causal: top-left aligned; mask: None | 'bool' | 'additive';
+    window: the kernel takes a sliding-window size (a run-time argument) and skips blocks outside it."""
     causal: bool = False
     mask: str | None = None
+    window: bool = False
 
     def __post_init__(self):
         if self.mask not in MASK_STYLES:
@@ -28,6 +30,8 @@ class KernelSpec:
     @property
     def name(self) -> str:
         parts = ["attnforge_fwd_dense", "causal" if self.causal else "full"]
+        if self.window:
+            parts.append("window")
         if self.mask:
             parts.append(f"{self.mask}mask")
         return "_".join(parts)
@@ -53,20 +57,23 @@ def render_attention(spec: KernelSpec) -> RenderedKernel:
     """Source text of the forward kernel for `spec` (a Python module defining KERNEL and launch)."""
     template = "attention_fwd.py.j2"
     source = _env().get_template(template).render(
-        template=template, name=spec.name, causal=spec.causal, mask=spec.mask, spec_repr=_spec_repr(spec),
+        template=template, name=spec.name, causal=spec.causal, mask=spec.mask, window=spec.window,
+        spec_repr=_spec_repr(spec),
         description=_describe(spec),
     )
     return RenderedKernel(spec, template, source)
 
 
 def _spec_repr(spec: KernelSpec) -> str:
-    return f"KernelSpec(causal={spec.causal}, mask={spec.mask!r})"
+    return f"KernelSpec(causal={spec.causal}, mask={spec.mask!r}, window={spec.window})"
 
 
 def _describe(spec: KernelSpec) -> str:
     parts = ["dense"]
     if spec.causal:
         parts.append("causal (top-left: query i sees keys j <= i)")
+    if spec.window:
+        parts.append("sliding window (query i sees keys j > i - WINDOW)")
     if spec.mask == "bool":
         parts.append("boolean mask (True = attend)")
     elif spec.mask == "additive":

@@ -21,7 +21,7 @@ from attnforge.passes import AttentionSite, Decline, canonicalize, detect
 __all__ = ["Backend", "BackendOptions", "GraphRecord", "attnforge_backend", "named_backend"]
 
 COMPILERS = ("inductor", "eager")
-_MASK_STYLE = {"none": None, "causal": None, "boolean": "bool", "additive": "additive"}
+_MASK_STYLE = {"none": None, "causal": None, "window": None, "boolean": "bool", "additive": "additive"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +95,7 @@ class Backend:
         kernel_records = []
         if opts.rewrite and opts.impl != "reference":
             for site in sites:
-                spec = codegen.KernelSpec(causal=site.causal, mask=_MASK_STYLE[site.mask])
+                spec = codegen.KernelSpec(causal=site.causal, mask=_MASK_STYLE[site.mask], window=site.window > 0)
                 rendered = codegen.render_attention(spec)
                 key = runtime.kernels.register_source(rendered.source)
                 kernels[site.id] = key

@@ -4,12 +4,14 @@ Before (one site, eager Llama spelling):
     kt = k_rep.transpose(2, 3); s = matmul(q, kt) * 0.125; s = s + mask; p = softmax(s, -1, float32)
     p = p.to(float32); out = matmul(p, v_rep)            # k_rep / v_rep: repeat_kv(k) / repeat_kv(v)
 After:
-    out = torch.ops.attnforge.attention(q, k, v, mask, False, 0.125, "auto", "<kernel key>")
+    out = torch.ops.attnforge.attention(q, k, v, mask, False, 0, 0.125, "auto", "<kernel key>")
 
-K and V enter unexpanded (GQA). If the original output dtype differs from q's, a cast restores it.
-Nodes of the old chain that nothing uses any more are erased; q, k, v, mask and anything with other
-users stay. Invariants: the graph lints after the pass, no node is left without its producer, and a
-site whose nodes are gone (already rewritten) is skipped, not rewritten twice.
+q, k, v and the mask enter through their operands' transforms (permutes, a heads dim for 3-D inputs, a
+temperature moved onto q, a keep-mask from masked_fill); the op's [B, H, N, Dv] result goes through the
+site's output transforms back to the layout the graph expected. K and V enter unexpanded (GQA). If the
+original output dtype differs, a cast restores it. Nodes of the old chain that nothing uses any more are
+erased; inputs and anything with other users stay. Invariants: the graph lints after the pass, and a site
+whose nodes are gone (already rewritten) is skipped, not rewritten twice.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import attnforge.runtime  # noqa: F401  (registers torch.ops.attnforge.attention
 
 from . import match as M
 from .site import AttentionSite
+from .transforms import TRANSFORMS, Operand
 
 __all__ = ["canonicalize", "ATTENTION_OP"]
 
@@ -32,9 +35,22 @@ def _erase_dead_ancestors(graph: fx.Graph, node: fx.Node, keep: set[fx.Node]) ->
         n = stack.pop()
         if n in keep or n.users or n.op in ("placeholder", "output", "get_attr") or n.is_impure():
             continue
-        inputs = [a for a in n.all_input_nodes]
+        inputs = list(n.all_input_nodes)
         graph.erase_node(n)
         stack.extend(inputs)
+
+
+def _apply(graph: fx.Graph, x: fx.Node, ops, nodes) -> fx.Node:
+    for name, *args in ops:
+        args = [nodes[a[1:]] if isinstance(a, str) and a.startswith("%") else a for a in args]
+        x = graph.call_function(TRANSFORMS[name], (x, *args))
+    return x
+
+
+def _materialize(graph: fx.Graph, operand: Operand | None, nodes) -> fx.Node | None:
+    if operand is None:
+        return None
+    return _apply(graph, nodes[operand.node], operand.ops, nodes)
 
 
 def canonicalize(gm: fx.GraphModule, sites: list[AttentionSite], impl: str = "auto",
@@ -45,23 +61,24 @@ def canonicalize(gm: fx.GraphModule, sites: list[AttentionSite], impl: str = "au
     changed = False
     for site in sites:
         out = nodes.get(site.output)
-        q, k, v = nodes.get(site.q), nodes.get(site.k), nodes.get(site.v)
-        mask = nodes.get(site.mask_node) if site.mask_node else None
-        if out is None or None in (q, k, v) or (site.mask_node and mask is None) or out.target is ATTENTION_OP:
+        operands = [o for o in (site.q, site.k, site.v, site.mask_operand) if o is not None]
+        refs = [r for o in operands for r in o.node_refs()]
+        if out is None or out.target is ATTENTION_OP or any(r not in nodes for r in refs):
             continue
-        args = (q, k, v, mask, site.causal, site.scale, impl, kernels.get(site.id, ""))
         with gm.graph.inserting_before(out):
-            new = gm.graph.call_function(ATTENTION_OP, args)
+            q, k, v, mask = (_materialize(gm.graph, o, nodes) for o in (site.q, site.k, site.v, site.mask_operand))
+            new = gm.graph.call_function(ATTENTION_OP, (q, k, v, mask, site.causal, site.window, site.scale,
+                                                        impl, kernels.get(site.id, "")))
             new.meta.update({k_: v_ for k_, v_ in out.meta.items() if k_ in ("nn_module_stack", "stack_trace")})
             new.meta["attnforge_site"] = site.id
-            result = new
-            out_val, q_val = M.meta(out), M.meta(q)
+            result = _apply(gm.graph, new, site.out_ops, nodes)
+            out_val, q_val = M.meta(out), M.meta(nodes[site.q.node])
             if out_val is not None and q_val is not None and out_val.dtype != q_val.dtype:
-                result = gm.graph.call_method("to", (new, out_val.dtype))
+                result = gm.graph.call_method("to", (result, out_val.dtype))
             if "example_value" in out.meta:
                 result.meta["example_value"] = out.meta["example_value"]
         out.replace_all_uses_with(result)
-        _erase_dead_ancestors(gm.graph, out, keep={q, k, v} | ({mask} if mask is not None else set()))
+        _erase_dead_ancestors(gm.graph, out, keep={nodes[r] for r in refs})
         changed = True
     if changed:
         gm.graph.lint()

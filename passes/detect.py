@@ -1,15 +1,20 @@
 """Find attention in an FX graph.
 
-Two rules, each a pattern plus checks that can decline with a reason:
+Normalize, then match one canonical form. Every spelling is read as
 
-  sdpa:            scaled_dot_product_attention(q, k, v, mask?, dropout_p=0, is_causal, scale) => attention
-  matmul_softmax:  matmul(cast/dropout(softmax(add?(scale?(matmul(q, k^T)), mask), -1)), v) => attention
+    out = PV(dropout?(cast?(softmax(S, dim=keys))), v)
+    S   = QK(q, k) * scale [* factor] [+ additive mask] [masked by a boolean keep mask]
 
-In both, K and V are looked through Hugging Face's `repeat_kv` (x[:, :, None].expand(...).reshape(...))
-and `repeat_interleave(n, dim=1)`, so a site records the unexpanded KV heads (GQA).
+where QK / PV may be `matmul`, `@`, `bmm`, `baddbmm` (its bias is an additive mask, its alpha a scale)
+or a two-operand `einsum`; q, k, v may come in any dim order (their permutation becomes a transform);
+heads may be folded into the batch (3-D; heads stay in the batch dim); the scale may be a constant, a
+value computed in the graph, or a tensor (a learned temperature) that is moved onto q; masks may be
+added, `masked_fill`-ed or `where`-selected. K and V are looked through Hugging Face's `repeat_kv` and
+`repeat_interleave(n, dim=1)`, so a site records the unexpanded KV heads (GQA). SDPA calls are read
+directly. A mask that is only causal or sliding-window structure is lifted (see masks.py).
 
-Every softmax and every SDPA call is a candidate: one that no rule accepts becomes a `Decline` naming
-what did not fit, so near misses are visible. Detection never changes the graph.
+Every softmax and every SDPA call is a candidate; one that does not fit becomes a `Decline` naming what
+did not fit, so near misses are visible. Detection never changes the graph.
 """
 from __future__ import annotations
 
@@ -20,16 +25,20 @@ import torch
 from torch import fx
 
 from . import match as M
-from .masks import mask_structure
+from .masks import keep_from_additive, mask_structure, operand_value
 from .site import AttentionSite, Decline
+from .transforms import Operand
 
 __all__ = ["detect", "NotAttention"]
+
+NEG_LARGE = -1e4          # a fill value at or below this removes a key (finfo.min, -inf, -1e9, -10000)
 
 
 class NotAttention(Exception):
     """Raised inside a rule to decline a candidate; the message is the reason shown to users."""
 
 
+# ------------------------------------------------------------------------------------------ helpers
 def _shape(node, what: str):
     value = M.meta(node)
     if value is None:
@@ -45,21 +54,53 @@ def _static(x, what: str) -> int:
     return value
 
 
+def _single_user(node: fx.Node, what: str) -> fx.Node:
+    users = list(node.users)
+    if len(users) != 1:
+        names = ", ".join(u.name for u in users) or "nothing"
+        raise NotAttention(f"{what} ({node.name}) is used by {len(users)} nodes ({names}); rewriting would "
+                           "drop a value something else needs")
+    return users[0]
+
+
+def _constant(value, what: str, kinds):
+    if isinstance(value, fx.Node) or not isinstance(value, kinds):
+        raise NotAttention(f"{what} is not a constant ({value!r})")
+    return value
+
+
+def _operand(node: fx.Node, perm=None) -> Operand:
+    if perm is None or tuple(perm) == tuple(range(len(perm))):
+        return Operand(node.name)
+    return Operand(node.name, (("permute", tuple(perm)),))
+
+
+def _canonical_shape(shape, ops):
+    shape = list(shape)
+    for name, *args in ops:
+        if name == "permute":
+            shape = [shape[d] for d in args[0]]
+        elif name == "unsqueeze":
+            shape.insert(args[0] % (len(shape) + 1), 1)
+        elif name == "squeeze":
+            shape.pop(args[0])
+    return tuple(shape)
+
+
 def _peel_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:
     """(unexpanded tensor, repeat factor) for repeat_kv / repeat_interleave on dim 1; (node, 1) otherwise."""
     if M.is_call(node, {torch.reshape}, ("reshape", "view")):
         expanded = node.args[0]
         if isinstance(expanded, fx.Node) and expanded.op == "call_method" and expanded.target == "expand":
             inserted = expanded.args[0]
-            if isinstance(inserted, fx.Node) and len(inserted.args) >= 1 and isinstance(inserted.args[0], fx.Node):
+            if isinstance(inserted, fx.Node) and inserted.args and isinstance(inserted.args[0], fx.Node):
                 base = inserted.args[0]
                 b, e, r = M.meta(base), M.meta(expanded), M.meta(node)
                 if (b is not None and e is not None and r is not None and len(b.shape) == 4
                         and len(e.shape) == 5 and len(r.shape) == 4
                         and M.same_size(e.shape[1], b.shape[1]) and M.same_size(e.shape[3], b.shape[2])
                         and M.same_size(e.shape[4], b.shape[3]) and M.same_size(r.shape[2], b.shape[2])):
-                    rep = M.static_int(e.shape[2])
-                    hk = M.static_int(b.shape[1])
+                    rep, hk = M.static_int(e.shape[2]), M.static_int(b.shape[1])
                     if rep and hk and M.static_int(r.shape[1]) == hk * rep:
                         return base, rep
     if M.is_call(node, {torch.repeat_interleave}, ("repeat_interleave",)):
@@ -73,19 +114,231 @@ def _peel_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:
     return node, 1
 
 
-def _single_user(node: fx.Node, what: str) -> fx.Node:
-    users = list(node.users)
-    if len(users) != 1:
-        names = ", ".join(u.name for u in users) or "nothing"
-        raise NotAttention(f"{what} ({node.name}) is used by {len(users)} nodes ({names}); rewriting would "
-                           "drop a value something else needs")
-    return users[0]
+def _not_weights(node: fx.Node, what: str) -> None:
+    if node.op == "get_attr" or isinstance(M.meta(node), torch.nn.Parameter):
+        raise NotAttention(f"the {what} are parameters (weights), not activations")
+    grapharg = node.meta.get("grapharg") if node.op == "placeholder" else None
+    source = str(getattr(getattr(grapharg, "source", None), "name", ""))
+    if "._parameters[" in source:
+        raise NotAttention(f"the {what} are parameters (weights), not activations")
 
 
-def _site(spelling, out, q, k, v, mask, causal, scale, softmax_dtype, module_path, site_id) -> AttentionSite:
-    (qs, qdt), (ks, _), (vs, _) = _shape(q, "q"), _shape(k, "k"), _shape(v, "v")
+def _very_negative(value) -> bool:
+    from .masks import constant_value
+
+    if isinstance(value, fx.Node):
+        value = constant_value(value)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            return False
+        value = value.item()
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value <= NEG_LARGE
+
+
+# --------------------------------------------------------------------------- QK and PV products
+def _parse_einsum(node: fx.Node):
+    eq = node.args[0]
+    operands = node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if not isinstance(eq, str) or "->" not in eq or "." in eq or len(operands) != 2:
+        raise NotAttention(f"einsum {eq!r} is not a two-operand contraction with an explicit output")
+    lhs, out = eq.replace(" ", "").split("->")
+    a, b = lhs.split(",")
+    if any(len(set(x)) != len(x) for x in (a, b, out)):
+        raise NotAttention(f"einsum {eq!r} repeats an index within an operand (a diagonal)")
+    return a, b, out, operands
+
+
+def _is_qk(node) -> bool:
+    return M.is_matmul(node) or M.is_bmm(node) or M.is_baddbmm(node) or M.is_einsum(node)
+
+
+def _k_from_kt(kt) -> Operand:
+    """k as [.., S, D] from the right operand of q @ k^T ([.., D, S])."""
+    p = M.permutation(kt)
+    if p is None:
+        raise NotAttention(f"the right operand of q @ k^T ({getattr(kt, 'name', kt)}) is not a transpose "
+                           "of an activation")
+    src, perm = p
+    perm = list(perm)
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    return _operand(src, perm)
+
+
+def _qk(node: fx.Node):
+    """(q, k, scale, bias) of a scores product; q/k are [.., N, D] / [.., S, D] operands."""
+    if M.is_matmul(node) or M.is_bmm(node):
+        q, k = node.args[0], _k_from_kt(node.args[1])
+        return _operand(q), k, 1.0, None
+    if M.is_baddbmm(node):
+        bias, q, kt = node.args[0], node.args[1], node.args[2]
+        beta = _constant(M.arg(node, 3, "beta", 1), "baddbmm beta", (int, float))
+        alpha = _constant(M.arg(node, 4, "alpha", 1), "baddbmm alpha", (int, float))
+        mask = None
+        if beta != 0:
+            if not isinstance(bias, fx.Node):
+                raise NotAttention("baddbmm's bias is not a tensor")
+            mask = Operand(bias.name) if beta == 1 else Operand(bias.name, (("scale_mask", float(beta)),))
+        return _operand(q), _k_from_kt(kt), float(alpha), mask
+    a, b, out, (x, y) = _parse_einsum(node)
+    contracted = (set(a) & set(b)) - set(out)
+    batch = [c for c in out if c in a and c in b]
+    qi = [c for c in a if c not in b]
+    kj = [c for c in b if c not in a]
+    if len(contracted) != 1 or len(qi) != 1 or len(kj) != 1 or out != "".join(batch) + qi[0] + kj[0]:
+        raise NotAttention(f"einsum '{a},{b}->{out}' is not q.k^T with scores laid out [batch.., q, k]")
+    c = contracted.pop()
+    q_perm = [a.index(ch) for ch in batch + qi + [c]]
+    k_perm = [b.index(ch) for ch in batch + kj + [c]]
+    return _operand(x, q_perm), _operand(y, k_perm), 1.0, None
+
+
+def _pv(node: fx.Node, probs: fx.Node):
+    """(v as [.., S, Dv], out transforms) of the probabilities @ values product."""
+    if M.is_matmul(node) or M.is_bmm(node):
+        if node.args[0] is not probs:
+            raise NotAttention(f"the attention probabilities are the right operand of {node.name}")
+        return _operand(node.args[1]), ()
+    if M.is_einsum(node):
+        pa, b, out, (x, y) = _parse_einsum(node)
+        if x is not probs:
+            raise NotAttention(f"the attention probabilities are not the first operand of {node.name}")
+        batch, qi, kj = list(pa[:-2]), pa[-2], pa[-1]
+        dv = [ch for ch in b if ch not in pa]
+        if (len(dv) != 1 or sorted(b) != sorted(batch + [kj] + dv) or kj in out
+                or sorted(out) != sorted(batch + [qi] + dv)):
+            raise NotAttention(f"einsum '{pa},{b}->{out}' is not probabilities @ values")
+        canon = batch + [qi] + dv
+        out_perm = tuple(canon.index(ch) for ch in out)
+        v = _operand(y, [b.index(ch) for ch in batch + [kj] + dv])
+        return v, (() if out_perm == tuple(range(len(out))) else (("permute", out_perm),))
+    raise NotAttention(f"the attention probabilities are not multiplied with values (used by {node.name})")
+
+
+# ----------------------------------------------------------------------------------- score chain
+def _reaches_qk(node, depth: int = 8) -> bool:
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return False
+        if _is_qk(node):
+            return True
+        if M.is_cast(node) or M.is_mul(node) or M.is_div(node) or M.is_masked_fill(node):
+            node = node.args[0]
+        elif M.is_add(node):
+            return any(_reaches_qk(a, depth - 1) for a in node.args[:2])
+        elif M.is_where(node):
+            return any(_reaches_qk(a, depth - 1) for a in node.args[1:3])
+        else:
+            return False
+    return False
+
+
+class _Scores:
+    """What lies between q @ k^T and the softmax."""
+
+    def __init__(self):
+        self.scale = 1.0
+        self.q_ops: list[tuple] = []
+        self.additive: Operand | None = None
+        self.keep: Operand | None = None
+        self.qk: fx.Node | None = None
+
+
+def _peel_scores(node: fx.Node, scores_rank: int) -> _Scores:
+    res = _Scores()
+    while not _is_qk(node):
+        if M.is_cast(node):
+            nxt = node.args[0]
+        elif M.is_mul(node) or M.is_div(node):
+            a, b = node.args[0], node.args[1]
+            if M.is_mul(node) and not _reaches_qk(a) and _reaches_qk(b):
+                a, b = b, a
+            nxt, factor = a, b
+            if isinstance(factor, (int, float)) and not isinstance(factor, bool):
+                res.scale = res.scale * factor if M.is_mul(node) else res.scale / factor
+            elif isinstance(factor, fx.Node):
+                fv = M.meta(factor)
+                if fv is not None and hasattr(fv, "shape") and len(fv.shape):
+                    fshape = tuple(fv.shape)
+                    if M.static_int(fshape[-1]) != 1 or (scores_rank != 4 and len(fshape) > 1):
+                        raise NotAttention(f"the scores are scaled per key by {factor.name} {fshape}; only a "
+                                           "factor constant over keys can be moved onto q")
+                res.q_ops.append(("mul" if M.is_mul(node) else "div", "%" + factor.name))
+            else:
+                raise NotAttention(f"the scores are scaled by {factor!r}")
+        elif M.is_add(node):
+            if "alpha" in node.kwargs or len(node.args) != 2:
+                raise NotAttention(f"add with alpha in the scores ({node.name})")
+            a, b = node.args
+            if isinstance(a, fx.Node) and _reaches_qk(a):
+                nxt, mask = a, b
+            elif isinstance(b, fx.Node) and _reaches_qk(b):
+                nxt, mask = b, a
+            else:
+                raise NotAttention(f"no q @ k^T before the add {node.name}")
+            if not isinstance(mask, fx.Node):
+                raise NotAttention(f"a constant ({mask!r}) is added to the scores, not a mask tensor")
+            if res.additive is not None:
+                raise NotAttention("more than one additive term on the scores")
+            rs, _ = _shape(node, "masked scores")
+            ss, _ = _shape(nxt, "scores")
+            if len(rs) != len(ss) or not all(M.same_size(x, y) for x, y in zip(rs, ss)):
+                raise NotAttention("the mask broadcasts the scores to a larger shape")
+            res.additive = Operand(mask.name)
+        elif M.is_masked_fill(node):
+            nxt, m, value = node.args[0], M.arg(node, 1, "mask"), M.arg(node, 2, "value")
+            if not isinstance(m, fx.Node) or not _very_negative(value):
+                raise NotAttention(f"masked_fill with {value!r} is not a mask that removes keys")
+            if res.keep is not None:
+                raise NotAttention("more than one boolean mask on the scores")
+            res.keep = Operand(m.name, (("not",),))
+        elif M.is_where(node) and len(node.args) == 3:
+            cond, a, b = node.args
+            if isinstance(a, fx.Node) and _reaches_qk(a) and _very_negative(b):
+                nxt, keep = a, Operand(cond.name)
+            elif isinstance(b, fx.Node) and _reaches_qk(b) and _very_negative(a):
+                nxt, keep = b, Operand(cond.name, (("not",),))
+            else:
+                raise NotAttention(f"where() on the scores ({node.name}) does not select between scores and a "
+                                   "large negative value")
+            if res.keep is not None:
+                raise NotAttention("more than one boolean mask on the scores")
+            res.keep = keep
+        else:
+            what = node.target if node.op != "call_module" else type(M.module_of(node)).__name__
+            raise NotAttention(f"softmax input is not q @ k^T -> scale -> mask (found {what} at {node.name})")
+        if not isinstance(nxt, fx.Node):
+            raise NotAttention(f"{node.name} has no tensor input")
+        _single_user(nxt, "the attention scores")
+        node = nxt
+    res.qk = node
+    return res
+
+
+# ------------------------------------------------------------------------------------------ sites
+def _lift(mask: Operand | None, additive: bool, graph: fx.Graph, n, s):
+    """(mask or None, causal, window) after lifting pure causal / window structure out of `mask`."""
+    if mask is None:
+        return None, False, 0
+    value = operand_value(mask, graph)
+    if value is None:
+        return mask, False, 0
+    keep = keep_from_additive(value) if additive else value
+    structure = mask_structure(keep, M.static_int(n), M.static_int(s))
+    if structure is None:
+        return mask, False, 0
+    kind, window = structure
+    return None, kind in ("causal", "window"), window
+
+
+def _site(spelling, out, q, k, v, mask, mask_is_bool, out_ops, causal, scale, softmax_dtype, path, site_id,
+          graph) -> AttentionSite:
+    nodes = {n.name: n for n in graph.nodes}
+    (qs, qdt), (ks, _), (vs, _) = (_shape(nodes[o.node], name) for o, name in ((q, "q"), (k, "k"), (v, "v")))
+    qs, ks, vs = _canonical_shape(qs, q.ops), _canonical_shape(ks, k.ops), _canonical_shape(vs, v.ops)
     if not (len(qs) == len(ks) == len(vs) == 4):
-        raise NotAttention(f"q, k, v are not 4-D [B, H, N, D] (got {len(qs)}-D, {len(ks)}-D, {len(vs)}-D)")
+        raise NotAttention(f"q, k, v are not [B, H, N, D] after normalization ({len(qs)}-D, {len(ks)}-D, "
+                           f"{len(vs)}-D)")
     h, hk, hv = _static(qs[1], "query heads"), _static(ks[1], "key heads"), _static(vs[1], "value heads")
     d, dk, dv = _static(qs[3], "head dim"), _static(ks[3], "key head dim"), _static(vs[3], "value head dim")
     if hk != hv or h % hk:
@@ -96,29 +349,48 @@ def _site(spelling, out, q, k, v, mask, causal, scale, softmax_dtype, module_pat
         raise NotAttention(f"batch sizes differ between q, k, v ({qs[0]}, {ks[0]}, {vs[0]})")
     if not M.same_size(ks[2], vs[2]):
         raise NotAttention(f"key length {ks[2]} differs from value length {vs[2]}")
+    window = 0
     if mask is not None:
-        lifted = mask_structure(mask, qs[2], ks[2])
-        if lifted is not None:
-            causal, mask = causal or lifted == "causal", None
-    mask_kind = "causal" if causal else "none"
+        mask, lifted_causal, window = _lift(mask, not mask_is_bool, graph, qs[2], ks[2])
+        causal = causal or lifted_causal
     if mask is not None:
-        ms, mdt = _shape(mask, "mask")
-        if len(ms) > 4:
-            raise NotAttention(f"mask has {len(ms)} dims; it must broadcast to [B, H, N, S]")
-        mask_kind = "boolean" if mdt == torch.bool else "additive"
+        ms, _ = _shape(nodes[mask.node], "mask")
+        if len(_canonical_shape(ms, mask.ops)) > 4:
+            raise NotAttention("the mask has more than 4 dims; it must broadcast to [B, H, N, S]")
+    kind = ("boolean" if mask_is_bool else "additive") if mask is not None else \
+        ("window" if window else "causal" if causal else "none")
     return AttentionSite(
-        id=site_id, module_path=module_path, spelling=spelling, output=out.name, q=q.name, k=k.name,
-        v=v.name, mask_node=mask.name if mask is not None else None,
-        batch=str(qs[0]), q_len=str(qs[2]), kv_len=str(ks[2]), num_heads=h, num_kv_heads=hk,
-        head_dim=d, head_dim_v=dv, causal=causal, mask=mask_kind, scale=float(scale),
-        dtype=str(qdt).replace("torch.", ""), softmax_dtype=softmax_dtype, dropout=0.0,
+        id=site_id, module_path=path, spelling=spelling, output=out.name, q=q, k=k, v=v, mask_operand=mask,
+        out_ops=tuple(out_ops), batch=str(qs[0]), q_len=str(qs[2]), kv_len=str(ks[2]), num_heads=h,
+        num_kv_heads=hk, head_dim=d, head_dim_v=dv, causal=causal, window=window, mask=kind,
+        scale=float(scale), dtype=str(qdt).replace("torch.", ""), softmax_dtype=softmax_dtype, dropout=0.0,
     )
 
 
-def _constant(value, what: str, kinds):
-    if isinstance(value, fx.Node) or not isinstance(value, kinds):
-        raise NotAttention(f"{what} is not a constant ({value!r})")
-    return value
+def _gqa(k: Operand, v: Operand, graph_nodes) -> tuple[Operand, Operand]:
+    """Look through repeat_kv when K and V are repeated alike (only for operands without transforms)."""
+    if k.ops or v.ops:
+        return k, v
+    k0, rk = _peel_repeat_kv(graph_nodes[k.node])
+    v0, rv = _peel_repeat_kv(graph_nodes[v.node])
+    if rk != rv or rk == 1:
+        return k, v
+    return Operand(k0.name), Operand(v0.name)
+
+
+def _to_4d(rank: int, q, k, v, mask, graph):
+    """Heads folded into the batch (3-D): q, k, v get a heads dim of 1; so does a 3-D mask (a mask of
+    fewer dims already broadcasts the same way)."""
+    if rank == 4:
+        return q, k, v, mask
+    if rank != 3:
+        raise NotAttention(f"scores are {rank}-D; attention needs [B, H, N, S] or [B*H, N, S]")
+    q, k, v = (o.then("unsqueeze", 1) for o in (q, k, v))
+    if mask is not None:
+        nodes = {n.name: n for n in graph.nodes}
+        if len(_shape(nodes[mask.node], "mask")[0]) == 3:
+            mask = mask.then("unsqueeze", 1)
+    return q, k, v, mask
 
 
 def _match_sdpa(node: fx.Node, path: str, site_id: str) -> AttentionSite:
@@ -137,79 +409,25 @@ def _match_sdpa(node: fx.Node, path: str, site_id: str) -> AttentionSite:
         raise NotAttention(f"attn_mask is a constant {type(mask).__name__}, not a tensor of the graph")
     if causal and mask is not None:
         raise NotAttention("is_causal together with attn_mask")
-    k0, rk = _peel_repeat_kv(k)
-    v0, rv = _peel_repeat_kv(v)
-    if rk != rv:
-        k0, v0 = k, v                       # expanded differently: keep both as they are (exact)
     qs, qdt = _shape(q, "q")
     if scale is None:
         scale = 1.0 / math.sqrt(_static(qs[-1], "head dim"))
-    return _site("sdpa", node, q, k0, v0, mask, causal, scale, str(qdt).replace("torch.", ""), path, site_id)
-
-
-def _peel_scores(node: fx.Node):
-    """Walk back from the softmax input to the q @ k^T matmul. Returns (matmul, scale, mask, chain)."""
-    scale, mask, chain = 1.0, None, []
-    while True:
-        if M.is_matmul(node):
-            return node, scale, mask, chain
-        chain.append(node)
-        if M.is_cast(node):
-            nxt = node.args[0]
-        elif M.is_mul(node) or M.is_div(node):
-            a, b = node.args[0], node.args[1]
-            if isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
-                nxt, factor = a, b
-            elif M.is_mul(node) and isinstance(b, fx.Node) and isinstance(a, (int, float)):
-                nxt, factor = b, a
-            else:
-                raise NotAttention(f"scores are scaled by a value computed in the graph ({node.name}), "
-                                   "not a constant")
-            scale = scale * factor if M.is_mul(node) else scale / factor
-        elif M.is_add(node):
-            if "alpha" in node.kwargs or len(node.args) != 2:
-                raise NotAttention(f"add with alpha in the scores ({node.name})")
-            if mask is not None:
-                raise NotAttention("more than one additive term on the scores")
-            a, b = node.args
-            # the scores side is the one that leads back to a matmul
-            if isinstance(a, fx.Node) and _leads_to_matmul(a):
-                nxt, mask = a, b
-            elif isinstance(b, fx.Node) and _leads_to_matmul(b):
-                nxt, mask = b, a
-            else:
-                raise NotAttention(f"no q @ k^T matmul before the add {node.name}")
-            if not isinstance(mask, fx.Node):
-                raise NotAttention(f"the additive term on the scores is a constant ({mask!r}), not a mask tensor")
-            rs, _ = _shape(node, "masked scores")
-            ss, _ = _shape(nxt, "scores")
-            if len(rs) != len(ss) or not all(M.same_size(x, y) for x, y in zip(rs, ss)):
-                raise NotAttention("the mask broadcasts the scores to a larger shape")
-        else:
-            what = node.target if node.op != "call_module" else type(M.module_of(node)).__name__
-            raise NotAttention(f"softmax input is not matmul -> scale -> mask (found {what} at {node.name})")
-        if not isinstance(nxt, fx.Node):
-            raise NotAttention(f"{node.name} has no tensor input")
-        _single_user(nxt, "the attention scores")
-        node = nxt
-
-
-def _leads_to_matmul(node: fx.Node, depth: int = 4) -> bool:
-    for _ in range(depth):
-        if M.is_matmul(node):
-            return True
-        if not (M.is_cast(node) or M.is_mul(node) or M.is_div(node)) or not isinstance(node.args[0], fx.Node):
-            return False
-        node = node.args[0]
-    return M.is_matmul(node)
+    nodes = {n.name: n for n in node.graph.nodes}
+    kop, vop = _gqa(Operand(k.name), Operand(v.name), nodes)
+    mop = Operand(mask.name) if mask is not None else None
+    mask_is_bool = mask is not None and _shape(mask, "mask")[1] == torch.bool
+    rank = len(qs)
+    qop, kop, vop, mop = _to_4d(rank, Operand(q.name), kop, vop, mop, node.graph)
+    out_ops = (("squeeze", 1),) if rank == 3 else ()
+    return _site("sdpa", node, qop, kop, vop, mop, mask_is_bool, out_ops, causal, scale,
+                 str(qdt).replace("torch.", ""), path, site_id, node.graph)
 
 
 def _match_softmax(sm: fx.Node, path: str, site_id: str) -> AttentionSite:
-    in_shape, _ = _shape(sm.args[0], "softmax input")
+    in_shape, in_dtype = _shape(sm.args[0], "softmax input")
     dim = M.softmax_dim(sm)
     if not isinstance(dim, int) or dim % len(in_shape) != len(in_shape) - 1:
         raise NotAttention(f"softmax over dim {dim}, not the last (key) dim")
-    # forward: casts and inactive dropout, then the matmul with V
     probs = sm
     node = _single_user(sm, "the attention probabilities")
     while M.is_cast(node) or M.is_dropout(node):
@@ -218,31 +436,30 @@ def _match_softmax(sm: fx.Node, path: str, site_id: str) -> AttentionSite:
                                "is left to PyTorch")
         probs = node
         node = _single_user(node, "the attention probabilities")
-    if not M.is_matmul(node) or node.args[0] is not probs:
-        raise NotAttention(f"the attention probabilities are not multiplied with values (used by {node.name})")
-    out, v = node, node.args[1]
-    # backward: scale / mask back to q @ k^T
-    qk, scale, mask, _chain = _peel_scores(sm.args[0])
-    _single_user(qk, "the attention scores")
-    q, kt = qk.args[0], qk.args[1]
-    if not isinstance(kt, fx.Node) or M.transpose_dims(kt) != (2, 3):
-        raise NotAttention(f"the right operand of q @ k^T ({getattr(kt, 'name', kt)}) is not a transpose of "
-                           "the last two dims of an activation")
-    k = kt.args[0]
-    if not all(isinstance(x, fx.Node) for x in (q, k, v)):
-        raise NotAttention("q, k, v are not all tensors of this graph")
-    for name, x in (("keys", k), ("values", v)):
-        if x.op == "get_attr" or isinstance(M.meta(x), torch.nn.Parameter):
-            raise NotAttention(f"the {name} are parameters (weights), not activations")
-    k0, rk = _peel_repeat_kv(k)
-    v0, rv = _peel_repeat_kv(v)
-    if rk != rv:
-        k0, v0 = k, v
-    sm_dtype = M.softmax_dtype(sm)
-    if sm_dtype is None:
-        sm_dtype = _shape(sm.args[0], "scores")[1]
-    return _site("matmul_softmax", out, q, k0, v0, mask, False, scale, str(sm_dtype).replace("torch.", ""),
-                 path, site_id)
+    v, out_ops = _pv(node, probs)
+    out = node
+    rank = len(in_shape)
+    sc = _peel_scores(sm.args[0], rank)
+    _single_user(sc.qk, "the attention scores")
+    q, k, qk_scale, bias = _qk(sc.qk)
+    if bias is not None:
+        if sc.additive is not None:
+            raise NotAttention("more than one additive term on the scores")
+        sc.additive = bias
+    if sc.additive is not None and sc.keep is not None:
+        raise NotAttention("both a boolean and an additive mask on the scores")
+    nodes = {n.name: n for n in sm.graph.nodes}
+    for name, o in (("keys", k), ("values", v)):
+        _not_weights(nodes[o.node], name)
+    k, v = _gqa(k, v, nodes)
+    q = Operand(q.node, q.ops + tuple(sc.q_ops))
+    mask = sc.additive or sc.keep
+    q, k, v, mask = _to_4d(rank, q, k, v, mask, sm.graph)
+    if rank == 3:
+        out_ops = (("squeeze", 1),) + tuple(out_ops)
+    sm_dtype = M.softmax_dtype(sm) or in_dtype
+    return _site("matmul_softmax", out, q, k, v, mask, sc.keep is not None, out_ops, False, sc.scale * qk_scale,
+                 str(sm_dtype).replace("torch.", ""), path, site_id, sm.graph)
 
 
 def detect(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[Decline]]:

@@ -21,6 +21,11 @@ _MUL = {operator.mul, torch.mul, torch.Tensor.mul}
 _DIV = {operator.truediv, torch.div, torch.true_divide, torch.Tensor.div}
 _ADD = {operator.add, torch.add, torch.Tensor.add}
 _DROPOUT = {F.dropout, torch.dropout}
+_BMM = {torch.bmm, torch.Tensor.bmm}
+_BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}
+_EINSUM = {torch.einsum, torch.functional.einsum}
+_MASKED_FILL = {torch.masked_fill, torch.Tensor.masked_fill}
+_WHERE = {torch.where}
 _DYNAMO_ROOT = re.compile(r"^(L\['[^']*'\]|self)\.?")
 _CASTS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
 
@@ -47,6 +52,26 @@ def is_sdpa(node) -> bool:
 
 def is_matmul(node) -> bool:
     return is_call(node, _MATMUL, ("matmul",))
+
+
+def is_bmm(node) -> bool:
+    return is_call(node, _BMM, ("bmm",))
+
+
+def is_baddbmm(node) -> bool:
+    return is_call(node, _BADDBMM, ("baddbmm",))
+
+
+def is_einsum(node) -> bool:
+    return is_call(node, _EINSUM)
+
+
+def is_masked_fill(node) -> bool:
+    return is_call(node, _MASKED_FILL, ("masked_fill",))
+
+
+def is_where(node) -> bool:
+    return is_call(node, _WHERE, ("where",))
 
 
 def is_softmax(node) -> bool:
@@ -113,6 +138,39 @@ def arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
     return default
+
+
+def permutation(node):
+    """(source, perm) if `node` only reorders the dims of `source` (transpose, permute, .mT, .t());
+    node's dim i is source's dim perm[i]. None otherwise."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src = node.args[0]
+    value = meta(src)
+    if value is None:
+        return None
+    rank = len(value.shape)
+    perm = list(range(rank))
+    if is_call(node, {torch.transpose, torch.swapaxes, torch.swapdims}, ("transpose", "swapaxes", "swapdims")):
+        a, b = arg(node, 1, "dim0"), arg(node, 2, "dim1")
+        if not (isinstance(a, int) and isinstance(b, int)):
+            return None
+        a, b = a % rank, b % rank
+        perm[a], perm[b] = perm[b], perm[a]
+    elif is_call(node, {torch.permute}, ("permute",)):
+        dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+        if len(dims) != rank or not all(isinstance(d, int) for d in dims):
+            return None
+        perm = [d % rank for d in dims]
+    elif is_call(node, {torch.t}, ("t",)) and rank == 2:
+        perm = [1, 0]
+    elif node.op == "call_function" and node.target is getattr and node.args[1:] == ("mT",) and rank >= 2:
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+    else:
+        return None
+    return src, tuple(perm)
 
 
 def transpose_dims(node) -> tuple[int, int] | None:

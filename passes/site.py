@@ -8,22 +8,26 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["AttentionSite", "Decline", "MASK_KINDS"]
+from .transforms import Operand
 
-# none: no mask; causal: only the causal structure; boolean / additive: an exact mask tensor is carried.
-MASK_KINDS = ("none", "causal", "boolean", "additive")
+__all__ = ["AttentionSite", "Decline", "MASK_KINDS", "Operand"]
+
+# none: no mask; causal / window: only that structure (no tensor); boolean / additive: an exact mask
+# tensor is carried (with causal/window structure on top when both were present).
+MASK_KINDS = ("none", "causal", "window", "boolean", "additive")
 
 
 @dataclass(frozen=True, slots=True)
 class AttentionSite:
     id: str                 # stable: "<module path>#<order within that module>", e.g. "model.layers.3.self_attn#0"
     module_path: str
-    spelling: str           # which rule matched: "sdpa" | "matmul_softmax"
-    output: str             # FX node names (of the graph the site was found in)
-    q: str
-    k: str                  # K and V before any repeat_kv expansion
-    v: str
-    mask_node: str | None
+    spelling: str           # which rule matched: "sdpa" | "matmul_softmax" | ...
+    output: str             # FX node whose value the site computes (in the graph it was found in)
+    q: Operand              # q/k/v/mask: node + transforms to the canonical [B, H, N, D] layout
+    k: Operand              # K and V before any repeat_kv expansion
+    v: Operand
+    mask_operand: Operand | None
+    out_ops: tuple          # transforms from the op's [B, H, N, Dv] back to the graph's layout
     batch: str              # [B, H, N, D] sizes
     q_len: str
     kv_len: str
@@ -32,6 +36,7 @@ class AttentionSite:
     head_dim: int
     head_dim_v: int
     causal: bool            # top-left aligned, as SDPA's is_causal
+    window: int             # > 0: query i also sees only keys j > i - window (sliding window); 0: none
     mask: str               # one of MASK_KINDS
     scale: float
     dtype: str

@@ -1,9 +1,10 @@
 """`torch.ops.attnforge.attention`: the one op every rewritten attention site calls.
 
-    attention(q, k, v, mask, causal, scale, impl, kernel) -> out
+    attention(q, k, v, mask, causal, window, scale, impl, kernel) -> out
         q [B, Hq, N, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> out [B, Hq, N, Dv]
         mask:   None, or broadcastable to [B, Hq, N, S]; bool (True = attend) or additive float
         causal: top-left aligned (as SDPA's is_causal)
+        window: > 0 hides keys j <= i - window (sliding window, own key included); 0: no window
         impl:   "auto" | "triton" | "reference"
         kernel: key of a generated Triton source (attnforge.runtime.kernels), "" when none was generated
 
@@ -77,11 +78,11 @@ def _check_args(q, k, v, mask, impl):
                          f"({k.shape[1]}, {v.shape[1]})")
 
 
-def _run_triton(q, k, v, mask, causal, scale, kernel):
+def _run_triton(q, k, v, mask, causal, window, scale, kernel):
     loaded = kernels.load_kernel(kernel, q.device)
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if q.shape[2] and k.shape[2]:
-        loaded.launch(q, k, v, mask, out, scale)
+        loaded.launch(q, k, v, mask, out, scale, window)
     else:
         out.zero_()                      # no queries or no keys: nothing to attend to
     counters["triton_interpreter" if loaded.interpreted else "triton"] += 1
@@ -89,22 +90,22 @@ def _run_triton(q, k, v, mask, causal, scale, kernel):
 
 
 @torch.library.custom_op("attnforge::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: float,
-              impl: str, kernel: str) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, window: int,
+              scale: float, impl: str, kernel: str) -> Tensor:
     _check_args(q, k, v, mask, impl)
     if impl == "reference":
         counters["reference"] += 1
-        return attention_reference(q, k, v, mask, causal, scale)
+        return attention_reference(q, k, v, mask, causal, scale, window)
     reason = triton_check(q, k, v, mask, kernel)
     if impl == "triton":
         if reason:
             raise KernelUnavailable(f"impl='triton' was asked for but {reason}; use impl='auto' or "
                                     "impl='reference'")
-        return _run_triton(q, k, v, mask, causal, scale, kernel)
+        return _run_triton(q, k, v, mask, causal, window, scale, kernel)
     # auto
     if reason is None and q.device.type == "cuda":
         try:
-            return _run_triton(q, k, v, mask, causal, scale, kernel)
+            return _run_triton(q, k, v, mask, causal, window, scale, kernel)
         except Exception as e:             # a kernel that fails to load or compile must not lose the run
             reason = f"Triton kernel failed: {type(e).__name__}: {e}"
     if q.device.type == "cuda":
@@ -112,24 +113,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: b
         warnings.warn(f"attnforge: running the reference attention because {reason}", RuntimeWarning,
                       stacklevel=2)
     counters["reference"] += 1
-    return attention_reference(q, k, v, mask, causal, scale)
+    return attention_reference(q, k, v, mask, causal, scale, window)
 
 
 @attention.register_fake
-def _(q, k, v, mask, causal, scale, impl, kernel):
+def _(q, k, v, mask, causal, window, scale, impl, kernel):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, scale, _impl, _kernel = inputs
+    q, k, v, mask, causal, window, scale, _impl, _kernel = inputs
     ctx.save_for_backward(q, k, v, mask)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.window, ctx.scale = causal, window, scale
 
 
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
-    dq, dk, dv, dmask = attention_reference_backward(grad_out, q, k, v, mask, ctx.causal, ctx.scale)
-    return dq, dk, dv, dmask, None, None, None, None
+    dq, dk, dv, dmask = attention_reference_backward(grad_out, q, k, v, mask, ctx.causal, ctx.scale,
+                                                     ctx.window)
+    return dq, dk, dv, dmask, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -7,7 +7,8 @@ Hq must be a multiple of Hkv (GQA); query head h reads KV head h // (Hq // Hkv).
 repeated: the query heads of a group are folded next to each other instead.
 
 `causal` is aligned top-left, as in `scaled_dot_product_attention(is_causal=True)`: query i sees keys
-j <= i. A row that can see no key at all returns zeros (SDPA's math path does the same).
+j <= i. `window` > 0 also hides keys j <= i - window (a sliding window of `window` keys, the query's own
+included). A row that can see no key at all returns zeros (SDPA's math path does the same).
 
 Math runs in float32 for half inputs and in the input dtype for float32/float64.
 """
@@ -29,7 +30,7 @@ def _grouped(x: torch.Tensor, hkv: int) -> torch.Tensor:
     return x.unflatten(1, (hkv, x.shape[1] // hkv))
 
 
-def _scores(q, k, mask, causal, scale):
+def _scores(q, k, mask, causal, scale, window=0):
     """Scores and the keep-mask, both [B, Hkv, G, N, S] in the compute dtype."""
     b, hq, n, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -39,10 +40,12 @@ def _scores(q, k, mask, causal, scale):
     qg = _grouped(q.to(ct), hkv)                                  # [B, Hkv, G, N, D]
     scores = torch.matmul(qg, k.to(ct).unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, N, S]
     keep = None
-    if causal:
+    if causal or window:
         rows = torch.arange(n, device=q.device)[:, None]
         cols = torch.arange(s, device=q.device)[None, :]
-        keep = cols <= rows                                       # [N, S]
+        keep = cols <= rows if causal else torch.ones(n, s, dtype=torch.bool, device=q.device)  # [N, S]
+        if window:
+            keep = keep & (cols > rows - window)
     if mask is not None:
         full = mask.expand(b, hq, n, s)
         full = _grouped(full, hkv)
@@ -64,10 +67,10 @@ def _probs(scores: torch.Tensor) -> torch.Tensor:
     return p / torch.where(denom == 0, torch.ones_like(denom), denom)
 
 
-def attention_reference(q, k, v, mask=None, causal=False, scale=None):
+def attention_reference(q, k, v, mask=None, causal=False, scale=None, window=0):
     """out = softmax(q k^T * scale + mask) v, GQA by grouping. Returns q's dtype."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    p = _probs(_scores(q, k, mask, causal, scale))                # [B, Hkv, G, N, S]
+    p = _probs(_scores(q, k, mask, causal, scale, window))                # [B, Hkv, G, N, S]
     out = torch.matmul(p, v.to(p.dtype).unsqueeze(2))             # [B, Hkv, G, N, Dv]
     return out.flatten(1, 2).to(q.dtype)
 
@@ -82,7 +85,7 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad
 
 
-def attention_reference_backward(grad_out, q, k, v, mask=None, causal=False, scale=None):
+def attention_reference_backward(grad_out, q, k, v, mask=None, causal=False, scale=None, window=0):
     """Gradients (dq, dk, dv, dmask) of `attention_reference`, written out so that it can be traced.
 
     dP = dO V^T;  dS = P * (dP - rowsum(dO * O));  dQ = dS K * scale;  dK = dS^T Q * scale;  dV = P^T dO
@@ -91,7 +94,7 @@ def attention_reference_backward(grad_out, q, k, v, mask=None, causal=False, sca
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     hkv = k.shape[1]
-    p = _probs(_scores(q, k, mask, causal, scale))                # [B, Hkv, G, N, S]
+    p = _probs(_scores(q, k, mask, causal, scale, window))                # [B, Hkv, G, N, S]
     ct = p.dtype
     go = _grouped(grad_out.to(ct), hkv)                           # [B, Hkv, G, N, Dv]
     vg = v.to(ct).unsqueeze(2)                                    # [B, Hkv, 1, S, Dv]

@@ -41,7 +41,8 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3):
 def main():
     cases = [(codegen.KernelSpec(causal=c, mask=m), "bf16", 64) for c in (False, True)
              for m in (None, "bool", "additive")]
-    cases += [(codegen.KernelSpec(causal=True), "fp16", 128), (codegen.KernelSpec(causal=True), "fp32", 64)]
+    cases += [(codegen.KernelSpec(causal=True), "fp16", 128), (codegen.KernelSpec(causal=True), "fp32", 64),
+              (codegen.KernelSpec(causal=True, window=True), "bf16", 64)]
     results = []
     for spec, dtype, d in cases:
         c = compile_sm90(spec, dtype, d)

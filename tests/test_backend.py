@@ -55,9 +55,9 @@ def test_explicit_triton_on_cpu_runs_the_interpreter_kernel():
 def test_explicit_triton_never_falls_back():
     q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
     with pytest.raises(af.KernelUnavailable, match="impl='triton'"):
-        torch.ops.attnforge.attention(q, q, q, None, False, 0.3, "triton", "")
+        torch.ops.attnforge.attention(q, q, q, None, False, 0, 0.3, "triton", "")
     # the automatic choice on CPU takes the reference
-    out = torch.ops.attnforge.attention(q, q, q, None, False, 0.3, "auto", "")
+    out = torch.ops.attnforge.attention(q, q, q, None, False, 0, 0.3, "auto", "")
     assert af.runtime.counters["reference"] == 1 and out.dtype == torch.float64
 
 

@@ -62,11 +62,14 @@ def test_eager_gqa_found_with_unexpanded_kv(capture):
     torch.testing.assert_close(out, Eager(kv_heads=2)(q, k, v))
 
 
-def test_scale_computed_in_a_symbolic_graph_is_declined_not_guessed():
+def test_scale_computed_in_a_symbolic_graph_is_moved_onto_q():
     q, k, v = _inputs()
     (gm,) = capture_symbolic(Eager(), (q, k, v))      # math.sqrt(q.shape[-1]) stays a graph value
-    sites, declined = detect(gm)
-    assert sites == [] and "not a constant" in declined[0].reason
+    (site,), declined = detect(gm)
+    assert not declined and site.scale == 1.0 and site.q.ops == (("div", "%sqrt"),)
+    gm, changed = canonicalize(gm, [site], impl="reference")
+    assert changed
+    torch.testing.assert_close(gm(q, k, v), Eager()(q, k, v))
 
 
 def test_tiny_models_rewrite_and_match():
@@ -80,8 +83,8 @@ def test_tiny_models_rewrite_and_match():
         assert len(rec.rewritten) == 2 and rec.kernels
         assert "torch.ops.attnforge.attention" in rec.code
         assert af.runtime.counters["reference"] == 2
-        expect_mask = "causal" if sdpa else "additive"
-        assert {s.mask for s in rec.sites} == {expect_mask}
+        # sdpa: is_causal; eager: the -inf triu buffer is lifted to the same structure
+        assert {(s.mask, s.causal, s.mask_operand) for s in rec.sites} == {("causal", True, None)}
 
 
 def test_probabilities_used_elsewhere_block_the_rewrite():
@@ -149,10 +152,18 @@ def test_constant_causal_mask_is_lifted_only_when_exact():
         keep = (j <= i) & (j > i - 3)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
 
-    for fn, kind, causal in ((causal_from_arange, "causal", True), (window_from_arange, "boolean", False)):
+    def strided_from_arange(q, k, v):
+        n = q.shape[2]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & ((i + j) % 3 != 1))
+
+    cases = ((causal_from_arange, "causal", True, 0), (window_from_arange, "window", True, 3),
+             (strided_from_arange, "boolean", False, 0))
+    for fn, kind, causal, window in cases:
         torch._dynamo.reset()
         be = af.Backend(compiler="eager")
         out = torch.compile(fn, backend=be)(q, k, v)
         (site,) = be.records[-1].sites
-        assert (site.mask, site.causal) == (kind, causal)
+        assert (site.mask, site.causal, site.window) == (kind, causal, window)
+        assert (site.mask_operand is None) == (kind != "boolean")
         torch.testing.assert_close(out, fn(q, k, v))

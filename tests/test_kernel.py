@@ -10,8 +10,9 @@ pytestmark = pytest.mark.skipif(not kernels.interpreter_enabled(),
                                 reason="needs Triton with TRITON_INTERPRET=1 set before import")
 
 
-def _key(causal=False, mask=None):
-    return kernels.register_source(codegen.render_attention(codegen.KernelSpec(causal=causal, mask=mask)).source)
+def _key(causal=False, mask=None, window=False):
+    spec = codegen.KernelSpec(causal=causal, mask=mask, window=window)
+    return kernels.register_source(codegen.render_attention(spec).source)
 
 
 def _qkv(h, hk, n, d, s=None, dtype=torch.float32, seed=0):
@@ -21,13 +22,13 @@ def _qkv(h, hk, n, d, s=None, dtype=torch.float32, seed=0):
             torch.randn(1, hk, s, d, generator=g).to(dtype))
 
 
-def _check(q, k, v, mask, causal, scale, key):
+def _check(q, k, v, mask, causal, scale, key, window=0):
     before = runtime.counters["triton_interpreter"]
-    out = torch.ops.attnforge.attention(q, k, v, mask, causal, scale, "triton", key)
+    out = torch.ops.attnforge.attention(q, k, v, mask, causal, window, scale, "triton", key)
     assert runtime.counters["triton_interpreter"] == before + 1, "the Triton kernel did not run"
     m64 = mask.double() if mask is not None and mask.is_floating_point() else mask
-    ref64 = attention_reference(q.double(), k.double(), v.double(), m64, causal, scale)
-    eager = attention_reference(q, k, v, mask, causal, scale)  # PyTorch in the input precision
+    ref64 = attention_reference(q.double(), k.double(), v.double(), m64, causal, scale, window)
+    eager = attention_reference(q, k, v, mask, causal, scale, window)  # PyTorch in the input precision
     assert out.dtype == q.dtype and out.shape == ref64.shape
     return out, eager, ref64
 
@@ -94,3 +95,17 @@ def test_non_contiguous_inputs():
     assert not q.is_contiguous()
     out, eager, ref64 = _check(q, k, v, None, True, 0.2, _key(True))
     assert_closer(out, eager, ref64)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,window", [(130, 1), (130, 17), (130, 64), (200, 100), (40, 500)])
+def test_sliding_window_matches_fp64(causal, n, window):
+    q, k, v = _qkv(4, 2, n, 32, seed=window)
+    out, eager, ref64 = _check(q, k, v, None, causal, 0.2, _key(causal, window=True), window=window)
+    assert_closer(out, eager, ref64)
+
+
+def test_window_kernel_refuses_a_missing_window():
+    q, k, v = _qkv(2, 2, 8, 16)
+    with pytest.raises(Exception, match="sliding window"):
+        torch.ops.attnforge.attention(q, k, v, None, True, 0, 0.2, "triton", _key(True, window=True))

@@ -63,4 +63,14 @@ def test_backward_matches_autograd(mask_kind, causal):
 def test_op_autograd_gradcheck():
     q, k, v = (t.requires_grad_() for t in _qkv(1, 4, 2, 3, 4, 4))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: torch.ops.attnforge.attention(q, k, v, None, True, 0.5, "reference", ""), (q, k, v))
+        lambda q, k, v: torch.ops.attnforge.attention(q, k, v, None, True, 0, 0.5, "reference", ""), (q, k, v))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_matches_an_explicit_mask(causal):
+    q, k, v = _qkv(1, 4, 2, 9, 9, 8)
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    keep = (j > i - 3) & ((j <= i) if causal else True)
+    ours = attention_reference(q, k, v, None, causal, 0.3, window=3)
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
