@@ -21,6 +21,8 @@ from torch import fx
 import attnforge.runtime  # noqa: F401  (registers torch.ops.attnforge.attention)
 
 from . import match as M
+from .decompose import encoder_layer_forward, mha_forward
+from .detect import _MHA_ARGS, _MHA_DEFAULTS, _TEL_ARGS, call_args
 from .site import AttentionSite
 from .transforms import TRANSFORMS, Operand
 
@@ -30,13 +32,14 @@ ATTENTION_OP = torch.ops.attnforge.attention.default
 
 
 def _erase_dead_ancestors(graph: fx.Graph, node: fx.Node, keep: set[fx.Node]) -> None:
-    stack = [node]
+    stack, erased = [node], set()
     while stack:
         n = stack.pop()
-        if n in keep or n.users or n.op in ("placeholder", "output", "get_attr") or n.is_impure():
+        if n in erased or n in keep or n.users or n.op in ("placeholder", "output", "get_attr") or n.is_impure():
             continue
         inputs = list(n.all_input_nodes)
         graph.erase_node(n)
+        erased.add(n)
         stack.extend(inputs)
 
 
@@ -53,6 +56,28 @@ def _materialize(graph: fx.Graph, operand: Operand | None, nodes) -> fx.Node | N
     return _apply(graph, nodes[operand.node], operand.ops, nodes)
 
 
+def _decompose(graph: fx.Graph, node: fx.Node, site: AttentionSite, impl: str, kernel: str) -> None:
+    """Replace an opaque MHA / fused encoder-layer call by its decomposition (same arguments)."""
+    if site.spelling == "mha":
+        a = call_args(node, _MHA_ARGS, _MHA_DEFAULTS)
+        sep = a["use_separate_proj_weight"]
+        args = (a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
+                a["out_proj_weight"], a["out_proj_bias"], a["key_padding_mask"], a["attn_mask"],
+                a["q_proj_weight"] if sep else None, a["k_proj_weight"] if sep else None,
+                a["v_proj_weight"] if sep else None, a["is_causal"], a["need_weights"], impl, kernel)
+        fn = mha_forward
+    else:
+        a = call_args(node, _TEL_ARGS)
+        args = tuple(a[k] for k in _TEL_ARGS if k not in ("embed_dim", "mask", "mask_type")) + (impl, kernel)
+        fn = encoder_layer_forward
+    with graph.inserting_before(node):
+        new = graph.call_function(fn, args)
+    new.meta.update(node.meta)
+    new.meta["attnforge_site"] = site.id
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
 def canonicalize(gm: fx.GraphModule, sites: list[AttentionSite], impl: str = "auto",
                  kernels: dict[str, str] | None = None) -> tuple[fx.GraphModule, bool]:
     """Replace each site's output with the attnforge op. `kernels`: site id -> generated kernel key."""
@@ -64,6 +89,10 @@ def canonicalize(gm: fx.GraphModule, sites: list[AttentionSite], impl: str = "au
         operands = [o for o in (site.q, site.k, site.v, site.mask_operand) if o is not None]
         refs = [r for o in operands for r in o.node_refs()]
         if out is None or out.target is ATTENTION_OP or any(r not in nodes for r in refs):
+            continue
+        if site.spelling in ("mha", "encoder_layer"):
+            _decompose(gm.graph, out, site, impl, kernels.get(site.id, ""))
+            changed = True
             continue
         with gm.graph.inserting_before(out):
             q, k, v, mask = (_materialize(gm.graph, o, nodes) for o in (site.q, site.k, site.v, site.mask_operand))

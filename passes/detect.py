@@ -19,6 +19,7 @@ did not fit, so near misses are visible. Detection never changes the graph.
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 
 import torch
@@ -462,6 +463,75 @@ def _match_softmax(sm: fx.Node, path: str, site_id: str) -> AttentionSite:
                  str(sm_dtype).replace("torch.", ""), path, site_id, sm.graph)
 
 
+_MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+             "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+             "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
+_MHA_DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True, "attn_mask": None,
+                 "use_separate_proj_weight": False, "q_proj_weight": None, "k_proj_weight": None,
+                 "v_proj_weight": None, "static_k": None, "static_v": None, "average_attn_weights": True,
+                 "is_causal": False}
+_TEL_ARGS = ("src", "embed_dim", "num_heads", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "use_gelu",
+             "norm_first", "eps", "norm_weight_1", "norm_bias_1", "norm_weight_2", "norm_bias_2", "ffn_weight_1",
+             "ffn_bias_1", "ffn_weight_2", "ffn_bias_2", "mask", "mask_type")
+
+
+def call_args(node: fx.Node, names, defaults=None) -> dict:
+    """A call's arguments by name (positional or keyword), defaults filled in."""
+    out = dict(defaults or {})
+    out.update(zip(names, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+def _decomposed_site(spelling, node, q, k, v, heads, embed, n, s, causal, mask_kind, path, site_id):
+    qs, qdt = _shape(q, "query")
+    d = embed // heads
+    return AttentionSite(
+        id=site_id, module_path=path, spelling=spelling, output=node.name, q=Operand(q.name), k=Operand(k.name),
+        v=Operand(v.name), mask_operand=None, out_ops=(), batch=str(qs[1] if spelling == "mha" else qs[0]),
+        q_len=str(n), kv_len=str(s), num_heads=heads, num_kv_heads=heads, head_dim=d, head_dim_v=d,
+        causal=causal, window=0, mask=mask_kind, scale=d ** -0.5, dtype=str(qdt).replace("torch.", ""),
+        softmax_dtype=str(qdt).replace("torch.", ""), dropout=0.0)
+
+
+def _match_mha(node: fx.Node, path: str, site_id: str) -> AttentionSite:
+    a = call_args(node, _MHA_ARGS, _MHA_DEFAULTS)
+    if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:
+        raise NotAttention("MultiheadAttention with bias_k/bias_v or add_zero_attn is left to PyTorch")
+    if a["static_k"] is not None or a["static_v"] is not None:
+        raise NotAttention("MultiheadAttention with static_k/static_v is left to PyTorch")
+    if a["training"] and a["dropout_p"]:
+        raise NotAttention(f"MultiheadAttention dropout={a['dropout_p']} in training mode is left to PyTorch")
+    weights_used = [u for u in node.users if u.target is operator.getitem and u.args[1] == 1 and u.users]
+    if any(u.target is not operator.getitem for u in node.users) or weights_used:
+        raise NotAttention("the attention weights MultiheadAttention returns are used")
+    heads = _constant(a["num_heads"], "num_heads", (int,))
+    embed = _constant(a["embed_dim_to_check"], "embed_dim", (int,))
+    for name in ("query", "key", "value"):
+        if not isinstance(a[name], fx.Node) or len(_shape(a[name], name)[0]) != 3:
+            raise NotAttention(f"MultiheadAttention {name} is not a batched [N, B, E] tensor")
+    n, s = _shape(a["query"], "query")[0][0], _shape(a["key"], "key")[0][0]
+    causal = bool(a["is_causal"] and a["key_padding_mask"] is None and not a["need_weights"])
+    has_mask = a["attn_mask"] is not None or a["key_padding_mask"] is not None
+    kind = "causal" if causal else "additive" if has_mask else "none"
+    return _decomposed_site("mha", node, a["query"], a["key"], a["value"], heads, embed, n, s, causal, kind,
+                            path, site_id)
+
+
+def _match_encoder_layer(node: fx.Node, path: str, site_id: str) -> AttentionSite:
+    a = call_args(node, _TEL_ARGS, {"mask": None, "mask_type": None})
+    if a["mask"] is not None:
+        raise NotAttention("the fused encoder layer with a mask is left to PyTorch")
+    heads = _constant(a["num_heads"], "num_heads", (int,))
+    embed = _constant(a["embed_dim"], "embed_dim", (int,))
+    shape, _ = _shape(a["src"], "src")
+    if len(shape) != 3:
+        raise NotAttention("the fused encoder layer's input is not batched [B, N, E]")
+    return _decomposed_site("encoder_layer", node, a["src"], a["src"], a["src"], heads, embed, shape[1],
+                            shape[1], False, "none", path, site_id)
+
+
 def detect(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[Decline]]:
     """All attention sites of `gm` in graph order, and the near misses that were declined."""
     sites, declined = [], []
@@ -469,6 +539,10 @@ def detect(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[Decline]]:
     for node in gm.graph.nodes:
         if M.is_sdpa(node):
             rule, fn = "sdpa", _match_sdpa
+        elif node.op == "call_function" and node.target is torch.nn.functional.multi_head_attention_forward:
+            rule, fn = "mha", _match_mha
+        elif node.op == "call_function" and node.target is torch._transformer_encoder_layer_fwd:
+            rule, fn = "encoder_layer", _match_encoder_layer
         elif M.is_softmax(node):
             rule, fn = "matmul_softmax", _match_softmax
         else:

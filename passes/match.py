@@ -26,7 +26,7 @@ _BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}
 _EINSUM = {torch.einsum, torch.functional.einsum}
 _MASKED_FILL = {torch.masked_fill, torch.Tensor.masked_fill}
 _WHERE = {torch.where}
-_DYNAMO_ROOT = re.compile(r"^(L\['[^']*'\]|self)\.?")
+_DYNAMO_ROOT = re.compile(r"^([LG]\['[^']*'\]|self)\.?")
 _CASTS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
 
 
