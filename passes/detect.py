@@ -240,8 +240,7 @@ class _Scores:
     def __init__(self):
         self.scale = 1.0
         self.q_ops: list[tuple] = []
-        self.additive: Operand | None = None
-        self.keep: Operand | None = None
+        self.masks: list[tuple[str, Operand]] = []     # ("additive" | "boolean" (a keep-mask), operand)
         self.qk: fx.Node | None = None
 
 
@@ -279,20 +278,16 @@ def _peel_scores(node: fx.Node, scores_rank: int) -> _Scores:
                 raise NotAttention(f"no q @ k^T before the add {node.name}")
             if not isinstance(mask, fx.Node):
                 raise NotAttention(f"a constant ({mask!r}) is added to the scores, not a mask tensor")
-            if res.additive is not None:
-                raise NotAttention("more than one additive term on the scores")
             rs, _ = _shape(node, "masked scores")
             ss, _ = _shape(nxt, "scores")
             if len(rs) != len(ss) or not all(M.same_size(x, y) for x, y in zip(rs, ss)):
                 raise NotAttention("the mask broadcasts the scores to a larger shape")
-            res.additive = Operand(mask.name)
+            res.masks.append(("additive", Operand(mask.name)))
         elif M.is_masked_fill(node):
             nxt, m, value = node.args[0], M.arg(node, 1, "mask"), M.arg(node, 2, "value")
             if not isinstance(m, fx.Node) or not _very_negative(value):
                 raise NotAttention(f"masked_fill with {value!r} is not a mask that removes keys")
-            if res.keep is not None:
-                raise NotAttention("more than one boolean mask on the scores")
-            res.keep = Operand(m.name, (("not",),))
+            res.masks.append(("boolean", Operand(m.name, (("not",),))))
         elif M.is_where(node) and len(node.args) == 3:
             cond, a, b = node.args
             if isinstance(a, fx.Node) and _reaches_qk(a) and _very_negative(b):
@@ -302,9 +297,7 @@ def _peel_scores(node: fx.Node, scores_rank: int) -> _Scores:
             else:
                 raise NotAttention(f"where() on the scores ({node.name}) does not select between scores and a "
                                    "large negative value")
-            if res.keep is not None:
-                raise NotAttention("more than one boolean mask on the scores")
-            res.keep = keep
+            res.masks.append(("boolean", keep))
         else:
             what = node.target if node.op != "call_module" else type(M.module_of(node)).__name__
             raise NotAttention(f"softmax input is not q @ k^T -> scale -> mask (found {what} at {node.name})")
@@ -332,8 +325,10 @@ def _lift(mask: Operand | None, additive: bool, graph: fx.Graph, n, s):
     return None, kind in ("causal", "window"), window
 
 
-def _site(spelling, out, q, k, v, mask, mask_is_bool, out_ops, causal, scale, softmax_dtype, path, site_id,
+def _site(spelling, out, q, k, v, masks, out_ops, causal, scale, softmax_dtype, path, site_id,
           graph) -> AttentionSite:
+    """masks: [("additive" | "boolean", Operand)], a keep-mask for "boolean"; each is lifted on its own and
+    at most one may remain a tensor."""
     nodes = {n.name: n for n in graph.nodes}
     (qs, qdt), (ks, _), (vs, _) = (_shape(nodes[o.node], name) for o, name in ((q, "q"), (k, "k"), (v, "v")))
     qs, ks, vs = _canonical_shape(qs, q.ops), _canonical_shape(ks, k.ops), _canonical_shape(vs, v.ops)
@@ -350,10 +345,18 @@ def _site(spelling, out, q, k, v, mask, mask_is_bool, out_ops, causal, scale, so
         raise NotAttention(f"batch sizes differ between q, k, v ({qs[0]}, {ks[0]}, {vs[0]})")
     if not M.same_size(ks[2], vs[2]):
         raise NotAttention(f"key length {ks[2]} differs from value length {vs[2]}")
-    window = 0
-    if mask is not None:
-        mask, lifted_causal, window = _lift(mask, not mask_is_bool, graph, qs[2], ks[2])
+    window, remaining = 0, {}
+    for style, operand in masks:             # each mask lifts on its own; the structures intersect
+        operand, lifted_causal, lifted_window = _lift(operand, style == "additive", graph, qs[2], ks[2])
         causal = causal or lifted_causal
+        if lifted_window:
+            window = min(window, lifted_window) if window else lifted_window
+        if operand is not None:
+            remaining[len(remaining)] = (style, operand)
+    if len(remaining) > 1:
+        raise NotAttention(f"{len(remaining)} masks on the scores that are not pure causal/window structure")
+    mask_is_bool = any(style == "boolean" for style, _ in remaining.values())
+    mask = next(iter(remaining.values()), (None, None))[1]
     if mask is not None:
         ms, _ = _shape(nodes[mask.node], "mask")
         if len(_canonical_shape(ms, mask.ops)) > 4:
@@ -379,19 +382,18 @@ def _gqa(k: Operand, v: Operand, graph_nodes) -> tuple[Operand, Operand]:
     return Operand(k0.name), Operand(v0.name)
 
 
-def _to_4d(rank: int, q, k, v, mask, graph):
+def _to_4d(rank: int, q, k, v, masks: list, graph):
     """Heads folded into the batch (3-D): q, k, v get a heads dim of 1; so does a 3-D mask (a mask of
     fewer dims already broadcasts the same way)."""
     if rank == 4:
-        return q, k, v, mask
+        return q, k, v, masks
     if rank != 3:
         raise NotAttention(f"scores are {rank}-D; attention needs [B, H, N, S] or [B*H, N, S]")
+    nodes = {n.name: n for n in graph.nodes}
     q, k, v = (o.then("unsqueeze", 1) for o in (q, k, v))
-    if mask is not None:
-        nodes = {n.name: n for n in graph.nodes}
-        if len(_shape(nodes[mask.node], "mask")[0]) == 3:
-            mask = mask.then("unsqueeze", 1)
-    return q, k, v, mask
+    masks = [(style, m.then("unsqueeze", 1) if len(_shape(nodes[m.node], "mask")[0]) == 3 else m)
+             for style, m in masks]
+    return q, k, v, masks
 
 
 def _match_sdpa(node: fx.Node, path: str, site_id: str) -> AttentionSite:
@@ -417,10 +419,11 @@ def _match_sdpa(node: fx.Node, path: str, site_id: str) -> AttentionSite:
     kop, vop = _gqa(Operand(k.name), Operand(v.name), nodes)
     mop = Operand(mask.name) if mask is not None else None
     mask_is_bool = mask is not None and _shape(mask, "mask")[1] == torch.bool
+    masks = [("boolean" if mask_is_bool else "additive", mop)] if mop is not None else []
     rank = len(qs)
-    qop, kop, vop, mop = _to_4d(rank, Operand(q.name), kop, vop, mop, node.graph)
+    qop, kop, vop, masks = _to_4d(rank, Operand(q.name), kop, vop, masks, node.graph)
     out_ops = (("squeeze", 1),) if rank == 3 else ()
-    return _site("sdpa", node, qop, kop, vop, mop, mask_is_bool, out_ops, causal, scale,
+    return _site("sdpa", node, qop, kop, vop, masks, out_ops, causal, scale,
                  str(qdt).replace("torch.", ""), path, site_id, node.graph)
 
 
@@ -429,6 +432,7 @@ def _match_softmax(sm: fx.Node, path: str, site_id: str) -> AttentionSite:
     dim = M.softmax_dim(sm)
     if not isinstance(dim, int) or dim % len(in_shape) != len(in_shape) - 1:
         raise NotAttention(f"softmax over dim {dim}, not the last (key) dim")
+    _single_user(sm.args[0], "the attention scores")
     probs = sm
     node = _single_user(sm, "the attention probabilities")
     while M.is_cast(node) or M.is_dropout(node):
@@ -444,22 +448,17 @@ def _match_softmax(sm: fx.Node, path: str, site_id: str) -> AttentionSite:
     _single_user(sc.qk, "the attention scores")
     q, k, qk_scale, bias = _qk(sc.qk)
     if bias is not None:
-        if sc.additive is not None:
-            raise NotAttention("more than one additive term on the scores")
-        sc.additive = bias
-    if sc.additive is not None and sc.keep is not None:
-        raise NotAttention("both a boolean and an additive mask on the scores")
+        sc.masks.append(("additive", bias))
     nodes = {n.name: n for n in sm.graph.nodes}
     for name, o in (("keys", k), ("values", v)):
         _not_weights(nodes[o.node], name)
     k, v = _gqa(k, v, nodes)
     q = Operand(q.node, q.ops + tuple(sc.q_ops))
-    mask = sc.additive or sc.keep
-    q, k, v, mask = _to_4d(rank, q, k, v, mask, sm.graph)
+    q, k, v, masks = _to_4d(rank, q, k, v, sc.masks, sm.graph)
     if rank == 3:
         out_ops = (("squeeze", 1),) + tuple(out_ops)
     sm_dtype = M.softmax_dtype(sm) or in_dtype
-    return _site("matmul_softmax", out, q, k, v, mask, sc.keep is not None, out_ops, False, sc.scale * qk_scale,
+    return _site("matmul_softmax", out, q, k, v, masks, out_ops, False, sc.scale * qk_scale,
                  str(sm_dtype).replace("torch.", ""), path, site_id, sm.graph)
 
 
