@@ -41,3 +41,24 @@ def test_help_lists_commands(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "detect" in out and "run" in out
+
+
+def test_detect_shows_near_misses(tmp_path, capsys):
+    f = tmp_path / "router.py"
+    f.write_text(
+        "import torch\n"
+        "class Router(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.gate = torch.nn.Linear(8, 4)\n"
+        "    def forward(self, x):\n"
+        "        return torch.softmax(self.gate(x), dim=-1).topk(2, dim=-1).values\n"
+        "def make():\n"
+        "    return Router(), (torch.randn(2, 5, 8),)\n")
+    assert main(["detect", f"{f}:make", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["sites"] == [] and len(data["declined"]) == 1
+    assert "not multiplied with values" in data["declined"][0]["reason"]
+    assert main(["detect", f"{f}:make"]) == 0
+    out = capsys.readouterr().out
+    assert "No attention found" in out and "1 near misses declined" in out
