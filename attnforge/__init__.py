@@ -6,6 +6,8 @@
     out = torch.compile(model, backend=be)(*example_inputs)
     be.records                                             # per graph: sites, rewritten, declined, kernels
     torch.compile(model, backend="attnforge")              # the same, found by name
+    plan = af.search(model, calibration_ids, budget=af.Budget(density=0.5))   # profile + search
+    plan.save("plan.json"); model = af.optimize(model, af.Plan.load("plan.json"))
 """
 __version__ = "0.1.0"
 
@@ -13,9 +15,14 @@ from attnforge import runtime  # noqa: E402  (registers torch.ops.attnforge.atte
 from attnforge.compiler import (  # noqa: E402
     AttentionSite, Backend, BackendOptions, Decline, GraphRecord, compile_and_compare, find_attention,
 )
+from attnforge.compiler.api import optimize, search  # noqa: E402
+from attnforge.compiler.plan import Plan, PlanError  # noqa: E402
+from attnforge.compiler.search import Budget  # noqa: E402
 from attnforge.runtime import KernelUnavailable  # noqa: E402
+from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindow  # noqa: E402
 
 __all__ = [
-    "AttentionSite", "Backend", "BackendOptions", "Decline", "GraphRecord", "KernelUnavailable",
-    "compile_and_compare", "find_attention", "runtime", "__version__",
+    "AttentionSite", "Backend", "BackendOptions", "BlockSparse", "Budget", "Decline", "Dense", "ElasticWindow",
+    "GraphRecord", "KernelUnavailable", "Plan", "PlanError", "SinkWindow", "compile_and_compare",
+    "find_attention", "optimize", "runtime", "search", "__version__",
 ]

@@ -18,8 +18,7 @@ __all__ = ["find_attention", "detect_model", "compile_and_compare", "CompareResu
 def detect_model(model, example_inputs, method: str = "dynamo") -> tuple[list[AttentionSite], list[Decline]]:
     """Sites and near misses over every captured graph; the model is not changed."""
     sites, declined = [], []
-    for gm in capture(model, example_inputs, method):
-        s, d = detect(gm)
+    for s, d in capture(model, example_inputs, method, on_graph=detect):
         sites += s
         declined += d
     return sites, declined
@@ -85,3 +84,38 @@ def compile_and_compare(model, example_inputs, backend: Backend | None = None) -
         max_abs_diff=diff, rel_diff=diff / scale, top1_agreement=top1, calls=calls,
         eager_s=t1 - t0, compiled_first_s=t2 - t1, compiled_s=t3 - t2,
     )
+
+
+def search(model, calibration, budget, *, lengths=(1024, 2048, 4096), samples: int = 1, block: int = 64,
+           model_name: str | None = None, max_forms_per_layer: int | None = None, profile_out=None,
+           progress: bool = True):
+    """Profile `model` on calibration token ids and search a per-head plan under `budget`.
+
+    calibration: [1, T] token ids (windows of each length are cut from it, disjoint per sample), or a
+    dict {length: [ids, ...]}. budget: attnforge.Budget. Returns an attnforge.Plan.
+    """
+    from .profile import profile_model
+    from .search import search as solve
+
+    if isinstance(calibration, dict):
+        per_length = calibration
+    else:
+        per_length = {}
+        for n in lengths:
+            need = n * samples
+            if calibration.shape[-1] < need:
+                raise ValueError(f"{calibration.shape[-1]} calibration tokens cannot give {samples} samples of "
+                                 f"length {n}; pass more text or smaller lengths")
+            per_length[n] = [calibration[..., i * n:(i + 1) * n] for i in range(samples)]
+    name = model_name or type(model).__name__
+    prof = profile_model(model, per_length, model_name=name, block=block, out=profile_out, progress=progress)
+    return solve(prof, budget, max_forms_per_layer=max_forms_per_layer)
+
+
+def optimize(model, plan, impl: str = "auto", compiler: str = "inductor"):
+    """Make `model`'s forward run `plan` (a Plan or a path): forward is compiled with the attnforge
+    backend in place, so `model(...)` and Hugging Face `generate()` use it. Returns the same model."""
+    backend = Backend(plan=plan, impl=impl, compiler=compiler)
+    model.forward = torch.compile(model.forward, backend=backend)
+    model.attnforge_backend = backend
+    return model

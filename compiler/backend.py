@@ -9,6 +9,7 @@ then hand the graph to Inductor (or run it as it is).
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -17,6 +18,9 @@ from torch import fx
 
 from attnforge import codegen, runtime
 from attnforge.passes import AttentionSite, Decline, canonicalize, detect
+from attnforge.passes.apply_plan import apply_plan
+
+from .plan import Plan, PlanError, resolve_site
 
 __all__ = ["Backend", "BackendOptions", "GraphRecord", "attnforge_backend", "named_backend"]
 
@@ -34,15 +38,15 @@ class BackendOptions:
     rewrite: bool = True
     debug: bool = False
     plan: Any = None
+    profile_block: int = 0          # > 0: rewrite into the profiling op (used by attnforge.compiler.profile)
 
     def __post_init__(self):
         if self.impl not in runtime.IMPLS:
             raise ValueError(f"impl must be one of {runtime.IMPLS}, not {self.impl!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, not {self.compiler!r}")
-        if self.plan is not None:
-            raise NotImplementedError("per-head plans are not implemented yet in this version: every "
-                                      "site runs dense and exact; pass plan=None")
+        if self.plan is not None and self.profile_block:
+            raise ValueError("profiling runs every site dense; pass plan=None with profile_block")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,7 @@ class GraphRecord:
     impl: str
     compiler: str
     code: str = field(repr=False)       # the rewritten graph's Python code (a reproducer to read)
+    planned: tuple[str, ...] = ()       # site ids running a non-dense plan entry
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -74,8 +79,13 @@ class Backend:
     """A torch.compile backend (a callable) that holds its options and one record per graph."""
 
     def __init__(self, plan=None, impl: str = "auto", compiler: str = "inductor", rewrite: bool = True,
-                 debug: bool = False):
-        self.options = BackendOptions(impl=impl, compiler=compiler, rewrite=rewrite, debug=debug, plan=plan)
+                 debug: bool = False, profile_block: int = 0):
+        if isinstance(plan, (str, os.PathLike)):
+            plan = Plan.load(plan)
+        if plan is not None and not isinstance(plan, Plan):
+            raise TypeError(f"plan must be None, an attnforge Plan or a path to plan.json, not {type(plan).__name__}")
+        self.options = BackendOptions(impl=impl, compiler=compiler, rewrite=rewrite, debug=debug, plan=plan,
+                                      profile_block=profile_block)
         self.records: list[GraphRecord] = []
         self._lock = threading.Lock()
 
@@ -101,15 +111,35 @@ class Backend:
                 kernels[site.id] = key
                 kernel_records.append(KernelRecord(site.id, spec.name, key))
         changed = False
+        planned: tuple[str, ...] = ()
         if opts.rewrite and sites:
-            gm, changed = canonicalize(gm, sites, impl=opts.impl, kernels=kernels)
+            gm, changed = canonicalize(gm, sites, impl=opts.impl, kernels=kernels, profile_block=opts.profile_block)
             self._dump("after canonicalize", gm)
+            if opts.plan is not None and changed:
+                entries = self._plan_entries(sites)
+                gm, _ = apply_plan(gm, entries)
+                planned = tuple(sid for sid, forms in entries.items() if any(f.kind != "dense" for f in forms))
+                self._dump("after apply_plan", gm)
         rewritten = tuple(s.id for s in sites) if changed else ()
         with self._lock:
             record = GraphRecord(len(self.records), tuple(sites), rewritten, tuple(declined),
-                                 tuple(kernel_records), opts.impl, opts.compiler, gm.code)
+                                 tuple(kernel_records), opts.impl, opts.compiler, gm.code, planned)
             self.records.append(record)
         return gm, record
+
+    def _plan_entries(self, sites) -> dict:
+        """The plan's forms for the sites of this graph; a site with other head counts is an error."""
+        plan = self.options.plan
+        by_id = {sp.site: sp for sp in plan.sites}
+        resolved = {s.id: resolve_site(s.id, by_id) for s in sites}
+        for s in sites:
+            sp = by_id.get(resolved[s.id]) if resolved[s.id] else None
+            if sp is not None and (sp.num_heads, sp.num_kv_heads) != (s.num_heads, s.num_kv_heads):
+                raise PlanError(f"site {s.id}: the plan expects {sp.num_heads} heads / {sp.num_kv_heads} KV heads, "
+                                f"the graph has {s.num_heads} / {s.num_kv_heads}; the plan is for another model")
+        if {s.id for s in sites} == set(by_id):
+            plan.check(sites)
+        return {sid: by_id[pid].forms for sid, pid in resolved.items() if pid is not None}
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
         gm, _ = self.transform(gm)

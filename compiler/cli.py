@@ -2,6 +2,9 @@
 
     attnforge detect MODEL [--json]     list the attention sites (and the near misses declined)
     attnforge run MODEL [--json]        compile MODEL with the attnforge backend, compare with eager
+    attnforge profile MODEL -o P.npz    per-head influence / mass / entropy on calibration text
+    attnforge search P.npz --density D  a per-head plan under the budget (plus the Pareto front)
+    attnforge optimize MODEL --density D -o OUT/   profile + search + kernels + summary
 """
 from __future__ import annotations
 
@@ -49,7 +52,45 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--compiler", choices=("inductor", "eager"), default="inductor",
                    help="what runs the rewritten graph")
     r.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    pr = sub.add_parser("profile", help="profile per-head attention statistics on calibration text",
+                        description="Run MODEL forward and backward on calibration text at several lengths and "
+                                    "record, per site and KV head group, MoA's attention influence and the "
+                                    "attention mass in blocks, and the entropy. Resumable: an existing output "
+                                    "file is continued.")
+    pr.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    _profile_args(pr)
+    pr.add_argument("-o", "--out", required=True, help="profile file to write (.npz)")
+
+    se = sub.add_parser("search", help="search a per-head plan under a budget from a profile",
+                        description="Choose one form per KV head group minimizing predicted loss at every "
+                                    "profiled length under the density budget (exact MILP, HiGHS).")
+    se.add_argument("profile", metavar="PROFILE", help="a profile file from `attnforge profile`")
+    se.add_argument("--density", type=float, required=True, help="kept fraction of causal attention, e.g. 0.5")
+    se.add_argument("--max-forms-per-layer", type=int, default=None, help="cap on distinct forms in one site")
+    se.add_argument("--baseline", choices=("streaming",), help="instead, the uniform sink+window plan at the "
+                    "same density (at the longest profiled length)")
+    se.add_argument("-o", "--out", required=True, help="plan file to write (.json)")
+    se.add_argument("--json", action="store_true", help="print the summary (and Pareto front) as JSON")
+
+    op = sub.add_parser("optimize", help="profile + search + kernels + summary into one folder",
+                        description="The offline job: profile MODEL, search a plan at the density, write "
+                                    "OUT/plan.json, OUT/profile.npz, OUT/kernels/ (generated Triton sources "
+                                    "with a manifest) and OUT/summary.json.")
+    op.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    _profile_args(op)
+    op.add_argument("--density", type=float, default=0.5, help="kept fraction of causal attention")
+    op.add_argument("--max-forms-per-layer", type=int, default=None)
+    op.add_argument("-o", "--out", required=True, help="output folder")
+    op.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
+
+
+def _profile_args(p):
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096],
+                   help="calibration lengths in tokens (text models; default 1024 2048 4096)")
+    p.add_argument("--samples", type=int, default=1, help="samples per length")
+    p.add_argument("--block", type=int, default=64, help="profile block size")
 
 
 def _load(args):
@@ -112,12 +153,136 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _calibration(args):
+    """(model, {length: [ids]}) from built-in text models, or the factory's example input."""
+    from .evaluate import text_tokens, windows
+    from .models import load_model, text_model
+
+    tm = text_model(args.model)
+    if tm is not None:
+        model, tokenizer = tm
+        tokens = text_tokens(tokenizer)
+        return model, {n: windows(tokens, n, args.samples) for n in args.lengths}
+    model, inputs = load_model(args.model)
+    if len(inputs) != 1 or not isinstance(inputs[0], __import__("torch").Tensor):
+        raise ValueError(f"{args.model}: profiling needs a model taking one tensor of token ids")
+    return model, {inputs[0].shape[-1]: [inputs[0]]}
+
+
+def _cmd_profile(args) -> int:
+    from .profile import profile_model
+
+    model, samples = _calibration(args)
+    prof = profile_model(model, samples, model_name=args.model, block=args.block, out=args.out)
+    print(f"profiled {len(prof.sites)} sites at lengths {prof.lengths} -> {args.out}")
+    return 0
+
+
+def _plan_summary(plan) -> dict:
+    return {"model": plan.model, "sites": len(plan.sites), "budget": plan.budget, "forms": plan.form_counts(),
+            "predicted": plan.predicted}
+
+
+def _cmd_search(args) -> int:
+    from .profile import Profile
+    from .search import Budget, pareto, search, streaming_baseline
+
+    prof = Profile.load(args.profile)
+    if args.baseline:
+        plan = streaming_baseline(prof, args.density, max(prof.lengths))
+        front = None
+    else:
+        plan = search(prof, Budget(args.density), max_forms_per_layer=args.max_forms_per_layer)
+        front = pareto(prof)
+    plan.save(args.out)
+    summary = {**_plan_summary(plan), "pareto": front, "plan": args.out}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"plan for {plan.model}: {len(plan.sites)} sites, forms {plan.form_counts()} -> {args.out}")
+        for n, d in plan.predicted.get("density", {}).items():
+            loss = plan.predicted.get("loss", {}).get(n)
+            print(f"  length {n}: density {d:.3f}" + (f", predicted loss {loss:.4f}" if loss is not None else ""))
+        if front:
+            print("  Pareto front (density: predicted loss): " +
+                  ", ".join(f"{p['density']}: {p['predicted_loss']:.3f}" for p in front))
+    return 0
+
+
+def _cmd_optimize(args) -> int:
+    import os
+    import time
+
+    from attnforge import codegen, runtime
+
+    from .api import find_attention
+    from .profile import profile_model
+    from .search import Budget, search
+
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    model, samples = _calibration(args)
+    prof = profile_model(model, samples, model_name=args.model, block=args.block,
+                         out=os.path.join(args.out, "profile.npz"))
+    t1 = time.perf_counter()
+    plan = search(prof, Budget(args.density), max_forms_per_layer=args.max_forms_per_layer)
+    plan = type(plan)(plan.fingerprint, plan.model, plan.sites, plan.budget, plan.lengths, plan.predicted,
+                      plan.measured, {"command": "attnforge " + " ".join(sys.argv[1:]) if sys.argv else "",
+                                      "versions": _versions()})
+    plan.save(os.path.join(args.out, "plan.json"))
+    t2 = time.perf_counter()
+    kdir = os.path.join(args.out, "kernels")
+    os.makedirs(kdir, exist_ok=True)
+    manifest = []
+    first = samples[min(samples)][0]
+    for site in find_attention(model, (first,)):
+        spec = codegen.KernelSpec(causal=site.causal, mask={"boolean": "bool", "additive": "additive"}.get(site.mask),
+                                  window=site.window > 0)
+        rendered = codegen.render_attention(spec)
+        key = runtime.kernels.source_key(rendered.source)
+        path = os.path.join(kdir, f"{spec.name}.py")
+        with open(path, "w") as f:
+            f.write(rendered.source)
+        manifest.append({"site": site.id, "kernel": spec.name, "key": key, "file": f"kernels/{spec.name}.py"})
+    with open(os.path.join(kdir, "manifest.json"), "w") as f:
+        json.dump({"note": "forward kernels per site; sparse per-head forms run in the reference until the "
+                           "per-head kernels land", "kernels": manifest}, f, indent=1)
+    summary = {**_plan_summary(plan), "profile_seconds": round(t1 - t0, 1), "search_seconds": round(t2 - t1, 2),
+               "files": ["plan.json", "profile.npz", "kernels/manifest.json", "summary.json"],
+               "not_yet": ["report.html", "model.onnx"]}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{args.model}: plan at density {args.density} -> {args.out}/plan.json; forms {plan.form_counts()}; "
+              f"profile {t1 - t0:.0f}s, search {t2 - t1:.1f}s")
+    return 0
+
+
+def _versions() -> dict:
+    import platform
+
+    import torch
+
+    from attnforge import __version__
+    from attnforge.runtime.kernels import triton_version
+
+    return {"attnforge": __version__, "torch": torch.__version__, "triton": triton_version(),
+            "python": platform.python_version()}
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from .models import ModelSpecError
+    from .plan import PlanError
+    from .profile import ProfileError
+    from .search import SearchError
 
+    commands = {"detect": _cmd_detect, "run": _cmd_run, "profile": _cmd_profile, "search": _cmd_search,
+                "optimize": _cmd_optimize}
     try:
-        return {"detect": _cmd_detect, "run": _cmd_run}[args.command](args)
-    except ModelSpecError as e:
+        return commands[args.command](args)
+    except (ModelSpecError, PlanError, ProfileError, SearchError) as e:
         print(f"attnforge: error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from torch import nn
 
 from .data import sample_text
 
-__all__ = ["load_model", "ModelSpecError", "BUILTINS", "TinyGQA", "smollm2_path"]
+__all__ = ["load_model", "ModelSpecError", "BUILTINS", "TinyGQA", "smollm2_path", "text_model"]
 
 
 class ModelSpecError(ValueError):
@@ -139,6 +139,13 @@ BUILTINS: dict[str, Callable] = {
     "tiny": tiny,
     "tiny-sdpa": functools.partial(tiny, sdpa=True),
 }
+
+
+def text_model(name: str):
+    """(model, tokenizer) for built-in models that read text (profiled on real text); None otherwise."""
+    if name in ("smollm2", "smollm2-eager"):
+        return tuple(reversed(_smollm2("eager" if name == "smollm2-eager" else "sdpa")))
+    return None
 
 
 def _load_factory(spec: str) -> Callable:

@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 import attnforge.runtime  # noqa: F401  (registers torch.ops.attnforge.attention)
+import attnforge.runtime.profiling  # noqa: F401  (registers torch.ops.attnforge.attention_profile)
 
 from . import match as M
 from .decompose import encoder_layer_forward, mha_forward
@@ -29,6 +30,7 @@ from .transforms import TRANSFORMS, Operand
 __all__ = ["canonicalize", "ATTENTION_OP"]
 
 ATTENTION_OP = torch.ops.attnforge.attention.default
+PROFILE_OP = torch.ops.attnforge.attention_profile.default
 
 
 def _erase_dead_ancestors(graph: fx.Graph, node: fx.Node, keep: set[fx.Node]) -> None:
@@ -79,8 +81,9 @@ def _decompose(graph: fx.Graph, node: fx.Node, site: AttentionSite, impl: str, k
 
 
 def canonicalize(gm: fx.GraphModule, sites: list[AttentionSite], impl: str = "auto",
-                 kernels: dict[str, str] | None = None) -> tuple[fx.GraphModule, bool]:
-    """Replace each site's output with the attnforge op. `kernels`: site id -> generated kernel key."""
+                 kernels: dict[str, str] | None = None, profile_block: int = 0) -> tuple[fx.GraphModule, bool]:
+    """Replace each site's output with the attnforge op. `kernels`: site id -> generated kernel key.
+    profile_block > 0: use the profiling op instead (dense; its backward measures influence per block)."""
     kernels = kernels or {}
     nodes = {n.name: n for n in gm.graph.nodes}
     changed = False
@@ -88,16 +91,22 @@ def canonicalize(gm: fx.GraphModule, sites: list[AttentionSite], impl: str = "au
         out = nodes.get(site.output)
         operands = [o for o in (site.q, site.k, site.v, site.mask_operand) if o is not None]
         refs = [r for o in operands for r in o.node_refs()]
-        if out is None or out.target is ATTENTION_OP or any(r not in nodes for r in refs):
+        if out is None or out.target in (ATTENTION_OP, PROFILE_OP) or any(r not in nodes for r in refs):
             continue
+        if profile_block and site.spelling in ("mha", "encoder_layer"):
+            continue                       # opaque decompositions are not profiled
         if site.spelling in ("mha", "encoder_layer"):
             _decompose(gm.graph, out, site, impl, kernels.get(site.id, ""))
             changed = True
             continue
         with gm.graph.inserting_before(out):
             q, k, v, mask = (_materialize(gm.graph, o, nodes) for o in (site.q, site.k, site.v, site.mask_operand))
-            new = gm.graph.call_function(ATTENTION_OP, (q, k, v, mask, site.causal, site.window, site.scale,
-                                                        impl, kernels.get(site.id, "")))
+            if profile_block:
+                new = gm.graph.call_function(PROFILE_OP, (q, k, v, mask, site.causal, site.window, site.scale,
+                                                          site.id, profile_block))
+            else:
+                new = gm.graph.call_function(ATTENTION_OP, (q, k, v, mask, site.causal, site.window, site.scale,
+                                                            impl, kernels.get(site.id, "")))
             new.meta.update({k_: v_ for k_, v_ in out.meta.items() if k_ in ("nn_module_stack", "stack_trace")})
             new.meta["attnforge_site"] = site.id
             result = _apply(gm.graph, new, site.out_ops, nodes)

@@ -1,12 +1,13 @@
 """`torch.ops.attnforge.attention`: the one op every rewritten attention site calls.
 
-    attention(q, k, v, mask, causal, window, scale, impl, kernel) -> out
+    attention(q, k, v, mask, causal, window, scale, impl, kernel, forms="") -> out
         q [B, Hq, N, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> out [B, Hq, N, Dv]
         mask:   None, or broadcastable to [B, Hq, N, S]; bool (True = attend) or additive float
         causal: top-left aligned (as SDPA's is_causal)
         window: > 0 hides keys j <= i - window (sliding window, own key included); 0: no window
         impl:   "auto" | "triton" | "reference"
         kernel: key of a generated Triton source (attnforge.runtime.kernels), "" when none was generated
+        forms:  "" (dense) or the JSON of one Form per KV head group (attnforge.runtime.forms): a plan entry
 
 It is a torch.library custom op with a fake implementation and autograd, so it survives torch.compile
 and torch.export. Implementations:
@@ -20,6 +21,7 @@ Every call bumps `counters[<implementation that ran>]`, so tests and records can
 from __future__ import annotations
 
 import collections
+import functools
 import warnings
 from typing import Optional
 
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .forms import forms_from_json
 from .kernels import KernelUnavailable
 from .reference import attention_reference, attention_reference_backward
 
@@ -45,8 +48,11 @@ def reset_counters() -> None:
     fallbacks.clear()
 
 
-def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel: str) -> Optional[str]:
+def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel: str,
+                 forms: str = "") -> Optional[str]:
     """None if the generated kernel can run these inputs, else the reason it cannot."""
+    if forms and any(f.kind != "dense" for f in _forms(forms)):
+        return "the generated kernel runs dense heads only; per-head sparse forms run in the reference"
     if not kernel:
         return "no Triton kernel was generated for this site"
     if q.device.type not in ("cuda", "cpu"):
@@ -89,14 +95,20 @@ def _run_triton(q, k, v, mask, causal, window, scale, kernel):
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _forms(text: str) -> tuple:
+    return forms_from_json(text)
+
+
 @torch.library.custom_op("attnforge::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, window: int,
-              scale: float, impl: str, kernel: str) -> Tensor:
+              scale: float, impl: str, kernel: str, forms: str = "") -> Tensor:
     _check_args(q, k, v, mask, impl)
+    head_forms = _forms(forms)
     if impl == "reference":
         counters["reference"] += 1
-        return attention_reference(q, k, v, mask, causal, scale, window)
-    reason = triton_check(q, k, v, mask, kernel)
+        return attention_reference(q, k, v, mask, causal, scale, window, head_forms)
+    reason = triton_check(q, k, v, mask, kernel, forms)
     if impl == "triton":
         if reason:
             raise KernelUnavailable(f"impl='triton' was asked for but {reason}; use impl='auto' or "
@@ -113,25 +125,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: b
         warnings.warn(f"attnforge: running the reference attention because {reason}", RuntimeWarning,
                       stacklevel=2)
     counters["reference"] += 1
-    return attention_reference(q, k, v, mask, causal, scale, window)
+    return attention_reference(q, k, v, mask, causal, scale, window, head_forms)
 
 
 @attention.register_fake
-def _(q, k, v, mask, causal, window, scale, impl, kernel):
+def _(q, k, v, mask, causal, window, scale, impl, kernel, forms=""):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, window, scale, _impl, _kernel = inputs
+    q, k, v, mask, causal, window, scale, _impl, _kernel, forms = inputs
     ctx.save_for_backward(q, k, v, mask)
-    ctx.causal, ctx.window, ctx.scale = causal, window, scale
+    ctx.causal, ctx.window, ctx.scale, ctx.forms = causal, window, scale, forms
 
 
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
     dq, dk, dv, dmask = attention_reference_backward(grad_out, q, k, v, mask, ctx.causal, ctx.scale,
-                                                     ctx.window)
-    return dq, dk, dv, dmask, None, None, None, None, None
+                                                     ctx.window, _forms(ctx.forms))
+    return dq, dk, dv, dmask, None, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -30,7 +30,7 @@ def _grouped(x: torch.Tensor, hkv: int) -> torch.Tensor:
     return x.unflatten(1, (hkv, x.shape[1] // hkv))
 
 
-def _scores(q, k, mask, causal, scale, window=0):
+def _scores(q, k, mask, causal, scale, window=0, forms=()):
     """Scores and the keep-mask, both [B, Hkv, G, N, S] in the compute dtype."""
     b, hq, n, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -46,6 +46,13 @@ def _scores(q, k, mask, causal, scale, window=0):
         keep = cols <= rows if causal else torch.ones(n, s, dtype=torch.bool, device=q.device)  # [N, S]
         if window:
             keep = keep & (cols > rows - window)
+    if forms:
+        if len(forms) != hkv:
+            raise ValueError(f"{len(forms)} forms for {hkv} key/value heads; give one per KV head group")
+        from .forms import keep_mask
+
+        group_keep = keep_mask(forms, n, s, device=q.device)[None, :, None]      # [1, Hkv, 1, N, S]
+        keep = group_keep if keep is None else keep & group_keep
     if mask is not None:
         full = mask.expand(b, hq, n, s)
         full = _grouped(full, hkv)
@@ -67,10 +74,14 @@ def _probs(scores: torch.Tensor) -> torch.Tensor:
     return p / torch.where(denom == 0, torch.ones_like(denom), denom)
 
 
-def attention_reference(q, k, v, mask=None, causal=False, scale=None, window=0):
-    """out = softmax(q k^T * scale + mask) v, GQA by grouping. Returns q's dtype."""
+def attention_reference(q, k, v, mask=None, causal=False, scale=None, window=0, forms=()):
+    """out = softmax(q k^T * scale + mask) v, GQA by grouping. Returns q's dtype.
+
+    forms: () or one attnforge.runtime.forms Form per KV head group, each restricting which keys its
+    query heads see (on top of causal / window / mask); forms place the queries at the last N of the S
+    key positions, so a decoding step (N = 1) sees what the same position saw in prefill."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    p = _probs(_scores(q, k, mask, causal, scale, window))                # [B, Hkv, G, N, S]
+    p = _probs(_scores(q, k, mask, causal, scale, window, forms))                # [B, Hkv, G, N, S]
     out = torch.matmul(p, v.to(p.dtype).unsqueeze(2))             # [B, Hkv, G, N, Dv]
     return out.flatten(1, 2).to(q.dtype)
 
@@ -85,7 +96,7 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad
 
 
-def attention_reference_backward(grad_out, q, k, v, mask=None, causal=False, scale=None, window=0):
+def attention_reference_backward(grad_out, q, k, v, mask=None, causal=False, scale=None, window=0, forms=()):
     """Gradients (dq, dk, dv, dmask) of `attention_reference`, written out so that it can be traced.
 
     dP = dO V^T;  dS = P * (dP - rowsum(dO * O));  dQ = dS K * scale;  dK = dS^T Q * scale;  dV = P^T dO
@@ -94,7 +105,7 @@ def attention_reference_backward(grad_out, q, k, v, mask=None, causal=False, sca
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     hkv = k.shape[1]
-    p = _probs(_scores(q, k, mask, causal, scale, window))                # [B, Hkv, G, N, S]
+    p = _probs(_scores(q, k, mask, causal, scale, window, forms))                # [B, Hkv, G, N, S]
     ct = p.dtype
     go = _grouped(grad_out.to(ct), hkv)                           # [B, Hkv, G, N, Dv]
     vg = v.to(ct).unsqueeze(2)                                    # [B, Hkv, 1, S, Dv]

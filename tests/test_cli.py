@@ -62,3 +62,29 @@ def test_detect_shows_near_misses(tmp_path, capsys):
     assert main(["detect", f"{f}:make"]) == 0
     out = capsys.readouterr().out
     assert "No attention found" in out and "1 near misses declined" in out
+
+
+def test_profile_search_optimize_on_tiny(tmp_path, capsys):
+    prof = tmp_path / "p.npz"
+    assert main(["profile", "tiny", "--block", "16", "-o", str(prof)]) == 0
+    plan = tmp_path / "plan.json"
+    assert main(["search", str(prof), "--density", "0.6", "-o", str(plan), "--json"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["predicted"]["density"]["64"] <= 0.6 and summary["pareto"]
+    import attnforge as af
+    assert len(af.Plan.load(plan).sites) == 2
+    assert main(["search", str(prof), "--density", "0.6", "--baseline", "streaming", "-o", str(tmp_path / "b.json")]) == 0
+    folder = tmp_path / "out"
+    assert main(["optimize", "tiny", "--block", "16", "--density", "0.6", "-o", str(folder)]) == 0
+    for name in ("plan.json", "profile.npz", "summary.json", "kernels/manifest.json"):
+        assert (folder / name).exists(), name
+    manifest = json.loads((folder / "kernels" / "manifest.json").read_text())
+    assert len(manifest["kernels"]) == 2 and (folder / manifest["kernels"][0]["file"]).exists()
+
+
+def test_search_errors_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not a profile")
+    assert main(["search", str(bad), "--density", "0.5", "-o", str(tmp_path / "x.json")]) == 2
+    assert "not a readable attnforge profile" in capsys.readouterr().err

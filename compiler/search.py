@@ -1,0 +1,284 @@
+"""Choose one form per KV head group under a budget, from a profile (mixture-of-attention search).
+
+For every group g and candidate form c, at every profiled length L:
+    loss[g, c, L]  = sum over blocks of influence_L[g] (normalized to sum 1 per site-group and length)
+                     times the fraction of that block's causal pairs the form drops   (MoA's first-order loss)
+    kept[g, c, L]  = causal (i, j) pairs the form keeps (exact, attnforge.runtime.forms.kept_pairs)
+Then, with binary x[g, c]:
+    minimize   sum_{g, c, L} x[g, c] * loss[g, c, L]
+    subject to sum_c x[g, c] = 1                                      (one form per group)
+               sum_{g, c} x[g, c] * kept[g, c, L] <= density * groups * causal_pairs(L)   for every L
+               optionally, at most `max_forms_per_layer` distinct forms within a site
+solved exactly by scipy.optimize.milp (HiGHS). `pareto` solves it over a grid of densities.
+
+Candidates per group: Dense; SinkWindow(64, w); ElasticWindow(64, alpha, beta) on MoA's grid; and
+BlockSparse layouts grown greedily from the group's own averaged influence (sinks as vertical key blocks,
+locality as slashes) at several sizes. Any Form can be added: the search only needs its keep mask.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindow, causal_pairs, keep_mask, kept_pairs
+
+from .plan import Plan, SitePlan
+from .profile import Profile
+
+__all__ = ["Budget", "search", "pareto", "streaming_baseline", "candidate_forms", "SearchError"]
+
+SINK = 64
+WINDOWS = (64, 128, 256, 512, 1024, 2048)
+ALPHAS = (0, 64, 128, 256, 512)
+BETAS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6)
+BLOCK_TARGETS = (0.1, 0.2, 0.3, 0.45, 0.6)
+
+
+class SearchError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """density: kept fraction of causal attention pairs, averaged over all heads, at every profiled length."""
+    density: float
+
+    def __post_init__(self):
+        if not 0 < self.density <= 1:
+            raise SearchError(f"density must be in (0, 1], got {self.density}")
+
+
+# ------------------------------------------------------------------------------------- geometry
+@functools.lru_cache(maxsize=4096)
+def _keep_frac(form, n: int, block: int) -> np.ndarray:
+    """[nb, nb]: fraction of each block's causal pairs that `form` keeps at length n."""
+    nb = -(-n // block)
+    if isinstance(form, BlockSparse) and form.block == block:
+        qb, kb = np.arange(nb)[:, None], np.arange(nb)[None, :]
+        kept = np.isin(kb, form.verticals) | np.isin(qb - kb, form.slashes)
+        return (kept & (kb <= qb)).astype(np.float64)
+    keep = keep_mask([form], n, n)[0].numpy()
+    pad = nb * block - n
+    keep = np.pad(keep, ((0, pad), (0, pad)))
+    causal = np.pad(np.tri(n, dtype=bool), ((0, pad), (0, pad)))
+    k = keep.reshape(nb, block, nb, block).sum((1, 3))
+    c = causal.reshape(nb, block, nb, block).sum((1, 3))
+    return np.divide(k, c, out=np.zeros_like(k, dtype=np.float64), where=c > 0)
+
+
+def _grow_block_sparse(score: np.ndarray, block: int, targets) -> list[BlockSparse]:
+    """Greedy layouts: add the vertical (key block) or slash (block diagonal) with the most influence per
+    newly kept block, recording a layout each time the kept block fraction passes a target."""
+    nb = score.shape[0]
+    causal = np.tri(nb, dtype=bool)
+    kept = np.eye(nb, dtype=bool)                          # slash 0 is always kept
+    verts, slashes, out = set(), {0}, []
+    total = causal.sum()
+    qb, kb = np.arange(nb)[:, None], np.arange(nb)[None, :]
+    for target in sorted(targets):
+        while kept.sum() / total < target:
+            free = causal & ~kept
+            gain_v = (score * free).sum(0)                # per key block
+            cost_v = free.sum(0)
+            diag = qb - kb
+            gain_s = np.array([(score * free)[diag == d].sum() for d in range(nb)])
+            cost_s = np.array([free[diag == d].sum() for d in range(nb)])
+            rv = np.where(cost_v > 0, gain_v / np.maximum(cost_v, 1), -1)
+            rs = np.where(cost_s > 0, gain_s / np.maximum(cost_s, 1), -1)
+            if max(rv.max(), rs.max()) < 0:
+                break
+            if rv.max() >= rs.max():
+                v = int(rv.argmax())
+                verts.add(v)
+                kept[:, v] |= causal[:, v]
+            else:
+                d = int(rs.argmax())
+                slashes.add(d)
+                kept |= (diag == d) & causal
+        out.append(BlockSparse(block, tuple(verts), tuple(slashes)))
+    return list(dict.fromkeys(out))
+
+
+def candidate_forms(group_score: np.ndarray | None, block: int) -> list:
+    forms = [Dense()] + [SinkWindow(SINK, w) for w in WINDOWS]
+    forms += [ElasticWindow(SINK, a, b) for a in ALPHAS for b in BETAS]
+    if group_score is not None:
+        forms += _grow_block_sparse(group_score, block, BLOCK_TARGETS)
+    return forms
+
+
+# ----------------------------------------------------------------------------------------- tables
+@dataclass
+class _Tables:
+    groups: list[tuple[int, int]]          # (site index, group index)
+    cands: list[list]                      # per group: forms
+    loss: list[np.ndarray]                 # per group: [C, L]
+    kept: list[np.ndarray]                 # per group: [C, L]
+    lengths: list[int]
+
+
+def _tables(profile: Profile) -> _Tables:
+    lengths = profile.lengths
+    if not lengths:
+        raise SearchError("the profile holds no samples; run the profile step first")
+    block, nb_max = profile.block, -(-max(lengths) // profile.block)
+    groups, cands, losses, kepts = [], [], [], []
+    for si, site in enumerate(profile.sites):
+        if not site["causal"] or site.get("mask") not in ("causal", None):
+            continue                        # only plain causal attention gets sparse forms
+        infl = {n: profile.influence(site["id"], n) for n in lengths}
+        for g in range(site["num_kv_heads"]):
+            norm = {n: infl[n][g] / max(infl[n][g].sum(), 1e-30) for n in lengths}
+            score = np.zeros((nb_max, nb_max))
+            for n in lengths:
+                m = norm[n]
+                score[: m.shape[0], : m.shape[1]] += m
+            forms = candidate_forms(score, block)
+            loss = np.array([[float((norm[n] * (1 - _keep_frac(f, n, block))).sum()) for n in lengths]
+                             for f in forms])
+            kept = np.array([[kept_pairs(f, n) for n in lengths] for f in forms], dtype=np.float64)
+            groups.append((si, g))
+            cands.append(forms)
+            losses.append(loss)
+            kepts.append(kept)
+    if not groups:
+        raise SearchError("no causal attention site in the profile to plan")
+    return _Tables(groups, cands, losses, kepts, lengths)
+
+
+def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_limit: float):
+    sizes = [len(c) for c in t.cands]
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    nx = int(offs[-1])
+    n_groups_total = len(t.groups)
+    c = np.concatenate([l.sum(1) for l in t.loss])
+    # a tiny preference for fewer kept pairs breaks ties between forms of equal predicted loss
+    kept_rel = np.concatenate([k[:, -1] / causal_pairs(t.lengths[-1]) for k in t.kept])
+    c = c + 1e-9 * kept_rel
+    rows, lb, ub = [], [], []
+    for gi in range(len(t.groups)):
+        r = np.zeros(nx)
+        r[offs[gi]:offs[gi + 1]] = 1
+        rows.append(r), lb.append(1), ub.append(1)
+    for li, n in enumerate(t.lengths):
+        rows.append(np.concatenate([k[:, li] for k in t.kept]))
+        lb.append(-np.inf), ub.append(density * n_groups_total * causal_pairs(n))
+    integrality = np.ones(nx)
+    n_vars = nx
+    if max_forms_per_layer:
+        # y[site, form] >= x[g, c] for every group of the site choosing that form; sum_f y <= cap
+        ys = {}
+        links = []
+        for gi, (si, _g) in enumerate(t.groups):
+            for ci, f in enumerate(t.cands[gi]):
+                key = (si, f)
+                if key not in ys:
+                    ys[key] = n_vars + len(ys)
+                links.append((offs[gi] + ci, ys[key]))
+        n_vars = nx + len(ys)
+        c = np.concatenate([c, np.zeros(len(ys))])
+        integrality = np.ones(n_vars)
+        rows = [np.concatenate([r, np.zeros(len(ys))]) for r in rows]
+        for xi, yi in links:
+            r = np.zeros(n_vars)
+            r[xi], r[yi] = 1, -1
+            rows.append(r), lb.append(-np.inf), ub.append(0)
+        for si in {si for si, _ in t.groups}:
+            r = np.zeros(n_vars)
+            for (s2, _f), yi in ys.items():
+                if s2 == si:
+                    r[yi] = 1
+            rows.append(r), lb.append(-np.inf), ub.append(max_forms_per_layer)
+    res = milp(c, constraints=LinearConstraint(np.array(rows), lb, ub), integrality=integrality,
+               bounds=Bounds(0, 1), options={"time_limit": time_limit})
+    if res.x is None:
+        raise SearchError(f"no plan meets density {density}: even the sparsest candidates keep more "
+                          f"({res.message})")
+    x = res.x[:nx]
+    choice = [int(np.argmax(x[offs[gi]:offs[gi + 1]])) for gi in range(len(t.groups))]
+    return choice, res
+
+
+def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None = None,
+           time_limit: float = 60.0) -> Plan:
+    """The plan minimizing total predicted loss under `budget` at every profiled length."""
+    t0 = time.perf_counter()
+    t = _tables(profile)
+    t1 = time.perf_counter()
+    choice, res = _solve(t, budget.density, max_forms_per_layer, time_limit)
+    t2 = time.perf_counter()
+    per_site: dict[int, dict[int, object]] = {}
+    for gi, (si, g) in enumerate(t.groups):
+        per_site.setdefault(si, {})[g] = t.cands[gi][choice[gi]]
+    sites = []
+    for si, site in enumerate(profile.sites):
+        chosen = per_site.get(si, {})
+        forms = tuple(chosen.get(g, Dense()) for g in range(site["num_kv_heads"]))
+        sites.append(SitePlan(site["id"], site["num_heads"], site["num_kv_heads"], forms))
+    loss = {str(n): float(sum(t.loss[gi][choice[gi], li] for gi in range(len(t.groups))))
+            for li, n in enumerate(t.lengths)}
+    plan = Plan(fingerprint=profile.fingerprint, model=profile.model, sites=tuple(sites),
+                budget={"density": budget.density, **({"max_forms_per_layer": max_forms_per_layer}
+                                                      if max_forms_per_layer else {})},
+                lengths=tuple(t.lengths))
+    density = {str(n): plan.density(n) for n in t.lengths}
+    flops = {str(n): _attention_flops(plan, profile, n) for n in t.lengths}
+    predicted = {"loss": loss, "density": density, "attention_flops": flops,
+                 "dense_attention_flops": {str(n): _attention_flops(None, profile, n) for n in t.lengths},
+                 "cost_model": "analytic: 4 * head_dim FLOPs per kept (query, key) pair and query head",
+                 "groups": len(t.groups), "candidates": int(sum(len(c) for c in t.cands)),
+                 "solver": {"status": int(res.status), "seconds": round(t2 - t1, 3),
+                            "tables_seconds": round(t1 - t0, 3)}}
+    return Plan(plan.fingerprint, plan.model, plan.sites, plan.budget, plan.lengths, predicted)
+
+
+def _attention_flops(plan: Plan | None, profile: Profile, n: int) -> float:
+    total = 0.0
+    for si, site in enumerate(profile.sites):
+        forms = plan.sites[si].forms if plan is not None else (Dense(),) * site["num_kv_heads"]
+        group = site["num_heads"] // site["num_kv_heads"]
+        total += sum(kept_pairs(f, n) for f in forms) * group * 4 * site["head_dim"]
+    return total
+
+
+def pareto(profile: Profile, densities=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0),
+           time_limit: float = 30.0) -> list[dict]:
+    """Predicted loss of the best plan at each density (the Pareto front the search sees)."""
+    t = _tables(profile)
+    front = []
+    for d in densities:
+        try:
+            choice, _ = _solve(t, d, None, time_limit)
+        except SearchError:
+            continue
+        loss = float(sum(t.loss[gi][choice[gi]].sum() for gi in range(len(t.groups))))
+        front.append({"density": d, "predicted_loss": loss})
+    return front
+
+
+def _window_for_density(n: int, density: float, sink: int = SINK) -> int:
+    lo, hi = 1, n
+    while lo < hi:                       # the largest window whose sink+window density stays <= target
+        mid = (lo + hi + 1) // 2
+        if kept_pairs(SinkWindow(sink, mid), n) <= density * causal_pairs(n):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def streaming_baseline(profile: Profile, density: float, n: int) -> Plan:
+    """The uniform StreamingLLM plan: every causal group SinkWindow(64, w), w giving `density` at length n."""
+    w = _window_for_density(n, density)
+    sites = []
+    for site in profile.sites:
+        form = SinkWindow(SINK, w) if site["causal"] and site.get("mask") in ("causal", None) else Dense()
+        sites.append(SitePlan(site["id"], site["num_heads"], site["num_kv_heads"], (form,) * site["num_kv_heads"]))
+    plan = Plan(profile.fingerprint, profile.model, tuple(sites), {"density": density, "baseline": "streaming"},
+                (n,))
+    return Plan(plan.fingerprint, plan.model, plan.sites, plan.budget, plan.lengths,
+                {"density": {str(n): plan.density(n)}, "window": w})

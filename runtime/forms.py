@@ -1,0 +1,171 @@
+"""Per-head attention forms: what each KV head group computes. Forms are data; kernels follow them.
+
+All forms are causal restrictions of dense attention on absolute positions: with N queries and S keys,
+query i sits at position p = S - N + i (the last N positions, as in a KV cache; p = i when N = S), and
+
+    keep(p, j) is one of
+
+    Dense()                              every key j <= p
+    SinkWindow(sink, window)             j < sink, or p - window < j <= p           (StreamingLLM)
+    ElasticWindow(sink, alpha, beta)     SinkWindow with window = alpha + beta * S  (MoA; S = key length)
+    BlockSparse(block, verticals, slashes)
+        key block kb kept for query block qb = p // block if kb in verticals, or (qb - kb) in slashes;
+        slash 0 (the diagonal block) is always kept, so every query sees itself. Defined for any length.
+
+`keep_mask(forms, n, s)` builds the [G, N, S] boolean mask of several groups' forms (the reference
+uses it); `kept_pairs(form, n)` counts kept (i, j) pairs in closed form for costs and densities.
+Forms serialize to small dicts (`to_dict` / `form_from_dict`); unknown kinds are an error, never a guess.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+__all__ = ["Dense", "SinkWindow", "ElasticWindow", "BlockSparse", "Form", "FORM_KINDS", "form_from_dict",
+           "forms_to_json", "forms_from_json", "keep_mask", "kept_pairs", "causal_pairs", "FormError"]
+
+
+class FormError(ValueError):
+    """A form description that is not valid; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dense:
+    kind = "dense"
+
+    def window_at(self, s: int):
+        return None
+
+    def to_dict(self) -> dict:
+        return {"kind": "dense"}
+
+
+@dataclass(frozen=True, slots=True)
+class SinkWindow:
+    sink: int
+    window: int
+    kind = "sink_window"
+
+    def __post_init__(self):
+        if self.sink < 0 or self.window < 1:
+            raise FormError(f"sink_window needs sink >= 0 and window >= 1, got {self.sink}, {self.window}")
+
+    def window_at(self, s: int):
+        return self.window
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class ElasticWindow:
+    sink: int
+    alpha: int
+    beta: float
+    kind = "elastic_window"
+
+    def __post_init__(self):
+        if self.sink < 0 or self.alpha < 0 or self.beta < 0 or (self.alpha == 0 and self.beta == 0):
+            raise FormError(f"elastic_window needs sink, alpha, beta >= 0 and a positive span, got "
+                            f"{self.sink}, {self.alpha}, {self.beta}")
+
+    def window_at(self, s: int):
+        return max(1, int(self.alpha + self.beta * s))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSparse:
+    block: int
+    verticals: tuple[int, ...]
+    slashes: tuple[int, ...]
+    kind = "block_sparse"
+
+    def __post_init__(self):
+        if self.block < 1:
+            raise FormError(f"block_sparse needs block >= 1, got {self.block}")
+        object.__setattr__(self, "verticals", tuple(sorted(set(int(v) for v in self.verticals))))
+        object.__setattr__(self, "slashes", tuple(sorted(set(int(v) for v in self.slashes) | {0})))
+        if any(v < 0 for v in self.verticals + self.slashes):
+            raise FormError("block_sparse verticals and slashes must be >= 0")
+
+    def window_at(self, s: int):
+        return None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "block": self.block, "verticals": list(self.verticals),
+                "slashes": list(self.slashes)}
+
+
+Form = Dense | SinkWindow | ElasticWindow | BlockSparse
+FORM_KINDS = {cls.kind: cls for cls in (Dense, SinkWindow, ElasticWindow, BlockSparse)}
+
+
+def form_from_dict(d: dict) -> Form:
+    if not isinstance(d, dict) or "kind" not in d:
+        raise FormError(f"a form must be an object with a 'kind', got {d!r}")
+    cls = FORM_KINDS.get(d["kind"])
+    if cls is None:
+        raise FormError(f"unknown form kind {d['kind']!r}; known: {sorted(FORM_KINDS)}")
+    names = {f.name for f in fields(cls)}
+    extra = set(d) - names - {"kind"}
+    missing = names - set(d)
+    if extra or missing:
+        raise FormError(f"form {d['kind']!r}: unexpected fields {sorted(extra)}, missing {sorted(missing)}")
+    try:
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k != "kind"})
+    except TypeError as e:
+        raise FormError(f"form {d['kind']!r}: {e}") from e
+
+
+def forms_to_json(forms) -> str:
+    return json.dumps([f.to_dict() for f in forms], separators=(",", ":"))
+
+
+def forms_from_json(text: str) -> tuple:
+    return tuple(form_from_dict(d) for d in json.loads(text)) if text else ()
+
+
+def _keep_one(form: Form, rows, cols, s: int) -> torch.Tensor:
+    causal = cols <= rows
+    if isinstance(form, Dense):
+        return causal
+    if isinstance(form, (SinkWindow, ElasticWindow)):
+        w = form.window_at(s)
+        return causal & ((cols < form.sink) | (cols > rows - w))
+    qb, kb = rows // form.block, cols // form.block
+    vert = torch.zeros(int(kb.max()) + 1 if kb.numel() else 1, dtype=torch.bool, device=rows.device)
+    vert[[v for v in form.verticals if v < vert.numel()]] = True
+    diag = qb - kb
+    slash = torch.zeros(int(diag.max().clamp(min=0)) + 1, dtype=torch.bool, device=rows.device)
+    slash[[d for d in form.slashes if d < slash.numel()]] = True
+    return causal & (vert[kb] | slash[diag.clamp(min=0)])
+
+
+def keep_mask(forms, n: int, s: int, device=None) -> torch.Tensor:
+    """[G, N, S] boolean mask, True = attend, for one form per group; queries are the last n of s
+    positions (causality included)."""
+    rows = torch.arange(s - n, s, device=device)[:, None]
+    cols = torch.arange(s, device=device)[None, :]
+    return torch.stack([_keep_one(f, rows, cols, s) for f in forms])
+
+
+def causal_pairs(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def kept_pairs(form: Form, n: int) -> int:
+    """Number of (i, j) pairs a form keeps for a square length n (exact)."""
+    if isinstance(form, Dense):
+        return causal_pairs(n)
+    if isinstance(form, (SinkWindow, ElasticWindow)):
+        w, sink = min(form.window_at(n), n), form.sink
+        window = causal_pairs(w) + (n - w) * w          # rows i < w see i + 1 keys, the others w
+        m = n - w                                       # rows i >= w also see sink keys j < min(sink, i-w+1)
+        extra = m * (m + 1) // 2 if m <= sink else sink * (sink + 1) // 2 + (m - sink) * sink
+        return window + extra
+    return int(keep_mask([form], n, n).sum())
