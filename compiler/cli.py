@@ -185,15 +185,16 @@ def _plan_summary(plan) -> dict:
 
 def _cmd_search(args) -> int:
     from .profile import Profile
-    from .search import Budget, pareto, search, streaming_baseline
+    from .search import Budget, pareto, search, streaming_baseline, tables_for
 
     prof = Profile.load(args.profile)
     if args.baseline:
         plan = streaming_baseline(prof, args.density, max(prof.lengths))
         front = None
     else:
-        plan = search(prof, Budget(args.density), max_forms_per_layer=args.max_forms_per_layer)
-        front = pareto(prof)
+        tables = tables_for(prof)
+        plan = search(prof, Budget(args.density), max_forms_per_layer=args.max_forms_per_layer, tables=tables)
+        front = pareto(prof, tables=tables)
     plan.save(args.out)
     summary = {**_plan_summary(plan), "pareto": front, "plan": args.out}
     if args.json:

@@ -29,7 +29,7 @@ from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindo
 from .plan import Plan, SitePlan
 from .profile import Profile
 
-__all__ = ["Budget", "search", "pareto", "streaming_baseline", "candidate_forms", "SearchError"]
+__all__ = ["Budget", "search", "pareto", "streaming_baseline", "candidate_forms", "tables_for", "SearchError"]
 
 SINK = 64
 WINDOWS = (64, 128, 256, 512, 1024, 2048)
@@ -79,14 +79,16 @@ def _grow_block_sparse(score: np.ndarray, block: int, targets) -> list[BlockSpar
     verts, slashes, out = set(), {0}, []
     total = causal.sum()
     qb, kb = np.arange(nb)[:, None], np.arange(nb)[None, :]
+    diag = qb - kb
+    on_diag = np.where(diag >= 0, diag, nb).ravel()         # below-diagonal blocks fall into bin nb
     for target in sorted(targets):
         while kept.sum() / total < target:
             free = causal & ~kept
-            gain_v = (score * free).sum(0)                # per key block
+            free_score = score * free
+            gain_v = free_score.sum(0)                     # per key block (vertical)
             cost_v = free.sum(0)
-            diag = qb - kb
-            gain_s = np.array([(score * free)[diag == d].sum() for d in range(nb)])
-            cost_s = np.array([free[diag == d].sum() for d in range(nb)])
+            gain_s = np.bincount(on_diag, weights=free_score.ravel(), minlength=nb + 1)[:nb]   # per diagonal
+            cost_s = np.bincount(on_diag, weights=free.ravel(), minlength=nb + 1)[:nb]
             rv = np.where(cost_v > 0, gain_v / np.maximum(cost_v, 1), -1)
             rs = np.where(cost_s > 0, gain_s / np.maximum(cost_s, 1), -1)
             if max(rv.max(), rs.max()) < 0:
@@ -204,10 +206,11 @@ def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_lim
 
 
 def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None = None,
-           time_limit: float = 60.0) -> Plan:
-    """The plan minimizing total predicted loss under `budget` at every profiled length."""
+           time_limit: float = 60.0, tables: _Tables | None = None) -> Plan:
+    """The plan minimizing total predicted loss under `budget` at every profiled length.
+    `tables` (from `tables_for(profile)`) can be shared between several searches of one profile."""
     t0 = time.perf_counter()
-    t = _tables(profile)
+    t = tables or _tables(profile)
     t1 = time.perf_counter()
     choice, res = _solve(t, budget.density, max_forms_per_layer, time_limit)
     t2 = time.perf_counter()
@@ -245,10 +248,15 @@ def _attention_flops(plan: Plan | None, profile: Profile, n: int) -> float:
     return total
 
 
+def tables_for(profile: Profile) -> _Tables:
+    """Candidates and their predicted loss / kept pairs for every group (the costly part of a search)."""
+    return _tables(profile)
+
+
 def pareto(profile: Profile, densities=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0),
-           time_limit: float = 30.0) -> list[dict]:
+           time_limit: float = 30.0, tables: _Tables | None = None) -> list[dict]:
     """Predicted loss of the best plan at each density (the Pareto front the search sees)."""
-    t = _tables(profile)
+    t = tables or _tables(profile)
     front = []
     for d in densities:
         try:
