@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--long-length", type=int, default=8192, help="0 to skip the longer-than-profiled check")
     ap.add_argument("--eval-samples", type=int, default=2)
     ap.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--budget-at-eval", action="store_true",
+                    help="hold the density only at --eval-length (default: at every profiled length, as MoA)")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok, model = _smollm2("sdpa")
@@ -48,7 +50,7 @@ def main():
     plans = {"dense": None}
     for d in args.densities:
         t = time.perf_counter()
-        plans[f"searched@{d}"] = search(prof, Budget(d))
+        plans[f"searched@{d}"] = search(prof, Budget(d, (args.eval_length,) if args.budget_at_eval else None))
         results.setdefault("search_seconds", {})[str(d)] = round(time.perf_counter() - t, 2)
         plans[f"streaming@{d}"] = streaming_baseline(prof, d, args.eval_length)
     results["solver_seconds"] = {k: p.predicted["solver"]["seconds"] for k, p in plans.items()

@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("profile", metavar="PROFILE", help="a profile file from `attnforge profile`")
     se.add_argument("--density", type=float, required=True, help="kept fraction of causal attention, e.g. 0.5")
     se.add_argument("--max-forms-per-layer", type=int, default=None, help="cap on distinct forms in one site")
+    se.add_argument("--at", type=int, nargs="+", default=None,
+                    help="profiled lengths where the density must hold (default: every profiled length)")
     se.add_argument("--baseline", choices=("streaming",), help="instead, the uniform sink+window plan at the "
                     "same density (at the longest profiled length)")
     se.add_argument("-o", "--out", required=True, help="plan file to write (.json)")
@@ -193,7 +195,8 @@ def _cmd_search(args) -> int:
         front = None
     else:
         tables = tables_for(prof)
-        plan = search(prof, Budget(args.density), max_forms_per_layer=args.max_forms_per_layer, tables=tables)
+        plan = search(prof, Budget(args.density, args.at), max_forms_per_layer=args.max_forms_per_layer,
+                      tables=tables)
         front = pareto(prof, tables=tables)
     plan.save(args.out)
     summary = {**_plan_summary(plan), "pareto": front, "plan": args.out}

@@ -44,12 +44,17 @@ class SearchError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """density: kept fraction of causal attention pairs, averaged over all heads, at every profiled length."""
+    """density: kept fraction of causal attention pairs, averaged over all heads. lengths: the profiled
+    lengths at which it must hold (None: every profiled length, as MoA; e.g. (4096,) to spend the budget
+    where the model will run). The loss is always summed over every profiled length."""
     density: float
+    lengths: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not 0 < self.density <= 1:
             raise SearchError(f"density must be in (0, 1], got {self.density}")
+        if self.lengths is not None:
+            object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
 
 
 # ------------------------------------------------------------------------------------- geometry
@@ -152,7 +157,7 @@ def _tables(profile: Profile) -> _Tables:
     return _Tables(groups, cands, losses, kepts, lengths)
 
 
-def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_limit: float):
+def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_limit: float, at=None):
     sizes = [len(c) for c in t.cands]
     offs = np.concatenate([[0], np.cumsum(sizes)])
     nx = int(offs[-1])
@@ -167,6 +172,8 @@ def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_lim
         r[offs[gi]:offs[gi + 1]] = 1
         rows.append(r), lb.append(1), ub.append(1)
     for li, n in enumerate(t.lengths):
+        if at is not None and n not in at:
+            continue
         rows.append(np.concatenate([k[:, li] for k in t.kept]))
         lb.append(-np.inf), ub.append(density * n_groups_total * causal_pairs(n))
     integrality = np.ones(nx)
@@ -211,8 +218,10 @@ def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None 
     `tables` (from `tables_for(profile)`) can be shared between several searches of one profile."""
     t0 = time.perf_counter()
     t = tables or _tables(profile)
+    if budget.lengths is not None and not set(budget.lengths) <= set(t.lengths):
+        raise SearchError(f"budget lengths {list(budget.lengths)} are not all profiled ({t.lengths})")
     t1 = time.perf_counter()
-    choice, res = _solve(t, budget.density, max_forms_per_layer, time_limit)
+    choice, res = _solve(t, budget.density, max_forms_per_layer, time_limit, budget.lengths)
     t2 = time.perf_counter()
     per_site: dict[int, dict[int, object]] = {}
     for gi, (si, g) in enumerate(t.groups):
@@ -225,8 +234,9 @@ def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None 
     loss = {str(n): float(sum(t.loss[gi][choice[gi], li] for gi in range(len(t.groups))))
             for li, n in enumerate(t.lengths)}
     plan = Plan(fingerprint=profile.fingerprint, model=profile.model, sites=tuple(sites),
-                budget={"density": budget.density, **({"max_forms_per_layer": max_forms_per_layer}
-                                                      if max_forms_per_layer else {})},
+                budget={"density": budget.density,
+                        **({"at_lengths": list(budget.lengths)} if budget.lengths else {}),
+                        **({"max_forms_per_layer": max_forms_per_layer} if max_forms_per_layer else {})},
                 lengths=tuple(t.lengths))
     density = {str(n): plan.density(n) for n in t.lengths}
     flops = {str(n): _attention_flops(plan, profile, n) for n in t.lengths}

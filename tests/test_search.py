@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attnforge as af
+import attnforge.compiler.search
 from attnforge.compiler.models import tiny
 from attnforge.compiler.profile import Profile, profile_model
 from attnforge.compiler.search import _solve, _tables, pareto, search, streaming_baseline
@@ -65,6 +66,17 @@ def test_search_meets_the_budget_at_every_length(tiny_profile, density):
         assert plan.density(n) <= density + 1e-9
         assert plan.predicted["density"][str(n)] == pytest.approx(plan.density(n))
     assert plan.predicted["solver"]["status"] == 0
+
+
+def test_budget_at_one_length_spends_it_there(tiny_profile):
+    *_, prof, _ = tiny_profile
+    everywhere = search(prof, af.Budget(0.4))
+    at_long = search(prof, af.Budget(0.4, lengths=(192,)))
+    assert at_long.density(192) <= 0.4 + 1e-9
+    assert at_long.density(192) >= everywhere.density(192) - 1e-9
+    assert at_long.budget["at_lengths"] == [192]
+    with pytest.raises(af.compiler.search.SearchError, match="not all profiled"):
+        search(prof, af.Budget(0.4, lengths=(500,)))
 
 
 def test_milp_is_optimal_on_a_small_instance(tiny_profile):
