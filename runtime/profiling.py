@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import ops as _ops  # noqa: F401  (the attention op is registered first)
-from .reference import _grouped, _probs, attention_reference
+from .reference import _grouped, _probs, _scores, attention_reference
 
 __all__ = ["ProfileCollector", "collecting", "attention_profile", "CHUNK"]
 
@@ -93,11 +93,9 @@ def _backward(ctx, grad_out):
     qg = _grouped(q.to(ct), hkv)                                    # [B, Hkv, G, N, D]
     kk, vv = k.to(ct).unsqueeze(2), v.to(ct).unsqueeze(2)          # [B, Hkv, 1, S, D]
     go = _grouped(grad_out.to(ct), hkv)
-    full_mask = _grouped(mask.expand(b, hq, n, s), hkv) if mask is not None else None
     dq = torch.empty_like(qg)
     dk = torch.zeros(kk.shape[:2] + kk.shape[3:], dtype=ct, device=q.device)
     dv = torch.zeros(vv.shape[:2] + vv.shape[3:], dtype=ct, device=q.device)
-    cols = torch.arange(s, device=q.device)[None, :]
     nb_q, nb_k = math.ceil(n / block), math.ceil(s / block)
     infl = torch.zeros(hkv, nb_q, nb_k, dtype=torch.float64, device=q.device)
     mass = torch.zeros_like(infl)
@@ -105,22 +103,7 @@ def _backward(ctx, grad_out):
     chunk = max(block, CHUNK // block * block)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
-        scores = torch.matmul(qg[:, :, :, r0:r1], kk.transpose(-1, -2)) * scale    # [B, Hkv, G, c, S]
-        rows = torch.arange(r0, r1, device=q.device)[:, None]
-        keep = None
-        if causal or window:
-            keep = cols <= rows if causal else torch.ones(r1 - r0, s, dtype=torch.bool, device=q.device)
-            if window:
-                keep = keep & (cols > rows - window)
-        if full_mask is not None:
-            m = full_mask[:, :, :, r0:r1]
-            if m.dtype == torch.bool:
-                keep = m if keep is None else keep & m
-            else:
-                scores = scores + m.to(ct)
-        if keep is not None:
-            scores = scores.masked_fill(~keep, float("-inf"))
-        p = _probs(scores)
+        p = _probs(_scores(q, k, mask, causal, scale, window, row0=r0, row1=r1))    # [B, Hkv, G, c, S]
         g = go[:, :, :, r0:r1]
         out = torch.matmul(p, vv)
         dp = torch.matmul(g, vv.transpose(-1, -2))

@@ -30,20 +30,22 @@ def _grouped(x: torch.Tensor, hkv: int) -> torch.Tensor:
     return x.unflatten(1, (hkv, x.shape[1] // hkv))
 
 
-def _scores(q, k, mask, causal, scale, window=0, forms=()):
-    """Scores and the keep-mask, both [B, Hkv, G, N, S] in the compute dtype."""
+def _scores(q, k, mask, causal, scale, window=0, forms=(), row0=0, row1=None):
+    """Scores and masks of query rows [row0, row1) (all rows by default), [B, Hkv, G, rows, S], masked
+    with -inf, in the compute dtype. Chunked callers (the profiling backward) pass a row range."""
     b, hq, n, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    row1 = n if row1 is None else row1
     ct = _compute_dtype(q.dtype)
-    qg = _grouped(q.to(ct), hkv)                                  # [B, Hkv, G, N, D]
-    scores = torch.matmul(qg, k.to(ct).unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, N, S]
+    qg = _grouped(q[:, :, row0:row1].to(ct), hkv)                # [B, Hkv, G, rows, D]
+    scores = torch.matmul(qg, k.to(ct).unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, rows, S]
     keep = None
     if causal or window:
-        rows = torch.arange(n, device=q.device)[:, None]
+        rows = torch.arange(row0, row1, device=q.device)[:, None]
         cols = torch.arange(s, device=q.device)[None, :]
-        keep = cols <= rows if causal else torch.ones(n, s, dtype=torch.bool, device=q.device)  # [N, S]
+        keep = cols <= rows if causal else torch.ones(row1 - row0, s, dtype=torch.bool, device=q.device)
         if window:
             keep = keep & (cols > rows - window)
     if forms:
@@ -51,11 +53,10 @@ def _scores(q, k, mask, causal, scale, window=0, forms=()):
             raise ValueError(f"{len(forms)} forms for {hkv} key/value heads; give one per KV head group")
         from .forms import keep_mask
 
-        group_keep = keep_mask(forms, n, s, device=q.device)[None, :, None]      # [1, Hkv, 1, N, S]
+        group_keep = keep_mask(forms, n, s, device=q.device)[None, :, None, row0:row1]   # [1, Hkv, 1, rows, S]
         keep = group_keep if keep is None else keep & group_keep
     if mask is not None:
-        full = mask.expand(b, hq, n, s)
-        full = _grouped(full, hkv)
+        full = _grouped(mask.expand(b, hq, n, s)[:, :, row0:row1], hkv)
         if full.dtype == torch.bool:
             keep = full if keep is None else keep & full
         else:
