@@ -28,6 +28,11 @@ COMPILERS = ("inductor", "eager")
 _MASK_STYLE = {"none": None, "causal": None, "window": None, "boolean": "bool", "additive": "additive"}
 
 
+def kernel_spec(site: AttentionSite) -> "codegen.KernelSpec":
+    """The forward kernel a detected site needs (its causal / mask / window structure)."""
+    return codegen.KernelSpec(causal=site.causal, mask=_MASK_STYLE[site.mask], window=site.window > 0)
+
+
 @dataclass(frozen=True, slots=True)
 class BackendOptions:
     """impl: 'auto' | 'triton' | 'reference' (see attnforge.runtime.ops); compiler: what runs the
@@ -105,7 +110,7 @@ class Backend:
         kernel_records = []
         if opts.rewrite and opts.impl != "reference":
             for site in sites:
-                spec = codegen.KernelSpec(causal=site.causal, mask=_MASK_STYLE[site.mask], window=site.window > 0)
+                spec = kernel_spec(site)
                 rendered = codegen.render_attention(spec)
                 key = runtime.kernels.register_source(rendered.source)
                 kernels[site.id] = key

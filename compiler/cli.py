@@ -220,6 +220,7 @@ def _cmd_optimize(args) -> int:
     from attnforge import codegen, runtime
 
     from .api import find_attention
+    from .backend import kernel_spec
     from .profile import profile_model
     from .search import Budget, search
 
@@ -240,8 +241,7 @@ def _cmd_optimize(args) -> int:
     manifest = []
     first = samples[min(samples)][0]
     for site in find_attention(model, (first,)):
-        spec = codegen.KernelSpec(causal=site.causal, mask={"boolean": "bool", "additive": "additive"}.get(site.mask),
-                                  window=site.window > 0)
+        spec = kernel_spec(site)
         rendered = codegen.render_attention(spec)
         key = runtime.kernels.source_key(rendered.source)
         path = os.path.join(kdir, f"{spec.name}.py")

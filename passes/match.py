@@ -173,27 +173,6 @@ def permutation(node):
     return src, tuple(perm)
 
 
-def transpose_dims(node) -> tuple[int, int] | None:
-    """The two dims a transpose/permute of a 4-D tensor swaps, normalized to be >= 0; else None."""
-    if not isinstance(node, fx.Node):
-        return None
-    if is_call(node, {torch.transpose}, ("transpose",)):
-        a, b = arg(node, 1, "dim0"), arg(node, 2, "dim1")
-        if isinstance(a, int) and isinstance(b, int):
-            return tuple(sorted((a % 4, b % 4)))
-        return None
-    if is_call(node, {torch.permute}, ("permute",)):
-        dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
-        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-            dims = tuple(dims[0])
-        dims = tuple(d % 4 for d in dims) if all(isinstance(d, int) for d in dims) else ()
-        if len(dims) == 4:
-            moved = [i for i, d in enumerate(dims) if d != i]
-            if len(moved) == 2 and dims[moved[0]] == moved[1]:
-                return tuple(moved)
-    return None
-
-
 def meta(node) -> Any:
     """The example value (fake tensor) or tensor metadata FX recorded for `node`, or None."""
     if not isinstance(node, fx.Node):

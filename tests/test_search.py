@@ -11,7 +11,7 @@ from attnforge.compiler.models import tiny
 from attnforge.compiler.profile import Profile, profile_model
 from attnforge.compiler.search import _solve, _tables, pareto, search, streaming_baseline
 from attnforge.runtime import profiling
-from attnforge.runtime.forms import causal_pairs, keep_mask, kept_pairs
+from attnforge.runtime.forms import causal_pairs, keep_mask
 from attnforge.runtime.reference import attention_reference
 
 
