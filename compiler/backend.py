@@ -74,9 +74,20 @@ class GraphRecord:
     code: str = field(repr=False)       # the rewritten graph's Python code (a reproducer to read)
     planned: tuple[str, ...] = ()       # site ids running a non-dense plan entry
 
+    @property
+    def fallbacks(self) -> dict[str, int]:
+        """Reason -> count of automatic fallbacks to the reference by this graph's kernels so far."""
+        keys = {k.key for k in self.kernels}
+        out: dict[str, int] = {}
+        for (key, reason), count in runtime.fallbacks.items():
+            if key in keys:
+                out[reason] = out.get(reason, 0) + count
+        return out
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("code")
+        d["fallbacks"] = self.fallbacks
         return d
 
 
@@ -96,6 +107,15 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"attnforge.Backend({self.options}, graphs={len(self.records)})"
+
+    @property
+    def fallbacks(self) -> dict[str, int]:
+        """Reason -> count of automatic fallbacks to the reference, over every graph of this backend."""
+        out: dict[str, int] = {}
+        for r in self.records:
+            for reason, count in r.fallbacks.items():
+                out[reason] = out.get(reason, 0) + count
+        return out
 
     @property
     def sites_rewritten(self) -> int:

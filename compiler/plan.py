@@ -120,6 +120,9 @@ class Plan:
             text = Path(path).read_text()
         except OSError as e:
             raise PlanError(f"cannot read plan {path}: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise PlanError(f"{path} is not valid JSON: it is not UTF-8 text (byte {e.start}); a plan is the "
+                            "plan.json written by `attnforge search` or `optimize`") from e
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

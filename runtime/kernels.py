@@ -17,6 +17,7 @@ cannot be written degrades to memory-only with a warning. Triton keeps its own c
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import linecache
 import os
@@ -112,6 +113,23 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _entry_lock(path: Path):
+    """An exclusive lock on `path`.lock across processes (POSIX flock; a no-op where there is none), so that
+    checking an entry and replacing a corrupted one is one step for every process sharing the cache."""
+    try:
+        import fcntl
+    except ImportError:                 # not POSIX: the atomic replace alone still keeps entries whole
+        yield
+        return
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                    # closing releases the lock
+
+
 def register_source(source: str) -> str:
     """Keep `source` in memory and on disk; return its key."""
     key = source_key(source)
@@ -120,12 +138,13 @@ def register_source(source: str) -> str:
         d = _sources_dir()
         if d is not None:
             path = d / f"{key}.py"
-            if _read_verified(path, key) is None:
-                try:
-                    _write_atomic(path, source)
-                except OSError as e:
-                    warnings.warn(f"attnforge: could not write kernel {path} ({e}); keeping it in memory",
-                                  RuntimeWarning, stacklevel=2)
+            try:
+                with _entry_lock(path):
+                    if _read_verified(path, key) is None:
+                        _write_atomic(path, source)
+            except OSError as e:
+                warnings.warn(f"attnforge: could not write kernel {path} ({e}); keeping it in memory",
+                              RuntimeWarning, stacklevel=2)
     return key
 
 
@@ -156,7 +175,9 @@ def get_source(key: str) -> str | None:
         d = _sources_dir()
         if d is None:
             return None
-        src = _read_verified(d / f"{key}.py", key)
+        path = d / f"{key}.py"
+        with _entry_lock(path):
+            src = _read_verified(path, key)
         if src is not None:
             _sources[key] = src
         return src
@@ -209,13 +230,23 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+NO_TRITON = "Triton is not installed; install it (`pip install triton`) or use impl='reference'"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def load_kernel(key: str, device) -> LoadedKernel:
     """The kernel for source `key` on `device`: compiled for CUDA, or Triton's interpreter when on."""
     try:
         import triton
     except ImportError as e:
-        raise KernelUnavailable("Triton is not installed; install it (`pip install triton`) or use "
-                                "impl='reference'") from e
+        raise KernelUnavailable(NO_TRITON) from e
     handle_key = (key, triton.__version__, _device_tag(device))
     h = _handles.get(handle_key)
     if h is not None:

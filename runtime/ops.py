@@ -15,7 +15,8 @@ and torch.export. Implementations:
     triton    -> the generated kernel: compiled on CUDA, Triton's interpreter on CPU. Never falls back:
                  if it cannot run, KernelUnavailable says why.
     auto      -> triton on CUDA when it can run, else the reference. A fallback on CUDA warns and is
-                 recorded (`fallbacks`); CPU tensors take the reference without a warning.
+                 recorded (`fallbacks[(kernel, reason)]`, which each backend record reads back); CPU
+                 tensors take the reference without a warning.
 Every call bumps `counters[<implementation that ran>]`, so tests and records can see what really ran.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 counters: collections.Counter = collections.Counter()
-fallbacks: collections.Counter = collections.Counter()   # reason -> count, for automatic fallbacks
+fallbacks: collections.Counter = collections.Counter()   # (kernel key, reason) -> automatic fallbacks
 
 
 def reset_counters() -> None:
@@ -55,6 +56,8 @@ def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel
         return "the generated kernel runs dense heads only; per-head sparse forms run in the reference"
     if not kernel:
         return "no Triton kernel was generated for this site"
+    if not kernels.triton_available():
+        return kernels.NO_TRITON
     if q.device.type not in ("cuda", "cpu"):
         return f"Triton kernels run on CUDA (or the CPU interpreter), not {q.device.type}"
     if q.device.type == "cpu" and not kernels.interpreter_enabled():
@@ -71,6 +74,11 @@ def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel
     if mask is not None and mask.requires_grad:
         return "the mask requires grad; the forward kernel does not produce its gradient"
     return None
+
+
+def _accelerated(q: Tensor) -> bool:
+    """Where the automatic choice tries the compiled kernel (CUDA); elsewhere it runs the reference."""
+    return q.device.type == "cuda"
 
 
 def _check_args(q, k, v, mask, impl):
@@ -115,13 +123,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: b
                                     "impl='reference'")
         return _run_triton(q, k, v, mask, causal, window, scale, kernel)
     # auto
-    if reason is None and q.device.type == "cuda":
+    if reason is None and _accelerated(q):
         try:
             return _run_triton(q, k, v, mask, causal, window, scale, kernel)
         except Exception as e:             # a kernel that fails to load or compile must not lose the run
             reason = f"Triton kernel failed: {type(e).__name__}: {e}"
-    if q.device.type == "cuda":
-        fallbacks[reason] += 1
+    if _accelerated(q):
+        fallbacks[(kernel, reason)] += 1
         warnings.warn(f"attnforge: running the reference attention because {reason}", RuntimeWarning,
                       stacklevel=2)
     counters["reference"] += 1

@@ -68,6 +68,8 @@ def _scores(q, k, mask, causal, scale, window=0, forms=(), row0=0, row1=None):
 
 def _probs(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over keys; rows with no visible key give zeros instead of NaN."""
+    if scores.shape[-1] == 0:
+        return scores                   # no keys at all: nothing to weigh (the output is zeros)
     row_max = scores.amax(dim=-1, keepdim=True)
     dead = torch.isneginf(row_max)
     p = torch.exp(scores - torch.where(dead, torch.zeros_like(row_max), row_max))

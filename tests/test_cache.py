@@ -66,6 +66,34 @@ def test_unwritable_cache_path_degrades_to_memory(tmp_path):
     assert kernels.get_source(key) == _source()
 
 
+def _register_in_child(cache_dir, source, start):
+    kernels.set_cache_dir(cache_dir)
+    start.wait()
+    return kernels.register_source(source)
+
+
+def test_processes_compiling_one_kernel_at_once_leave_one_valid_entry(tmp_path):
+    """Several processes register the same kernel into one cache at the same moment, while its entry is
+    corrupted: one whole, verified file remains, no temporary files, every process gets the same key."""
+    import multiprocessing as mp
+
+    source = _source()
+    key = kernels.source_key(source)
+    (tmp_path / "sources").mkdir(mode=0o700)
+    (tmp_path / "sources" / f"{key}.py").write_text(source[:-50])     # a torn entry from an earlier crash
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        start = manager.Event()
+        with ctx.Pool(4) as pool:
+            pending = [pool.apply_async(_register_in_child, (tmp_path, source, start)) for _ in range(8)]
+            start.set()
+            keys = {r.get(timeout=120) for r in pending}
+    assert keys == {key}
+    entries = sorted(p.name for p in (tmp_path / "sources").iterdir() if not p.name.endswith(".lock"))
+    assert entries == [f"{key}.py"]
+    assert (tmp_path / "sources" / f"{key}.py").read_text() == source
+
+
 def test_key_depends_on_source_only():
     a = codegen.render_attention(codegen.KernelSpec(causal=True)).source
     b = codegen.render_attention(codegen.KernelSpec(causal=False)).source
