@@ -157,6 +157,11 @@ class Backend:
         plan = self.options.plan
         by_id = {sp.site: sp for sp in plan.sites}
         resolved = {s.id: resolve_site(s.id, by_id) for s in sites}
+        missing = [sid for sid, pid in resolved.items() if pid is None]
+        if missing:
+            raise PlanError(f"the plan has no entry for site(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                            f"that this model has; the plan ({plan.model}, {len(plan.sites)} sites) was made for "
+                            "another model or edited — search a new plan for this one")
         for s in sites:
             sp = by_id.get(resolved[s.id]) if resolved[s.id] else None
             if sp is not None and (sp.num_heads, sp.num_kv_heads) != (s.num_heads, s.num_kv_heads):
@@ -164,7 +169,7 @@ class Backend:
                                 f"the graph has {s.num_heads} / {s.num_kv_heads}; the plan is for another model")
         if {s.id for s in sites} == set(by_id):
             plan.check(sites)
-        return {sid: by_id[pid].forms for sid, pid in resolved.items() if pid is not None}
+        return {sid: by_id[pid].forms for sid, pid in resolved.items()}
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
         gm, _ = self.transform(gm)

@@ -251,3 +251,29 @@ def test_plans_are_json_only(tmp_path):
     path.write_bytes(pickle.dumps({"schema": "attnforge.plan"}))
     with pytest.raises(af.PlanError, match="not valid JSON"):
         af.Plan.load(path)
+
+
+# ------------------------------------------------------------------------- plans against models
+def _tiny_plan(model, inputs, keep):
+    from attnforge.compiler.plan import Plan, SitePlan, fingerprint
+
+    sites = af.find_attention(model, inputs)
+    entries = tuple(SitePlan(s.id, s.num_heads, s.num_kv_heads, (af.SinkWindow(2, 4),) * s.num_kv_heads)
+                    for s in sites[:keep])
+    return Plan(fingerprint(sites), "tiny", entries, {"density": 0.5}, (24,))
+
+
+def test_plan_missing_a_site_is_refused_not_run_dense():
+    model, inputs = tiny(24, sdpa=True)
+    compiled, _ = _compiled(model, plan=_tiny_plan(model, inputs, keep=1))
+    with pytest.raises(Exception, match=r"the plan has no entry for site\(s\) \['attn.1") as info:
+        compiled(*inputs)
+    assert isinstance(getattr(info.value, "inner_exception", info.value), af.PlanError)   # Dynamo wraps it
+    assert af.runtime.counters["reference"] == 0                   # nothing ran half-planned
+
+
+def test_complete_plan_runs_every_site_planned():
+    model, inputs = tiny(24, sdpa=True)
+    compiled, be = _compiled(model, plan=_tiny_plan(model, inputs, keep=2))
+    compiled(*inputs)
+    assert len(be.records[0].planned) == 2 and af.runtime.counters["reference"] == 2
