@@ -23,6 +23,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="example input length (built-in models)")
 
 
+METRICS = ("auto", "fisher", "first_order", "output", "influence")   # attnforge.compiler.search.METRICS
+METRIC_HELP = ("predicted error of a candidate: fisher (measured windows, default), first_order, output, or "
+               "influence (MoA's block influence); see attnforge.compiler.search")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnforge", description="A compiler for the attention in PyTorch "
                                 "models: find every attention, rewrite it into one op, run it from "
@@ -70,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--max-forms-per-layer", type=int, default=None, help="cap on distinct forms in one site")
     se.add_argument("--at", type=int, nargs="+", default=None,
                     help="profiled lengths where the density must hold (default: every profiled length)")
+    se.add_argument("--metric", choices=METRICS, default="auto", help=METRIC_HELP)
     se.add_argument("--baseline", choices=("streaming",), help="instead, the uniform sink+window plan at the "
                     "same density (at the longest profiled length)")
     se.add_argument("-o", "--out", required=True, help="plan file to write (.json)")
@@ -83,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     _profile_args(op)
     op.add_argument("--density", type=float, default=0.5, help="kept fraction of causal attention")
     op.add_argument("--max-forms-per-layer", type=int, default=None)
+    op.add_argument("--at", type=int, nargs="+", default=None,
+                    help="profiled lengths where the density must hold (default: every profiled length)")
+    op.add_argument("--metric", choices=METRICS, default="auto", help=METRIC_HELP)
     op.add_argument("-o", "--out", required=True, help="output folder")
     op.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
@@ -194,7 +203,7 @@ def _cmd_search(args) -> int:
         plan = streaming_baseline(prof, args.density, max(prof.lengths))
         front = None
     else:
-        tables = tables_for(prof)
+        tables = tables_for(prof, args.metric)
         plan = search(prof, Budget(args.density, args.at), max_forms_per_layer=args.max_forms_per_layer,
                       tables=tables)
         front = pareto(prof, tables=tables)
@@ -230,7 +239,8 @@ def _cmd_optimize(args) -> int:
     prof = profile_model(model, samples, model_name=args.model, block=args.block,
                          out=os.path.join(args.out, "profile.npz"))
     t1 = time.perf_counter()
-    plan = search(prof, Budget(args.density), max_forms_per_layer=args.max_forms_per_layer)
+    plan = search(prof, Budget(args.density, args.at), max_forms_per_layer=args.max_forms_per_layer,
+                  metric=args.metric)
     plan = type(plan)(plan.fingerprint, plan.model, plan.sites, plan.budget, plan.lengths, plan.predicted,
                       plan.measured, {"command": "attnforge " + " ".join(sys.argv[1:]) if sys.argv else "",
                                       "versions": _versions()})

@@ -15,7 +15,7 @@ from .api import _first_tensor
 from .backend import Backend
 from .data import _topics
 
-__all__ = ["text_tokens", "perplexity", "passkey_prompts", "passkey_accuracy", "CALIBRATION", "EVALUATION"]
+__all__ = ["text_tokens", "windows", "recall_windows", "perplexity", "passkey_prompts", "passkey_accuracy", "CALIBRATION", "EVALUATION"]
 
 CALIBRATION = range(0, 40)       # pydoc topics used for profiling
 EVALUATION = range(40, 79)       # held out: never profiled
@@ -33,6 +33,22 @@ def windows(tokens: torch.Tensor, length: int, count: int) -> list[torch.Tensor]
     if tokens.shape[1] < length * count:
         raise ValueError(f"{tokens.shape[1]} tokens are not enough for {count} windows of {length}")
     return [tokens[:, i * length:(i + 1) * length] for i in range(count)]
+
+
+def recall_windows(tokens: torch.Tensor, length: int, count: int, copy: float = 0.125,
+                   offset: int = 0) -> list[torch.Tensor]:
+    """`count` [1, length] windows of long-range recall (DuoAttention-style synthetic calibration): the
+    last `copy` of each window repeats a segment from its first half, so predicting it needs attention
+    to keys thousands of tokens back. Plain text alone rarely does, and a plan profiled only on it
+    starves the heads that retrieve. Windows start after `offset` windows of `tokens`."""
+    out = []
+    tail = max(1, int(length * copy))
+    for w in windows(tokens, length, offset + count)[offset:]:
+        ids = w.clone()
+        src = length // 8                                  # far back: the copy sits ~3/4 of the window away
+        ids[0, length - tail:] = w[0, src:src + tail]
+        out.append(ids)
+    return out
 
 
 def _compiled(model, plan):

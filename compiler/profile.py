@@ -5,7 +5,8 @@
 Each sample runs forward and backward once through the profiling op (attnforge.runtime.profiling):
 labels are the dense model's own predictions (MoA), so the loss measures how far a change moves the
 model from itself. Per (site, length) the profile keeps, summed over samples, the block influence and
-block attention mass [Hkv, nb, nb], the entropy per group and the number of query rows. The file is an
+block attention mass [Hkv, nb, nb], the entropy per group, the number of query rows, and for causal sites
+the measured error of sink + window forms at every span of `spans` [Hkv, len(spans)]. The file is an
 .npz (arrays plus JSON metadata, no pickle) written after every sample; a run given the same `out`
 resumes where it stopped.
 """
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnforge.runtime.profiling import ProfileCollector, collecting
+from attnforge.runtime.profiling import SINK, SPANS, ProfileCollector, collecting
 
 from .api import _first_tensor, find_attention
 from .backend import Backend
@@ -29,7 +30,9 @@ from .plan import fingerprint, resolve_site
 
 __all__ = ["Profile", "profile_model", "ProfileError"]
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+READABLE_VERSIONS = (1, 2)        # version 1 profiles lack the window measurements
+WINDOW_STATS = ("window_abs", "window_sq", "window_out")
 
 
 class ProfileError(ValueError):
@@ -44,6 +47,8 @@ class Profile:
     sites: list[dict]                                   # id, num_heads, num_kv_heads, head_dim, causal
     samples: dict[int, int] = field(default_factory=dict)       # length -> samples done
     stats: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
+    spans: tuple[int, ...] = SPANS                      # window spans measured (sink `sink` + window w)
+    sink: int = SINK
 
     @property
     def lengths(self) -> list[int]:
@@ -60,10 +65,21 @@ class Profile:
         st = self.stats[(site, n)]
         return st["entropy"] / st["rows"]
 
+    def window_error(self, site: str, n: int, stat: str = "window_abs") -> np.ndarray | None:
+        """[Hkv, len(spans)]: a measured window statistic (runtime.profiling) per query token, summed over
+        the query heads of each group; None where the profile did not measure it."""
+        st = self.stats.get((site, n), {})
+        if stat not in st:
+            return None
+        site_row = next(s for s in self.sites if s["id"] == site)
+        tokens = st["rows"] / (site_row["num_heads"] // site_row["num_kv_heads"])
+        return st[stat] / max(float(tokens), 1.0)
+
     def save(self, path) -> None:
         path = Path(path)
         meta = {"version": PROFILE_VERSION, "model": self.model, "fingerprint": self.fingerprint,
-                "block": self.block, "sites": self.sites, "samples": {str(k): v for k, v in self.samples.items()}}
+                "block": self.block, "sites": self.sites, "samples": {str(k): v for k, v in self.samples.items()},
+                "spans": list(self.spans), "sink": self.sink}
         arrays = {"meta": np.array(json.dumps(meta))}
         index = {s["id"]: i for i, s in enumerate(self.sites)}
         for (site, n), st in self.stats.items():
@@ -82,16 +98,17 @@ class Profile:
                 arrays = {k: z[k] for k in z.files if k != "meta"}
         except (OSError, ValueError, KeyError) as e:
             raise ProfileError(f"{path} is not a readable attnforge profile ({e})") from e
-        if meta.get("version") != PROFILE_VERSION:
+        if meta.get("version") not in READABLE_VERSIONS:
             raise ProfileError(f"{path} has profile version {meta.get('version')}; this attnforge reads "
-                               f"{PROFILE_VERSION} — profile again")
+                               f"versions {list(READABLE_VERSIONS)} — profile again")
         sites = meta["sites"]
         stats: dict = {}
         for key, value in arrays.items():
             i, n, name = key.split("/")
             stats.setdefault((sites[int(i)]["id"], int(n)), {})[name] = value
         return cls(meta["model"], meta["fingerprint"], meta["block"], sites,
-                   {int(k): v for k, v in meta["samples"].items()}, stats)
+                   {int(k): v for k, v in meta["samples"].items()}, stats,
+                   tuple(meta.get("spans", SPANS)), int(meta.get("sink", SINK)))
 
 
 def _site_rows(sites) -> list[dict]:
@@ -110,9 +127,9 @@ def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor]]
     prof = None
     if out is not None and Path(out).exists():
         prof = Profile.load(out)
-        if prof.fingerprint != fingerprint(sites) or prof.block != block:
-            raise ProfileError(f"{out} was profiled for another model or block size; remove it or choose "
-                               "another output file")
+        if prof.fingerprint != fingerprint(sites) or prof.block != block or prof.spans != SPANS:
+            raise ProfileError(f"{out} was profiled for another model, block size or attnforge version; "
+                               "remove it or choose another output file")
     if prof is None:
         prof = Profile(model_name, fingerprint(sites), block, _site_rows(sites))
     todo = [(n, j, ids) for n in lengths for j, ids in enumerate(samples[n]) if j >= prof.samples.get(n, 0)]

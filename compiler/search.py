@@ -1,9 +1,18 @@
 """Choose one form per KV head group under a budget, from a profile (mixture-of-attention search).
 
-For every group g and candidate form c, at every profiled length L:
-    loss[g, c, L]  = sum over blocks of influence_L[g] (normalized to sum 1 per site-group and length)
+For every group g and candidate form c, at every profiled length L, the predicted loss is, by `metric`:
+    "fisher" (default when the profile has it): for sink + window forms, sum over tokens of
+                     (dL/dO_i . dO_i)^2 per token, with dO_i the exact output change of the windowed row
+                     (runtime.profiling window_sq: an empirical-Fisher estimate of the loss increase that
+                     does not let dropped entries of opposite sign cancel, nor single entries add up as
+                     if each were dropped alone); interpolated in log(span) between measured spans;
+    "first_order":   the same with |dL/dO_i . dO_i| (window_abs);
+    "output":        the same with |dO_i|^2 (window_out), blind to what the loss needs;
+                     for forms without a measurement (block-sparse) the three take the influence loss
+                     (below) rescaled per group and length to agree with the measured window forms;
+    "influence":     sum over blocks of influence_L[g] (normalized to sum 1 per site-group and length)
                      times the fraction of that block's causal pairs the form drops   (MoA's first-order loss)
-    kept[g, c, L]  = causal (i, j) pairs the form keeps (exact, attnforge.runtime.forms.kept_pairs)
+and kept[g, c, L] = causal (i, j) pairs the form keeps (exact, attnforge.runtime.forms.kept_pairs).
 Then, with binary x[g, c]:
     minimize   sum_{g, c, L} x[g, c] * loss[g, c, L]
     subject to sum_c x[g, c] = 1                                      (one form per group)
@@ -25,13 +34,15 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindow, causal_pairs, keep_mask, kept_pairs
+from attnforge.runtime.profiling import SINK
 
 from .plan import Plan, SitePlan
 from .profile import Profile
 
 __all__ = ["Budget", "search", "pareto", "streaming_baseline", "candidate_forms", "tables_for", "SearchError"]
 
-SINK = 64
+WINDOW_STATS = {"fisher": "window_sq", "first_order": "window_abs", "output": "window_out"}
+METRICS = ("auto", *WINDOW_STATS, "influence")
 WINDOWS = (64, 128, 256, 512, 1024, 2048)
 ALPHAS = (0, 64, 128, 256, 512)
 BETAS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6)
@@ -126,18 +137,53 @@ class _Tables:
     loss: list[np.ndarray]                 # per group: [C, L]
     kept: list[np.ndarray]                 # per group: [C, L]
     lengths: list[int]
+    metric: str = "influence"
 
 
-def _tables(profile: Profile) -> _Tables:
+def _window_loss(curve: np.ndarray, spans: np.ndarray, sink: int, form, n: int) -> float | None:
+    """Measured loss of a sink + window form at length n from a group's curve over `spans` (None: the
+    form is not a sink + window form with the profile's sink)."""
+    w = form.window_at(n)
+    if isinstance(form, Dense):
+        return 0.0
+    if w is None or form.sink != sink:
+        return None
+    if w >= n - sink:
+        return 0.0                                     # nothing is dropped at this length
+    return float(np.interp(np.log(w), np.log(spans), curve))
+
+
+def _resolve_metric(profile: Profile, metric: str) -> str:
+    if metric not in METRICS:
+        raise SearchError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+    measured = all(profile.window_error(s["id"], n) is not None for s in profile.sites if _plannable(s)
+                   for n in profile.lengths)
+    if metric == "auto":
+        return "fisher" if measured else "influence"
+    if metric != "influence" and not measured:
+        raise SearchError("this profile has no window measurements (made by an older attnforge); profile "
+                          "again, or search with metric='influence'")
+    return metric
+
+
+def _plannable(site: dict) -> bool:
+    return bool(site["causal"]) and site.get("mask") in ("causal", None)   # plain causal attention only
+
+
+def _tables(profile: Profile, metric: str = "auto") -> _Tables:
     lengths = profile.lengths
     if not lengths:
         raise SearchError("the profile holds no samples; run the profile step first")
+    metric = _resolve_metric(profile, metric)
     block, nb_max = profile.block, -(-max(lengths) // profile.block)
+    spans = np.asarray(profile.spans, dtype=np.float64)
     groups, cands, losses, kepts = [], [], [], []
     for si, site in enumerate(profile.sites):
-        if not site["causal"] or site.get("mask") not in ("causal", None):
-            continue                        # only plain causal attention gets sparse forms
+        if not _plannable(site):
+            continue
         infl = {n: profile.influence(site["id"], n) for n in lengths}
+        curves = ({n: profile.window_error(site["id"], n, WINDOW_STATS[metric]) for n in lengths}
+                  if metric != "influence" else None)
         for g in range(site["num_kv_heads"]):
             norm = {n: infl[n][g] / max(infl[n][g].sum(), 1e-30) for n in lengths}
             score = np.zeros((nb_max, nb_max))
@@ -147,6 +193,9 @@ def _tables(profile: Profile) -> _Tables:
             forms = candidate_forms(score, block)
             loss = np.array([[float((norm[n] * (1 - _keep_frac(f, n, block))).sum()) for n in lengths]
                              for f in forms])
+            if curves is not None:
+                loss = _measured_loss(forms, loss, {n: curves[n][g] for n in lengths}, spans, profile.sink,
+                                      lengths)
             kept = np.array([[kept_pairs(f, n) for n in lengths] for f in forms], dtype=np.float64)
             groups.append((si, g))
             cands.append(forms)
@@ -154,7 +203,24 @@ def _tables(profile: Profile) -> _Tables:
             kepts.append(kept)
     if not groups:
         raise SearchError("no causal attention site in the profile to plan")
-    return _Tables(groups, cands, losses, kepts, lengths)
+    return _Tables(groups, cands, losses, kepts, lengths, metric)
+
+
+def _measured_loss(forms, influence_loss: np.ndarray, curves: dict, spans, sink: int, lengths) -> np.ndarray:
+    """[C, L] measured losses; forms without a measurement get their influence loss times the ratio of
+    measured to influence loss over the group's window forms at that length."""
+    out = np.full(influence_loss.shape, np.nan)
+    for ci, f in enumerate(forms):
+        for li, n in enumerate(lengths):
+            v = _window_loss(curves[n], spans, sink, f, n)
+            if v is not None:
+                out[ci, li] = v
+    known = ~np.isnan(out)
+    for li in range(len(lengths)):
+        ref = influence_loss[known[:, li], li].sum()
+        ratio = out[known[:, li], li].sum() / ref if ref > 0 else 0.0
+        out[~known[:, li], li] = influence_loss[~known[:, li], li] * ratio
+    return out
 
 
 def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_limit: float, at=None):
@@ -213,11 +279,11 @@ def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_lim
 
 
 def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None = None,
-           time_limit: float = 60.0, tables: _Tables | None = None) -> Plan:
+           time_limit: float = 60.0, tables: _Tables | None = None, metric: str = "auto") -> Plan:
     """The plan minimizing total predicted loss under `budget` at every profiled length.
-    `tables` (from `tables_for(profile)`) can be shared between several searches of one profile."""
+    `tables` (from `tables_for(profile, metric)`) can be shared between several searches of one profile."""
     t0 = time.perf_counter()
-    t = tables or _tables(profile)
+    t = tables or _tables(profile, metric)
     if budget.lengths is not None and not set(budget.lengths) <= set(t.lengths):
         raise SearchError(f"budget lengths {list(budget.lengths)} are not all profiled ({t.lengths})")
     t1 = time.perf_counter()
@@ -240,7 +306,7 @@ def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None 
                 lengths=tuple(t.lengths))
     density = {str(n): plan.density(n) for n in t.lengths}
     flops = {str(n): _attention_flops(plan, profile, n) for n in t.lengths}
-    predicted = {"loss": loss, "density": density, "attention_flops": flops,
+    predicted = {"loss": loss, "metric": t.metric, "density": density, "attention_flops": flops,
                  "dense_attention_flops": {str(n): _attention_flops(None, profile, n) for n in t.lengths},
                  "cost_model": "analytic: 4 * head_dim FLOPs per kept (query, key) pair and query head",
                  "groups": len(t.groups), "candidates": int(sum(len(c) for c in t.cands)),
@@ -258,9 +324,9 @@ def _attention_flops(plan: Plan | None, profile: Profile, n: int) -> float:
     return total
 
 
-def tables_for(profile: Profile) -> _Tables:
+def tables_for(profile: Profile, metric: str = "auto") -> _Tables:
     """Candidates and their predicted loss / kept pairs for every group (the costly part of a search)."""
-    return _tables(profile)
+    return _tables(profile, metric)
 
 
 def pareto(profile: Profile, densities=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0),
@@ -294,7 +360,7 @@ def streaming_baseline(profile: Profile, density: float, n: int) -> Plan:
     w = _window_for_density(n, density)
     sites = []
     for site in profile.sites:
-        form = SinkWindow(SINK, w) if site["causal"] and site.get("mask") in ("causal", None) else Dense()
+        form = SinkWindow(SINK, w) if _plannable(site) else Dense()
         sites.append(SitePlan(site["id"], site["num_heads"], site["num_kv_heads"], (form,) * site["num_kv_heads"]))
     plan = Plan(profile.fingerprint, profile.model, tuple(sites), {"density": density, "baseline": "streaming"},
                 (n,))

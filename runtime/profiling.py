@@ -9,8 +9,19 @@ Forward: the reference attention. Backward: the same gradients, computed chunk b
     mass       A_ij                                                   (recall of a mask = mass it keeps)
     entropy    -sum_j A_ij log A_ij per row
 
-summed over batch and over the query heads of each KV group, then into block x block tiles. The sums go
-to the active `ProfileCollector` (see `collecting`), keyed by the site string and the query length.
+summed over batch and over the query heads of each KV group, then into block x block tiles; and, for
+causal sites, the measured effect of sink + window forms on every row, for each span w of `SPANS`:
+
+    dO_i(w)    = O_i(w) - O_i = (m_i O_i - sum_{j dropped} A_ij V_j) / (1 - m_i)
+                 the exact output change of row i when keys SINK <= j <= pos_i - w are dropped and the
+                 row renormalized (m_i = dropped mass)
+    lin_i(w)   = dL/dO_i . dO_i(w)     the first-order loss change of that exact output change
+    window_abs = sum_i |lin_i(w)|, window_sq = sum_i lin_i(w)^2, window_out = sum_i |dO_i(w)|^2
+
+per KV group (summed over its query heads). Unlike entry-wise influence, these see the renormalization of
+each row and the cancellation between dropped entries, so a window's predicted error is measured, not
+summed from single-entry estimates. The sums go to the active `ProfileCollector` (see `collecting`),
+keyed by the site string and the query length.
 """
 from __future__ import annotations
 
@@ -26,9 +37,11 @@ from torch import Tensor
 from . import ops as _ops  # noqa: F401  (the attention op is registered first)
 from .reference import _grouped, _probs, _scores, attention_reference
 
-__all__ = ["ProfileCollector", "collecting", "attention_profile", "CHUNK"]
+__all__ = ["ProfileCollector", "collecting", "attention_profile", "CHUNK", "SINK", "SPANS"]
 
 CHUNK = 256
+SINK = 64                                              # sink tokens of every measured window form
+SPANS = tuple(int(round(16 * 2 ** (k / 2))) for k in range(21))      # 16 .. 16384, steps of sqrt(2)
 _active = threading.local()
 
 
@@ -83,6 +96,25 @@ def _setup(ctx, inputs, output):
     ctx.args = (causal, window, scale, site, block)
 
 
+def _measure_windows(p: Tensor, vv: Tensor, out: Tensor, g: Tensor, pos0: int, acc: dict) -> None:
+    """Add one chunk's window statistics (module docstring) to `acc`. p: [B, Hkv, G, c, S] probabilities
+    of query rows at absolute positions pos0 .. pos0 + c - 1; out, g: [B, Hkv, G, c, Dv]."""
+    c, s = p.shape[-2], p.shape[-1]
+    pos = torch.arange(pos0, pos0 + c, device=p.device)[:, None]
+    for wi, w in enumerate(SPANS):
+        kmax = min(s, pos0 + c - w)                     # keys j <= pos - w for the chunk's last row
+        if kmax <= SINK:
+            break                                       # spans only grow: nothing is dropped from here on
+        j = torch.arange(kmax, device=p.device)[None, :]
+        pd = p[..., :kmax] * ((j >= SINK) & (j <= pos - w))
+        m = pd.sum(-1, keepdim=True)
+        d_o = (m * out - torch.matmul(pd, vv[..., :kmax, :])) / (1 - m).clamp_min(1e-6)
+        lin = (g * d_o).sum(-1)                                                   # [B, Hkv, G, c]
+        acc["window_abs"][:, wi] += lin.abs().sum((0, 2, 3)).double()
+        acc["window_sq"][:, wi] += lin.square().sum((0, 2, 3)).double()
+        acc["window_out"][:, wi] += d_o.square().sum((0, 2, 3, 4)).double()
+
+
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
     causal, window, scale, site, block = ctx.args
@@ -100,6 +132,9 @@ def _backward(ctx, grad_out):
     infl = torch.zeros(hkv, nb_q, nb_k, dtype=torch.float64, device=q.device)
     mass = torch.zeros_like(infl)
     entropy = torch.zeros(hkv, dtype=torch.float64, device=q.device)
+    measure = collector is not None and causal and not window
+    win = {name: torch.zeros(hkv, len(SPANS), dtype=torch.float64, device=q.device)
+           for name in ("window_abs", "window_sq", "window_out")}
     chunk = max(block, CHUNK // block * block)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
@@ -119,9 +154,11 @@ def _backward(ctx, grad_out):
             mb = _block_sum(p.sum((0, 2)).double(), block, n)
             mass[:, qb0:qb0 + mb.shape[1]] += mb[:, :, :nb_k]
             entropy += -(p * torch.log(p.clamp_min(1e-30))).sum(-1).sum((0, 2, 3)).double()
+        if measure:
+            _measure_windows(p, vv, out, g, r0 + s - n, win)
     if collector is not None:
         collector.add(site, n, influence=infl, mass=mass, entropy=entropy,
-                      rows=torch.tensor(float(b * (hq // hkv) * n)))
+                      rows=torch.tensor(float(b * (hq // hkv) * n)), **(win if measure else {}))
     dmask = None
     return (dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None, None)
 

@@ -11,7 +11,7 @@ from attnforge.compiler.models import tiny
 from attnforge.compiler.profile import Profile, profile_model
 from attnforge.compiler.search import _solve, _tables, pareto, search, streaming_baseline
 from attnforge.runtime import profiling
-from attnforge.runtime.forms import causal_pairs, keep_mask
+from attnforge.runtime.forms import SinkWindow, causal_pairs, keep_mask
 from attnforge.runtime.reference import attention_reference
 
 
@@ -35,6 +35,32 @@ def test_profiling_op_gradients_and_influence_are_exact():
     blocks = blocks.view(2, 5, 32, 5, 32).sum((2, 4)).numpy()
     np.testing.assert_allclose(col.stats[("s", 150)]["influence"], blocks, rtol=1e-6, atol=1e-9)
     assert col.stats[("s", 150)]["mass"].sum() == pytest.approx(2 * 6 * 150)
+
+
+def test_window_measurements_match_the_windowed_attention():
+    """window_out / window_abs / window_sq against running the SinkWindow form itself, per span, with the
+    queries as the last N of S positions (several chunks, a group of 3 query heads per KV head)."""
+    g = torch.Generator().manual_seed(1)
+    n, s = 600, 700
+    q = torch.randn(1, 6, n, 8, generator=g, dtype=torch.float64).requires_grad_()
+    k, v = (torch.randn(1, 2, s, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    col = profiling.ProfileCollector(32)
+    with profiling.collecting(col):
+        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.4, "s", 32)
+        grad = torch.randn_like(out)
+        torch.autograd.grad(out, (q, k, v), grad)
+    st = col.stats[("s", n)]
+    measured = 0
+    for wi, w in enumerate(profiling.SPANS):
+        forms = (SinkWindow(profiling.SINK, w),) * 2
+        d_o = (attention_reference(q, k, v, None, True, 0.4, forms=forms) - out).detach()
+        lin = (grad * d_o).sum(-1).view(1, 2, 3, n)
+        np.testing.assert_allclose(st["window_out"][:, wi], d_o.square().view(1, 2, 3, n, 8).sum((0, 2, 3, 4)),
+                                   rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(st["window_abs"][:, wi], lin.abs().sum((0, 2, 3)), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(st["window_sq"][:, wi], lin.square().sum((0, 2, 3)), rtol=1e-9, atol=1e-12)
+        measured += bool(st["window_out"][0, wi] > 0)
+    assert measured == sum(w < s - profiling.SINK for w in profiling.SPANS) > 4   # spans that drop something
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +193,41 @@ def test_optimize_keeps_generate_style_decoding_consistent(tiny_profile):
                                          forms_to_json(form_json))
     torch.testing.assert_close(last, full[:, :, -1:])
     assert be.options.plan is plan
+
+
+def test_cli_metric_choices_are_the_search_metrics():
+    from attnforge.compiler import cli
+    from attnforge.compiler.search import METRICS
+
+    assert cli.METRICS == METRICS       # the CLI keeps a copy so that `--help` needs no scipy import
+
+
+def test_measured_metric_reads_the_window_measurements(tiny_profile):
+    _, _, prof, _ = tiny_profile
+    t = _tables(prof)                                            # default: the measured Fisher metric
+    assert t.metric == "fisher"
+    site = prof.sites[0]["id"]
+    checked = 0
+    for gi, (si, g) in enumerate(t.groups):
+        for ci, form in enumerate(t.cands[gi]):
+            for li, n in enumerate(t.lengths):
+                w = form.window_at(n)
+                if form.kind == "sink_window" and w in prof.spans and w < n - prof.sink and si == 0:
+                    curve = prof.window_error(site, n, "window_sq")[g]
+                    assert t.loss[gi][ci, li] == pytest.approx(curve[prof.spans.index(w)], rel=1e-12)
+                    checked += 1
+                if form.kind == "dense" or (w is not None and w >= n - prof.sink):
+                    assert t.loss[gi][ci, li] == 0
+    assert checked > 0
+    with pytest.raises(attnforge.compiler.search.SearchError, match="unknown metric"):
+        _tables(prof, "magic")
+
+
+def test_recall_windows_repeat_a_far_segment():
+    from attnforge.compiler.evaluate import recall_windows, windows
+
+    tokens = torch.arange(10_000)[None]
+    (w,) = recall_windows(tokens, 1024, 1, offset=2)
+    (plain,) = windows(tokens, 1024, 3)[2:]
+    assert w.shape == (1, 1024) and torch.equal(w[0, :896], plain[0, :896])
+    assert torch.equal(w[0, 896:], plain[0, 128:256])          # the tail copies tokens 768 positions back
