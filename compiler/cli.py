@@ -28,6 +28,10 @@ METRIC_HELP = ("predicted error of a candidate: fisher (measured windows, defaul
                "influence (MoA's block influence); see attnforge.compiler.search")
 
 
+BUDGET_HELP = ("what --density limits: kept attention pairs (density), KV entries read at decode (kv), or "
+               "attention FLOPs (flops), as a fraction of dense")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnforge", description="A compiler for the attention in PyTorch "
                                 "models: find every attention, rewrite it into one op, run it from "
@@ -76,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--at", type=int, nargs="+", default=None,
                     help="profiled lengths where the density must hold (default: every profiled length)")
     se.add_argument("--metric", choices=METRICS, default="auto", help=METRIC_HELP)
+    se.add_argument("--budget", choices=("density", "kv", "flops"), default="density", help=BUDGET_HELP)
     se.add_argument("--baseline", choices=("streaming",), help="instead, the uniform sink+window plan at the "
                     "same density (at the longest profiled length)")
     se.add_argument("-o", "--out", required=True, help="plan file to write (.json)")
@@ -92,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--at", type=int, nargs="+", default=None,
                     help="profiled lengths where the density must hold (default: every profiled length)")
     op.add_argument("--metric", choices=METRICS, default="auto", help=METRIC_HELP)
+    op.add_argument("--budget", choices=("density", "kv", "flops"), default="density", help=BUDGET_HELP)
     op.add_argument("-o", "--out", required=True, help="output folder")
     op.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
@@ -204,8 +210,8 @@ def _cmd_search(args) -> int:
         front = None
     else:
         tables = tables_for(prof, args.metric)
-        plan = search(prof, Budget(args.density, args.at), max_forms_per_layer=args.max_forms_per_layer,
-                      tables=tables)
+        plan = search(prof, Budget(args.density, args.at, args.budget),
+                      max_forms_per_layer=args.max_forms_per_layer, tables=tables)
         front = pareto(prof, tables=tables)
     plan.save(args.out)
     summary = {**_plan_summary(plan), "pareto": front, "plan": args.out}
@@ -239,7 +245,7 @@ def _cmd_optimize(args) -> int:
     prof = profile_model(model, samples, model_name=args.model, block=args.block,
                          out=os.path.join(args.out, "profile.npz"))
     t1 = time.perf_counter()
-    plan = search(prof, Budget(args.density, args.at), max_forms_per_layer=args.max_forms_per_layer,
+    plan = search(prof, Budget(args.density, args.at, args.budget), max_forms_per_layer=args.max_forms_per_layer,
                   metric=args.metric)
     plan = type(plan)(plan.fingerprint, plan.model, plan.sites, plan.budget, plan.lengths, plan.predicted,
                       plan.measured, {"command": "attnforge " + " ".join(sys.argv[1:]) if sys.argv else "",

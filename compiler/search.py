@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindow, causal_pairs, keep_mask, kept_pairs
+from attnforge.runtime.forms import (BlockSparse, Dense, ElasticWindow, SinkWindow, causal_pairs, keep_mask, kept_pairs,
+                                     kv_tokens)
 from attnforge.runtime.profiling import SINK
 
 from .plan import Plan, SitePlan
@@ -53,17 +54,28 @@ class SearchError(ValueError):
     pass
 
 
+BUDGET_KINDS = ("density", "kv", "flops")
+
+
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """density: kept fraction of causal attention pairs, averaged over all heads. lengths: the profiled
-    lengths at which it must hold (None: every profiled length, as MoA; e.g. (4096,) to spend the budget
-    where the model will run). The loss is always summed over every profiled length."""
+    """A fraction of dense attention's cost that the plan may spend. kind:
+        "density"  causal (query, key) pairs kept, over all KV groups
+        "kv"       KV entries the newest query reads (forms.kv_tokens): the decode-time KV cache
+        "flops"    prefill attention FLOPs (4 * head_dim per kept pair and query head; equals density
+                   when every site has the same heads and head dim)
+    lengths: the profiled lengths at which it must hold (None: every profiled length, as MoA; e.g.
+    (4096,) to spend the budget where the model will run). The loss is always summed over every
+    profiled length."""
     density: float
     lengths: tuple[int, ...] | None = None
+    kind: str = "density"
 
     def __post_init__(self):
         if not 0 < self.density <= 1:
-            raise SearchError(f"density must be in (0, 1], got {self.density}")
+            raise SearchError(f"the budget fraction must be in (0, 1], got {self.density}")
+        if self.kind not in BUDGET_KINDS:
+            raise SearchError(f"budget kind must be one of {BUDGET_KINDS}, got {self.kind!r}")
         if self.lengths is not None:
             object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
 
@@ -138,6 +150,18 @@ class _Tables:
     kept: list[np.ndarray]                 # per group: [C, L]
     lengths: list[int]
     metric: str = "influence"
+    kv: list[np.ndarray] = field(default_factory=list)       # per group: [C, L] kv_tokens
+    flops: list[float] = field(default_factory=list)         # per group: FLOPs per kept pair
+
+    def cost(self, kind: str, li: int) -> tuple[np.ndarray, float]:
+        """(cost of every candidate of every group at length index li, the same for all-dense)."""
+        n = self.lengths[li]
+        if kind == "density":
+            return np.concatenate([k[:, li] for k in self.kept]), len(self.groups) * causal_pairs(n)
+        if kind == "kv":
+            return np.concatenate([k[:, li] for k in self.kv]), len(self.groups) * n
+        return (np.concatenate([k[:, li] * w for k, w in zip(self.kept, self.flops)]),
+                sum(self.flops) * causal_pairs(n))
 
 
 def _window_loss(curve: np.ndarray, spans: np.ndarray, sink: int, form, n: int) -> float | None:
@@ -177,7 +201,7 @@ def _tables(profile: Profile, metric: str = "auto") -> _Tables:
     metric = _resolve_metric(profile, metric)
     block, nb_max = profile.block, -(-max(lengths) // profile.block)
     spans = np.asarray(profile.spans, dtype=np.float64)
-    groups, cands, losses, kepts = [], [], [], []
+    groups, cands, losses, kepts, kvs, flops = [], [], [], [], [], []
     for si, site in enumerate(profile.sites):
         if not _plannable(site):
             continue
@@ -201,9 +225,11 @@ def _tables(profile: Profile, metric: str = "auto") -> _Tables:
             cands.append(forms)
             losses.append(loss)
             kepts.append(kept)
+            kvs.append(np.array([[kv_tokens(f, n) for n in lengths] for f in forms], dtype=np.float64))
+            flops.append(4.0 * site["head_dim"] * (site["num_heads"] // site["num_kv_heads"]))
     if not groups:
         raise SearchError("no causal attention site in the profile to plan")
-    return _Tables(groups, cands, losses, kepts, lengths, metric)
+    return _Tables(groups, cands, losses, kepts, lengths, metric, kvs, flops)
 
 
 def _measured_loss(forms, influence_loss: np.ndarray, curves: dict, spans, sink: int, lengths) -> np.ndarray:
@@ -223,11 +249,11 @@ def _measured_loss(forms, influence_loss: np.ndarray, curves: dict, spans, sink:
     return out
 
 
-def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_limit: float, at=None):
+def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_limit: float, at=None,
+           kind: str = "density"):
     sizes = [len(c) for c in t.cands]
     offs = np.concatenate([[0], np.cumsum(sizes)])
     nx = int(offs[-1])
-    n_groups_total = len(t.groups)
     c = np.concatenate([l.sum(1) for l in t.loss])
     # a tiny preference for fewer kept pairs breaks ties between forms of equal predicted loss
     kept_rel = np.concatenate([k[:, -1] / causal_pairs(t.lengths[-1]) for k in t.kept])
@@ -240,8 +266,9 @@ def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_lim
     for li, n in enumerate(t.lengths):
         if at is not None and n not in at:
             continue
-        rows.append(np.concatenate([k[:, li] for k in t.kept]))
-        lb.append(-np.inf), ub.append(density * n_groups_total * causal_pairs(n))
+        cost, full = t.cost(kind, li)
+        rows.append(cost)
+        lb.append(-np.inf), ub.append(density * full)
     integrality = np.ones(nx)
     n_vars = nx
     if max_forms_per_layer:
@@ -271,8 +298,8 @@ def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_lim
     res = milp(c, constraints=LinearConstraint(np.array(rows), lb, ub), integrality=integrality,
                bounds=Bounds(0, 1), options={"time_limit": time_limit})
     if res.x is None:
-        raise SearchError(f"no plan meets density {density}: even the sparsest candidates keep more "
-                          f"({res.message})")
+        raise SearchError(f"no plan meets the {kind} budget {density}: even the sparsest candidates cost "
+                          f"more ({res.message})")
     x = res.x[:nx]
     choice = [int(np.argmax(x[offs[gi]:offs[gi + 1]])) for gi in range(len(t.groups))]
     return choice, res
@@ -287,7 +314,7 @@ def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None 
     if budget.lengths is not None and not set(budget.lengths) <= set(t.lengths):
         raise SearchError(f"budget lengths {list(budget.lengths)} are not all profiled ({t.lengths})")
     t1 = time.perf_counter()
-    choice, res = _solve(t, budget.density, max_forms_per_layer, time_limit, budget.lengths)
+    choice, res = _solve(t, budget.density, max_forms_per_layer, time_limit, budget.lengths, budget.kind)
     t2 = time.perf_counter()
     per_site: dict[int, dict[int, object]] = {}
     for gi, (si, g) in enumerate(t.groups):
@@ -300,13 +327,15 @@ def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None 
     loss = {str(n): float(sum(t.loss[gi][choice[gi], li] for gi in range(len(t.groups))))
             for li, n in enumerate(t.lengths)}
     plan = Plan(fingerprint=profile.fingerprint, model=profile.model, sites=tuple(sites),
-                budget={"density": budget.density,
+                budget={"density" if budget.kind == "density" else budget.kind: budget.density,
                         **({"at_lengths": list(budget.lengths)} if budget.lengths else {}),
                         **({"max_forms_per_layer": max_forms_per_layer} if max_forms_per_layer else {})},
                 lengths=tuple(t.lengths))
     density = {str(n): plan.density(n) for n in t.lengths}
+    kv = {str(n): float(sum(t.kv[gi][choice[gi], li] for gi in range(len(t.groups))) / (len(t.groups) * n))
+          for li, n in enumerate(t.lengths)}
     flops = {str(n): _attention_flops(plan, profile, n) for n in t.lengths}
-    predicted = {"loss": loss, "metric": t.metric, "density": density, "attention_flops": flops,
+    predicted = {"loss": loss, "metric": t.metric, "density": density, "kv_fraction": kv, "attention_flops": flops,
                  "dense_attention_flops": {str(n): _attention_flops(None, profile, n) for n in t.lengths},
                  "cost_model": "analytic: 4 * head_dim FLOPs per kept (query, key) pair and query head",
                  "groups": len(t.groups), "candidates": int(sum(len(c) for c in t.cands)),

@@ -13,7 +13,9 @@ query i sits at position p = S - N + i (the last N positions, as in a KV cache; 
         slash 0 (the diagonal block) is always kept, so every query sees itself. Defined for any length.
 
 `keep_mask(forms, n, s)` builds the [G, N, S] boolean mask of several groups' forms (the reference
-uses it); `kept_pairs(form, n)` counts kept (i, j) pairs in closed form for costs and densities.
+uses it); `kept_pairs(form, n)` counts kept (i, j) pairs in closed form for costs and densities;
+`kv_tokens(form, n)` counts the keys the newest query of a length-n sequence reads (the KV entries a
+decoder at that length needs).
 Forms serialize to small dicts (`to_dict` / `form_from_dict`); unknown kinds are an error, never a guess.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 __all__ = ["Dense", "SinkWindow", "ElasticWindow", "BlockSparse", "Form", "FORM_KINDS", "form_from_dict",
-           "forms_to_json", "forms_from_json", "keep_mask", "kept_pairs", "causal_pairs", "FormError"]
+           "forms_to_json", "forms_from_json", "keep_mask", "kept_pairs", "kv_tokens", "causal_pairs", "FormError"]
 
 
 class FormError(ValueError):
@@ -169,3 +171,12 @@ def kept_pairs(form: Form, n: int) -> int:
         extra = m * (m + 1) // 2 if m <= sink else sink * (sink + 1) // 2 + (m - sink) * sink
         return window + extra
     return int(keep_mask([form], n, n).sum())
+
+
+def kv_tokens(form: Form, n: int) -> int:
+    """Keys that the query at position n - 1 reads (exact): the KV entries decoding at length n needs."""
+    if isinstance(form, Dense):
+        return n
+    if isinstance(form, (SinkWindow, ElasticWindow)):
+        return min(n, form.sink + form.window_at(n))
+    return int(keep_mask([form], 1, n).sum())

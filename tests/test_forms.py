@@ -48,3 +48,12 @@ def test_decoding_rows_are_the_last_positions():
 def test_bad_forms_are_named(bad, msg):
     with pytest.raises(FormError, match=msg):
         form_from_dict(bad)
+
+
+@pytest.mark.parametrize("form", [Dense(), SinkWindow(4, 7), SinkWindow(0, 300),
+                                  ElasticWindow(3, 5, 0.25), BlockSparse(8, (0, 5), (0, 2))])
+@pytest.mark.parametrize("n", [1, 9, 64, 100])
+def test_kv_tokens_counts_what_the_newest_query_reads(form, n):
+    from attnforge.runtime.forms import keep_mask, kv_tokens
+
+    assert kv_tokens(form, n) == int(keep_mask([form], n, n)[0, -1].sum())

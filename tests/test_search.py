@@ -231,3 +231,22 @@ def test_recall_windows_repeat_a_far_segment():
     (plain,) = windows(tokens, 1024, 3)[2:]
     assert w.shape == (1, 1024) and torch.equal(w[0, :896], plain[0, :896])
     assert torch.equal(w[0, 896:], plain[0, 128:256])          # the tail copies tokens 768 positions back
+
+
+@pytest.mark.parametrize("kind", ["kv", "flops"])
+def test_kv_and_flops_budgets_hold(tiny_profile, kind):
+    from attnforge.runtime.forms import kv_tokens
+
+    _, _, prof, _ = tiny_profile
+    t = _tables(prof)
+    plan = search(prof, af.Budget(0.5, kind=kind), tables=t)
+    assert plan.budget == {kind: 0.5}
+    for n in prof.lengths:
+        if kind == "kv":
+            used = sum(kv_tokens(f, n) for sp in plan.sites for f in sp.forms)
+            assert used <= 0.5 * sum(sp.num_kv_heads for sp in plan.sites) * n + 1e-9
+            assert plan.predicted["kv_fraction"][str(n)] == pytest.approx(used / (len(t.groups) * n))
+        else:
+            assert plan.predicted["attention_flops"][str(n)] <= 0.5 * plan.predicted["dense_attention_flops"][str(n)] + 1e-6
+    with pytest.raises(attnforge.compiler.search.SearchError, match="budget kind"):
+        af.Budget(0.5, kind="watts")
