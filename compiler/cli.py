@@ -106,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
 def _profile_args(p):
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096],
                    help="calibration lengths in tokens (text models; default 1024 2048 4096)")
-    p.add_argument("--samples", type=int, default=1, help="samples per length")
+    p.add_argument("--samples", type=int, default=1, help="plain text windows per length")
+    p.add_argument("--recall-samples", type=int, default=1,
+                   help="long-range recall windows per length (text models; a far segment repeated at the end)")
     p.add_argument("--block", type=int, default=64, help="profile block size")
 
 
@@ -172,14 +174,16 @@ def _cmd_run(args) -> int:
 
 def _calibration(args):
     """(model, {length: [ids]}) from built-in text models, or the factory's example input."""
-    from .evaluate import text_tokens, windows
+    from .evaluate import recall_windows, text_tokens, windows
     from .models import load_model, text_model
 
     tm = text_model(args.model)
     if tm is not None:
         model, tokenizer = tm
         tokens = text_tokens(tokenizer)
-        return model, {n: windows(tokens, n, args.samples) for n in args.lengths}
+        return model, {n: windows(tokens, n, args.samples) + recall_windows(tokens, n, args.recall_samples,
+                                                                             offset=args.samples)
+                       for n in args.lengths}
     model, inputs = load_model(args.model)
     if len(inputs) != 1 or not isinstance(inputs[0], __import__("torch").Tensor):
         raise ValueError(f"{args.model}: profiling needs a model taking one tensor of token ids")
