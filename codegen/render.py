@@ -13,22 +13,30 @@ import jinja2
 __all__ = ["KernelSpec", "RenderedKernel", "render_attention"]
 
 MASK_STYLES = (None, "bool", "additive")
+PLAN_BLOCK = 64          # tile of the plan kernel = the block of the block-sparse forms the search makes
 
 
 @dataclass(frozen=True, slots=True)
 class KernelSpec:
     """What one attention kernel computes. causal: top-left aligned; mask: None | 'bool' | 'additive';
-    window: the kernel takes a sliding-window size (a run-time argument) and skips blocks outside it."""
+    window: the kernel takes a sliding-window size (a run-time argument) and skips blocks outside it;
+    plan: the heterogeneous per-head kernel (causal, no mask): each KV group runs its own form, from
+    block metadata built by attnforge.runtime.blockmeta."""
     causal: bool = False
     mask: str | None = None
     window: bool = False
+    plan: bool = False
 
     def __post_init__(self):
         if self.mask not in MASK_STYLES:
             raise ValueError(f"mask style {self.mask!r} is not one of {MASK_STYLES}")
+        if self.plan and (not self.causal or self.mask or self.window):
+            raise ValueError("the per-head plan kernel is for causal attention without a mask or window")
 
     @property
     def name(self) -> str:
+        if self.plan:
+            return "attnforge_fwd_plan_causal"
         parts = ["attnforge_fwd_dense", "causal" if self.causal else "full"]
         if self.window:
             parts.append("window")
@@ -55,20 +63,22 @@ def _env() -> jinja2.Environment:
 
 def render_attention(spec: KernelSpec) -> RenderedKernel:
     """Source text of the forward kernel for `spec` (a Python module defining KERNEL and launch)."""
-    template = "attention_fwd.py.j2"
+    template = "attention_plan_fwd.py.j2" if spec.plan else "attention_fwd.py.j2"
     source = _env().get_template(template).render(
         template=template, name=spec.name, causal=spec.causal, mask=spec.mask, window=spec.window,
-        spec_repr=_spec_repr(spec),
-        description=_describe(spec),
+        block=PLAN_BLOCK, spec_repr=_spec_repr(spec), description=_describe(spec),
     )
     return RenderedKernel(spec, template, source)
 
 
 def _spec_repr(spec: KernelSpec) -> str:
-    return f"KernelSpec(causal={spec.causal}, mask={spec.mask!r}, window={spec.window})"
+    plan = ", plan=True" if spec.plan else ""
+    return f"KernelSpec(causal={spec.causal}, mask={spec.mask!r}, window={spec.window}{plan})"
 
 
 def _describe(spec: KernelSpec) -> str:
+    if spec.plan:
+        return "causal, one form per KV group (dense / sink + window / elastic window / block-sparse)"
     parts = ["dense"]
     if spec.causal:
         parts.append("causal (top-left: query i sees keys j <= i)")

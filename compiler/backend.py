@@ -28,8 +28,11 @@ COMPILERS = ("inductor", "eager")
 _MASK_STYLE = {"none": None, "causal": None, "window": None, "boolean": "bool", "additive": "additive"}
 
 
-def kernel_spec(site: AttentionSite) -> "codegen.KernelSpec":
-    """The forward kernel a detected site needs (its causal / mask / window structure)."""
+def kernel_spec(site: AttentionSite, planned: bool = False) -> "codegen.KernelSpec":
+    """The forward kernel a detected site needs: its causal / mask / window structure, or the per-head
+    plan kernel when the plan gives the site (plain causal attention) non-dense forms."""
+    if planned and site.causal and site.mask in ("none", "causal") and not site.window:
+        return codegen.KernelSpec(causal=True, plan=True)
     return codegen.KernelSpec(causal=site.causal, mask=_MASK_STYLE[site.mask], window=site.window > 0)
 
 
@@ -128,9 +131,10 @@ class Backend:
         self._dump("after detect", gm, sites=sites, declined=declined)
         kernels: dict[str, str] = {}
         kernel_records = []
+        entries = self._plan_entries(sites) if opts.plan is not None and opts.rewrite and sites else {}
         if opts.rewrite and opts.impl != "reference":
             for site in sites:
-                spec = kernel_spec(site)
+                spec = kernel_spec(site, planned=any(f.kind != "dense" for f in entries.get(site.id, ())))
                 rendered = codegen.render_attention(spec)
                 key = runtime.kernels.register_source(rendered.source)
                 kernels[site.id] = key
@@ -141,7 +145,6 @@ class Backend:
             gm, changed = canonicalize(gm, sites, impl=opts.impl, kernels=kernels, profile_block=opts.profile_block)
             self._dump("after canonicalize", gm)
             if opts.plan is not None and changed:
-                entries = self._plan_entries(sites)
                 gm, _ = apply_plan(gm, entries)
                 planned = tuple(sid for sid, forms in entries.items() if any(f.kind != "dense" for f in forms))
                 self._dump("after apply_plan", gm)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .blockmeta import block_meta, block_reason
 from .forms import forms_from_json
 from .kernels import KernelUnavailable
 from .reference import attention_reference, attention_reference_backward
@@ -39,6 +40,7 @@ __all__ = ["attention", "counters", "fallbacks", "reset_counters", "IMPLS", "tri
 IMPLS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+PLAN_TILE = 64            # the plan kernel's BLOCK_M = BLOCK_N (codegen.render.PLAN_BLOCK)
 
 counters: collections.Counter = collections.Counter()
 fallbacks: collections.Counter = collections.Counter()   # (kernel key, reason) -> automatic fallbacks
@@ -50,10 +52,14 @@ def reset_counters() -> None:
 
 
 def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel: str,
-                 forms: str = "") -> Optional[str]:
+                 forms: str = "", causal: bool = True, window: int = 0) -> Optional[str]:
     """None if the generated kernel can run these inputs, else the reason it cannot."""
-    if forms and any(f.kind != "dense" for f in _forms(forms)):
-        return "the generated kernel runs dense heads only; per-head sparse forms run in the reference"
+    if _planned(forms):
+        if not causal or mask is not None or window:
+            return "per-head forms on a site with its own mask or window run in the reference"
+        reason = block_reason(_forms(forms), q.shape[2], k.shape[2], PLAN_TILE, PLAN_TILE)
+        if reason:
+            return reason
     if not kernel:
         return "no Triton kernel was generated for this site"
     if not kernels.triton_available():
@@ -92,11 +98,26 @@ def _check_args(q, k, v, mask, impl):
                          f"({k.shape[1]}, {v.shape[1]})")
 
 
-def _run_triton(q, k, v, mask, causal, window, scale, kernel):
+def _planned(forms: str) -> bool:
+    return bool(forms) and any(f.kind != "dense" for f in _forms(forms))
+
+
+def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms=""):
     loaded = kernels.load_kernel(kernel, q.device)
+    is_plan = getattr(loaded.module, "PLAN", False)
+    if _planned(forms) != is_plan:
+        raise KernelUnavailable("the site's generated kernel is " + ("the per-head plan kernel but the call has "
+                                "no plan" if is_plan else "dense but the call carries a plan") +
+                                "; compile the model again with its plan")
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if q.shape[2] and k.shape[2]:
-        loaded.launch(q, k, v, mask, out, scale, window)
+        if is_plan:
+            meta = block_meta(forms, q.shape[1] // k.shape[1], q.shape[2], k.shape[2], loaded.module.BLOCK_M,
+                              loaded.module.BLOCK_N, q.device)
+            loaded.launch(q, k, v, out, scale, meta)
+            counters["triton_plan_blocks"] += meta.visited_blocks
+        else:
+            loaded.launch(q, k, v, mask, out, scale, window)
     else:
         out.zero_()                      # no queries or no keys: nothing to attend to
     counters["triton_interpreter" if loaded.interpreted else "triton"] += 1
@@ -116,16 +137,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: b
     if impl == "reference":
         counters["reference"] += 1
         return attention_reference(q, k, v, mask, causal, scale, window, head_forms)
-    reason = triton_check(q, k, v, mask, kernel, forms)
+    reason = triton_check(q, k, v, mask, kernel, forms, causal, window)
     if impl == "triton":
         if reason:
             raise KernelUnavailable(f"impl='triton' was asked for but {reason}; use impl='auto' or "
                                     "impl='reference'")
-        return _run_triton(q, k, v, mask, causal, window, scale, kernel)
+        return _run_triton(q, k, v, mask, causal, window, scale, kernel, forms)
     # auto
     if reason is None and _accelerated(q):
         try:
-            return _run_triton(q, k, v, mask, causal, window, scale, kernel)
+            return _run_triton(q, k, v, mask, causal, window, scale, kernel, forms)
         except Exception as e:             # a kernel that fails to load or compile must not lose the run
             reason = f"Triton kernel failed: {type(e).__name__}: {e}"
     if _accelerated(q):

@@ -26,13 +26,16 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3):
     for n in names:
         if n in ("Q", "K", "V", "Out"):
             sig[n] = f"*{dtype}"
+        elif n in ("CNT", "IDX", "SINK", "WIN", "SCHED"):           # plan kernel block metadata
+            sig[n] = "*i32"
         elif n == "M":
             sig[n] = "*i1" if spec.mask == "bool" else "*fp32"
         elif n == "sm_scale":
             sig[n] = "fp32"
         else:
             sig[n] = "constexpr" if n in CONSTEXPR else "i32"
-    consts = {"GROUP": group, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim,
+    block_m = 64 if spec.plan else 128
+    consts = {"GROUP": group, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim,
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 3})
@@ -42,7 +45,9 @@ def main():
     cases = [(codegen.KernelSpec(causal=c, mask=m), "bf16", 64) for c in (False, True)
              for m in (None, "bool", "additive")]
     cases += [(codegen.KernelSpec(causal=True), "fp16", 128), (codegen.KernelSpec(causal=True), "fp32", 64),
-              (codegen.KernelSpec(causal=True, window=True), "bf16", 64)]
+              (codegen.KernelSpec(causal=True, window=True), "bf16", 64),
+              (codegen.KernelSpec(causal=True, plan=True), "bf16", 64),
+              (codegen.KernelSpec(causal=True, plan=True), "fp16", 128)]
     results = []
     for spec, dtype, d in cases:
         c = compile_sm90(spec, dtype, d)

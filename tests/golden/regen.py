@@ -4,7 +4,8 @@ from pathlib import Path
 from attnforge.codegen import KernelSpec, render_attention
 
 SPECS = [KernelSpec(causal=c, mask=m) for c in (False, True) for m in (None, "bool", "additive")]
-SPECS += [KernelSpec(causal=True, window=True), KernelSpec(causal=False, window=True, mask="additive")]
+SPECS += [KernelSpec(causal=True, window=True), KernelSpec(causal=False, window=True, mask="additive"),
+          KernelSpec(causal=True, plan=True)]
 
 
 def main():

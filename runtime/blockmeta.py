@@ -1,0 +1,104 @@
+"""Block metadata for the per-head plan kernel, computed from the forms (never from an N x S mask).
+
+For one site's forms (one per KV group), a query length N and key length S (queries at the last N
+positions for the forms; the op's causal rule j <= i on top), and BLOCK_M x BLOCK_N tiles:
+
+    count[g, qb]     key blocks query block qb of group g visits
+    index[g, qb, t]  those blocks, ascending (padded with 0 past count)
+    sink[g], window[g]  the element-level window rule inside visited blocks (window 0: none)
+    schedule[w]      (query block, query head) of each program, heaviest (largest count) first
+
+Work is O(G * N/BLOCK_M * S/BLOCK_N) block flags, built with a few tensor ops on the target device and
+cached per (forms, N, S, device); `block_reason` says when a form cannot be tiled exactly (a block-sparse
+layout whose block is not the tile, or query blocks not aligned with its blocks).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .forms import BlockSparse, Dense, ElasticWindow, SinkWindow, forms_from_json
+
+__all__ = ["BlockMeta", "block_meta", "block_reason"]
+
+
+@dataclass(frozen=True)
+class BlockMeta:
+    count: torch.Tensor       # [G, nbq] int32
+    index: torch.Tensor       # [G, nbq, maxk] int32, contiguous
+    sink: torch.Tensor        # [G] int32
+    window: torch.Tensor      # [G] int32
+    schedule: torch.Tensor    # [G * group * nbq, 2] int32: (query block, query head), heaviest first
+    block_m: int
+    block_n: int
+    visited_blocks: int       # sum of count, kept on the host (no device sync per launch)
+
+
+def block_reason(forms, n: int, s: int, block_m: int, block_n: int) -> str | None:
+    """None if the kernel can tile these forms exactly, else why not."""
+    for f in forms:
+        if isinstance(f, BlockSparse):
+            if f.block != block_n or f.block != block_m:
+                return f"block_sparse block {f.block} differs from the kernel's {block_m}x{block_n} tiles"
+            if (s - n) % f.block:
+                return (f"block_sparse needs query blocks aligned with key blocks (S - N = {s - n} is not a "
+                        f"multiple of {f.block})")
+    return None
+
+
+def _group_blocks(form, qb: torch.Tensor, kb: torch.Tensor, n: int, s: int, bm: int, bn: int) -> torch.Tensor:
+    """[nbq, nbk] bool: key block kb holds at least one key some query of block qb keeps."""
+    p0 = s - n + qb * bm                                        # first query position of the block
+    last = torch.clamp((qb + 1) * bm, max=n) - 1               # last query index of the block
+    p1 = s - n + last                                           # and its position
+    k0, k1 = kb * bn, kb * bn + bn - 1
+    causal = (k0 <= p1) & (k0 <= last)                          # the op's causal is top-left (j <= i)
+    if isinstance(form, Dense):
+        return causal
+    if isinstance(form, (SinkWindow, ElasticWindow)):
+        # row i keeps window keys pos_i - w < j <= min(i, pos_i): a band of width w - max(0, S - N), so
+        # over the block the union runs from pos(first row) - w + 1 up to the causal limit
+        w = form.window_at(s)
+        window_keys = (k1 > p0 - w) if w > max(0, s - n) else torch.zeros_like(causal)
+        return causal & ((k0 < form.sink) | window_keys)
+    fq = p0 // form.block                                       # aligned: the block's form query block
+    vert = torch.zeros(kb.shape[-1], dtype=torch.bool, device=kb.device)
+    vert[[v for v in form.verticals if v < vert.numel()]] = True
+    diag = fq - kb
+    slash = torch.zeros(int(max(form.slashes)) + 1, dtype=torch.bool, device=kb.device)
+    slash[list(form.slashes)] = True
+    in_slash = (diag >= 0) & (diag < slash.numel()) & slash[diag.clamp(0, slash.numel() - 1)]
+    return causal & (vert[kb] | in_slash)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, device: str) -> BlockMeta:
+    forms = forms_from_json(forms_json)
+    dev = torch.device(device)
+    nbq, nbk = -(-n // bm), -(-s // bn)
+    qb = torch.arange(nbq, device=dev)[:, None]
+    kb = torch.arange(nbk, device=dev)[None, :]
+    flags = torch.stack([_group_blocks(f, qb, kb, n, s, bm, bn) for f in forms])        # [G, nbq, nbk]
+    count = flags.sum(-1, dtype=torch.int32)
+    maxk = max(1, int(count.max())) if count.numel() else 1
+    # kept block ids first, ascending: sort by (not kept, id)
+    order = torch.argsort((~flags).to(torch.int32) * nbk + kb, dim=-1)[..., :maxk]
+    index = torch.where(torch.arange(maxk, device=dev) < count[..., None], order, 0).to(torch.int32).contiguous()
+    sink = torch.tensor([getattr(f, "sink", 0) if f.window_at(s) is not None else 0 for f in forms],
+                        dtype=torch.int32, device=dev)
+    window = torch.tensor([f.window_at(s) or 0 for f in forms], dtype=torch.int32, device=dev)
+    # one program per (query block, query head); heaviest first so long rows do not finish last
+    g_of_head = torch.arange(len(forms) * group, device=dev) // group
+    work = count[g_of_head]                                                              # [H, nbq]
+    heads, qbs = torch.meshgrid(torch.arange(work.shape[0], device=dev), torch.arange(nbq, device=dev),
+                                indexing="ij")
+    order = torch.argsort(work.flatten(), descending=True, stable=True)
+    schedule = torch.stack([qbs.flatten()[order], heads.flatten()[order]], 1).to(torch.int32).contiguous()
+    return BlockMeta(count, index, sink, window, schedule, bm, bn, int(count.sum()))
+
+
+def block_meta(forms_json: str, group: int, n: int, s: int, block_m: int, block_n: int, device) -> BlockMeta:
+    """The metadata for one launch (cached): forms as the op's JSON, `group` query heads per KV head."""
+    return _cached(forms_json, group, n, s, block_m, block_n, str(torch.device(device)))

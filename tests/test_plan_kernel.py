@@ -1,0 +1,83 @@
+"""The heterogeneous per-head plan kernel (Triton interpreter on the CPU) against the float64 reference."""
+import pytest
+import torch
+
+import attnforge as af
+from attnforge import codegen
+from attnforge.runtime import blockmeta, kernels
+from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindow, forms_to_json, keep_mask
+from attnforge.runtime.reference import attention_reference
+
+from conftest import assert_closer
+
+pytestmark = pytest.mark.skipif(not kernels.interpreter_enabled(), reason="needs TRITON_INTERPRET=1")
+
+MIXES = {
+    "dense+window+elastic": (Dense(), SinkWindow(4, 40), ElasticWindow(8, 16, 0.25)),
+    "block_sparse+window": (BlockSparse(64, (0, 2), (0, 1)), SinkWindow(0, 70), Dense()),
+    "all_window": (SinkWindow(64, 64), SinkWindow(1, 1), SinkWindow(3, 129)),
+}
+
+
+def _plan_key():
+    return kernels.register_source(codegen.render_attention(codegen.KernelSpec(causal=True, plan=True)).source)
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("n,s", [(200, 200), (130, 258), (1, 193)])
+def test_plan_kernel_matches_float64(mix, n, s):
+    forms = MIXES[mix]
+    if any(isinstance(f, BlockSparse) for f in forms) and (s - n) % 64:
+        pytest.skip("block-sparse needs aligned query blocks (the op sends this case to the reference)")
+    g = torch.Generator().manual_seed(n + s)
+    q = torch.randn(2, 6, n, 32, generator=g)
+    k, v = torch.randn(2, 3, s, 32, generator=g), torch.randn(2, 3, s, 32, generator=g)
+    fj = forms_to_json(forms)
+    out = torch.ops.attnforge.attention(q, k, v, None, True, 0, 0.2, "triton", _plan_key(), fj)
+    ref = attention_reference(q.double(), k.double(), v.double(), None, True, 0.2, forms=forms)
+    theirs = attention_reference(q, k, v, None, True, 0.2, forms=forms)
+    assert_closer(out, theirs, ref)
+    assert af.runtime.counters["triton_interpreter"] == 1 and af.runtime.counters["reference"] == 0
+    # the kernel visited only the blocks the forms keep: never more than the block-level mask has
+    meta = blockmeta.block_meta(fj, 2, n, s, 64, 64, "cpu")
+    keep = keep_mask(forms, n, s) & torch.ones(n, s, dtype=torch.bool).tril()   # [G, N, S], op's causal too
+    pad = (0, -s % 64, 0, -n % 64)
+    needed = torch.nn.functional.pad(keep, pad).unflatten(1, (-1, 64)).unflatten(3, (-1, 64)).any(2).any(-1)
+    assert torch.equal(meta.count, needed.sum(-1, dtype=torch.int32))
+    assert af.runtime.counters["triton_plan_blocks"] == meta.visited_blocks * 1 < needed[0].numel() * 3
+
+
+def test_schedule_runs_heaviest_first_and_covers_every_program():
+    forms = (Dense(), SinkWindow(0, 64))
+    meta = blockmeta.block_meta(forms_to_json(forms), 2, 640, 640, 64, 64, "cpu")
+    sched = meta.schedule.tolist()
+    assert sorted(map(tuple, sched)) == [(qb, h) for qb in range(10) for h in range(4)]
+    work = [int(meta.count[h // 2, qb]) for qb, h in sched]
+    assert work == sorted(work, reverse=True) and work[0] == 10 and work[-1] == 1
+
+
+def test_misaligned_block_sparse_goes_to_the_reference_with_a_reason():
+    forms = (BlockSparse(64, (0,), (0,)),)
+    q, k = torch.randn(1, 1, 10, 16), torch.randn(1, 1, 70, 16)
+    with pytest.raises(af.KernelUnavailable, match="aligned"):
+        torch.ops.attnforge.attention(q, k, k, None, True, 0, 0.2, "triton", _plan_key(), forms_to_json(forms))
+    out = torch.ops.attnforge.attention(q, k, k, None, True, 0, 0.2, "auto", _plan_key(), forms_to_json(forms))
+    torch.testing.assert_close(out, attention_reference(q, k, k, None, True, 0.2, forms=forms))
+
+
+def test_backend_emits_the_plan_kernel_for_planned_sites():
+    from attnforge.compiler.models import tiny
+    from attnforge.compiler.plan import Plan, SitePlan, fingerprint
+
+    model, (ids,) = tiny(150, sdpa=True)
+    sites = af.find_attention(model, (ids,))
+    plan = Plan(fingerprint(sites), "tiny", (SitePlan(sites[0].id, 8, 2, (SinkWindow(4, 32), Dense())),
+                                            SitePlan(sites[1].id, 8, 2, (Dense(), Dense()))), {"density": 0.7}, (150,))
+    be = af.Backend(plan=plan, impl="triton", compiler="eager")
+    out = torch.compile(model, backend=be)(ids)
+    names = {kr.site: kr.name for kr in be.records[0].kernels}
+    assert names == {sites[0].id: "attnforge_fwd_plan_causal", sites[1].id: "attnforge_fwd_dense_causal"}
+    torch._dynamo.reset()
+    ref = torch.compile(model, backend=af.Backend(plan=plan, impl="reference", compiler="eager"))(ids)
+    torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
+    assert af.runtime.counters["triton_interpreter"] == 2 and af.runtime.counters["triton_plan_blocks"] > 0
