@@ -86,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("-o", "--out", required=True, help="plan file to write (.json)")
     se.add_argument("--json", action="store_true", help="print the summary (and Pareto front) as JSON")
 
+    rp = sub.add_parser("report", help="an HTML (+ Markdown, JSON) report of a plan and/or a profile",
+                        description="Render a self-contained HTML report (plots inline, sortable tables), "
+                                    "with report.md, report.json and report.assets/ beside it.")
+    rp.add_argument("inputs", metavar="FILE", nargs="+", help="plan.json and/or profile.npz")
+    rp.add_argument("--model", help="MODEL to measure per-site latency on (dense vs planned)")
+    rp.add_argument("--length", type=int, default=None, help="length for spans and kept fractions")
+    rp.add_argument("-o", "--out", required=True, help="report file to write (.html)")
+
     op = sub.add_parser("optimize", help="profile + search + kernels + summary into one folder",
                         description="The offline job: profile MODEL, search a plan at the density, write "
                                     "OUT/plan.json, OUT/profile.npz, OUT/kernels/ (generated Triton sources "
@@ -232,6 +240,29 @@ def _cmd_search(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .plan import Plan
+    from .profile import Profile
+    from .report import build_report, measure_latency, write_report
+
+    plan = profile = None
+    for path in args.inputs:
+        if str(path).endswith(".npz"):
+            profile = Profile.load(path)
+        else:
+            plan = Plan.load(path)
+    latency = None
+    if args.model:
+        from .models import load_model
+
+        model, inputs = load_model(args.model)
+        latency = measure_latency(model, inputs, plan)
+    rep = build_report(plan, profile, length=args.length, latency=latency)
+    paths = write_report(rep, args.out, profile=profile, plan=plan)
+    print(f"report -> {paths['html']} (+ {paths['md'].name}, {paths['json'].name}, {paths['assets'].name}/)")
+    return 0
+
+
 def _cmd_optimize(args) -> int:
     import os
     import time
@@ -271,9 +302,14 @@ def _cmd_optimize(args) -> int:
     with open(os.path.join(kdir, "manifest.json"), "w") as f:
         json.dump({"note": "forward kernels per site; sparse per-head forms run in the reference until the "
                            "per-head kernels land", "kernels": manifest}, f, indent=1)
+    from .report import build_report, write_report
+
+    write_report(build_report(plan, prof, command=plan.provenance["command"]), os.path.join(args.out, "report.html"),
+                 profile=prof, plan=plan)
     summary = {**_plan_summary(plan), "profile_seconds": round(t1 - t0, 1), "search_seconds": round(t2 - t1, 2),
-               "files": ["plan.json", "profile.npz", "kernels/manifest.json", "summary.json"],
-               "not_yet": ["report.html", "model.onnx"]}
+               "files": ["plan.json", "profile.npz", "kernels/manifest.json", "report.html", "report.md",
+                         "report.json", "report.assets/", "summary.json"],
+               "not_yet": ["model.onnx"]}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if args.json:
@@ -304,7 +340,7 @@ def main(argv=None) -> int:
     from .search import SearchError
 
     commands = {"detect": _cmd_detect, "run": _cmd_run, "profile": _cmd_profile, "search": _cmd_search,
-                "optimize": _cmd_optimize}
+                "optimize": _cmd_optimize, "report": _cmd_report}
     try:
         return commands[args.command](args)
     except (ModelSpecError, PlanError, ProfileError, SearchError) as e:

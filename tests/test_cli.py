@@ -77,8 +77,13 @@ def test_profile_search_optimize_on_tiny(tmp_path, capsys):
     assert main(["search", str(prof), "--density", "0.6", "--baseline", "streaming", "-o", str(tmp_path / "b.json")]) == 0
     folder = tmp_path / "out"
     assert main(["optimize", "tiny", "--block", "16", "--density", "0.6", "-o", str(folder)]) == 0
-    for name in ("plan.json", "profile.npz", "summary.json", "kernels/manifest.json"):
+    for name in ("plan.json", "profile.npz", "summary.json", "kernels/manifest.json", "report.html", "report.md",
+                 "report.json", "report.assets/heatmap.svg"):
         assert (folder / name).exists(), name
+    # a report from a profile alone (before any search): per-head statistics, no plan section
+    assert main(["report", str(prof), "-o", str(tmp_path / "prof_report.html")]) == 0
+    text = (tmp_path / "prof_report.html").read_text()
+    assert "Per KV group: profile" in text and "Per KV group: plan" not in text
     manifest = json.loads((folder / "kernels" / "manifest.json").read_text())
     assert len(manifest["kernels"]) == 2 and (folder / manifest["kernels"][0]["file"]).exists()
 
