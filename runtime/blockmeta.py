@@ -7,6 +7,7 @@ positions for the forms; the op's causal rule j <= i on top), and BLOCK_M x BLOC
     index[g, qb, t]  those blocks, ascending (padded with 0 past count)
     sink[g], window[g]  the element-level window rule inside visited blocks (window 0: none)
     schedule[w]      (query block, query head) of each program, heaviest (largest count) first
+    count_t, index_t the transpose, per (KV group, key block): the query blocks that visit it (backward)
 
 Work is O(G * N/BLOCK_M * S/BLOCK_N) block flags, built with a few tensor ops on the target device and
 cached per (forms, N, S, device); `block_reason` says when a form cannot be tiled exactly (a block-sparse
@@ -34,6 +35,8 @@ class BlockMeta:
     block_m: int
     block_n: int
     visited_blocks: int       # sum of count, kept on the host (no device sync per launch)
+    count_t: torch.Tensor     # [G, nbk] int32: query blocks visiting each key block
+    index_t: torch.Tensor     # [G, nbk, maxq] int32, contiguous
 
 
 def block_reason(forms, n: int, s: int, block_m: int, block_n: int) -> str | None:
@@ -81,11 +84,8 @@ def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, devic
     qb = torch.arange(nbq, device=dev)[:, None]
     kb = torch.arange(nbk, device=dev)[None, :]
     flags = torch.stack([_group_blocks(f, qb, kb, n, s, bm, bn) for f in forms])        # [G, nbq, nbk]
-    count = flags.sum(-1, dtype=torch.int32)
-    maxk = max(1, int(count.max())) if count.numel() else 1
-    # kept block ids first, ascending: sort by (not kept, id)
-    order = torch.argsort((~flags).to(torch.int32) * nbk + kb, dim=-1)[..., :maxk]
-    index = torch.where(torch.arange(maxk, device=dev) < count[..., None], order, 0).to(torch.int32).contiguous()
+    count, index = _lists(flags)
+    count_t, index_t = _lists(flags.transpose(1, 2))
     sink = torch.tensor([getattr(f, "sink", 0) if f.window_at(s) is not None else 0 for f in forms],
                         dtype=torch.int32, device=dev)
     window = torch.tensor([f.window_at(s) or 0 for f in forms], dtype=torch.int32, device=dev)
@@ -96,7 +96,19 @@ def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, devic
                                 indexing="ij")
     order = torch.argsort(work.flatten(), descending=True, stable=True)
     schedule = torch.stack([qbs.flatten()[order], heads.flatten()[order]], 1).to(torch.int32).contiguous()
-    return BlockMeta(count, index, sink, window, schedule, bm, bn, int(count.sum()))
+    return BlockMeta(count, index, sink, window, schedule, bm, bn, int(count.sum()), count_t, index_t)
+
+
+def _lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[G, R, C] flags -> (count [G, R], index [G, R, maxc]): the flagged columns of each row, ascending,
+    padded with 0."""
+    cols = flags.shape[-1]
+    count = flags.sum(-1, dtype=torch.int32)
+    maxc = max(1, int(count.max())) if count.numel() else 1
+    ids = torch.arange(cols, device=flags.device)
+    order = torch.argsort((~flags).to(torch.int64) * cols + ids, dim=-1)[..., :maxc]      # kept first, ascending
+    index = torch.where(torch.arange(maxc, device=flags.device) < count[..., None], order, 0)
+    return count, index.to(torch.int32).contiguous()
 
 
 def block_meta(forms_json: str, group: int, n: int, s: int, block_m: int, block_n: int, device) -> BlockMeta:

@@ -163,13 +163,40 @@ def _(q, k, v, mask, causal, window, scale, impl, kernel, forms=""):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, window, scale, _impl, _kernel, forms = inputs
+    q, k, v, mask, causal, window, scale, impl, kernel, forms = inputs
     ctx.save_for_backward(q, k, v, mask)
     ctx.causal, ctx.window, ctx.scale, ctx.forms = causal, window, scale, forms
+    ctx.impl, ctx.kernel = impl, kernel
+
+
+def _plan_backward_kernel(ctx, q, k, v, mask):
+    """The plan kernel's module when its backward kernels should run this call, else None: the same
+    choice the forward made (impl='triton', or 'auto' on CUDA) for a planned call it can run."""
+    if ctx.impl == "reference" or not _planned(ctx.forms) or (ctx.impl == "auto" and not _accelerated(q)):
+        return None
+    reason = triton_check(q, k, v, mask, ctx.kernel, ctx.forms, ctx.causal, ctx.window)
+    if reason:
+        if ctx.impl == "triton":
+            raise KernelUnavailable(f"impl='triton' backward: {reason}")
+        return None
+    loaded = kernels.load_kernel(ctx.kernel, q.device)
+    return loaded if getattr(loaded.module, "PLAN", False) and hasattr(loaded.module, "launch_backward") else None
 
 
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
+    loaded = _plan_backward_kernel(ctx, q, k, v, mask)
+    if loaded is not None and q.shape[2] and k.shape[2]:
+        # recompute the forward once to get each row's log-sum-exp, then the dQ and dK/dV kernels
+        meta = block_meta(ctx.forms, q.shape[1] // k.shape[1], q.shape[2], k.shape[2], loaded.module.BLOCK_M,
+                          loaded.module.BLOCK_N, q.device)
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        loaded.launch(q, k, v, out, ctx.scale, meta, lse=lse)
+        dq, dk, dv = loaded.module.launch_backward(q, k, v, out, grad_out, lse, ctx.scale, meta,
+                                                   interpreted=loaded.interpreted)
+        counters["triton_backward"] += 1
+        return dq, dk, dv, None, None, None, None, None, None, None
     dq, dk, dv, dmask = attention_reference_backward(grad_out, q, k, v, mask, ctx.causal, ctx.scale,
                                                      ctx.window, _forms(ctx.forms))
     return dq, dk, dv, dmask, None, None, None, None, None, None

@@ -17,16 +17,18 @@ from attnforge.runtime import kernels
 CONSTEXPR = ("GROUP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "PRECISION")
 
 
-def compile_sm90(spec, dtype="bf16", head_dim=64, group=3):
+def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix=""):
     src = codegen.render_attention(spec).source
     module = kernels._module_from_source(kernels.source_key(src), src)
-    fn = triton.jit(getattr(module, module.KERNEL))
+    fn = triton.jit(getattr(module, module.KERNEL + suffix))
     names = list(inspect.signature(fn.fn).parameters)
     sig = {}
     for n in names:
-        if n in ("Q", "K", "V", "Out"):
+        if n in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
             sig[n] = f"*{dtype}"
-        elif n in ("CNT", "IDX", "SINK", "WIN", "SCHED"):           # plan kernel block metadata
+        elif n in ("Lse", "Delta"):
+            sig[n] = "*fp32"
+        elif n in ("CNT", "IDX", "CNT_T", "IDX_T", "SINK", "WIN", "SCHED"):     # plan kernel block metadata
             sig[n] = "*i32"
         elif n == "M":
             sig[n] = "*i1" if spec.mask == "bool" else "*fp32"
@@ -34,9 +36,13 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3):
             sig[n] = "fp32"
         else:
             sig[n] = "constexpr" if n in CONSTEXPR else "i32"
+    if "STORE_LSE" in names:
+        sig["STORE_LSE"] = "constexpr"
     block_m = 64 if spec.plan else 128
     consts = {"GROUP": group, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim,
               "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    if "STORE_LSE" in names:
+        consts["STORE_LSE"] = True
     ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 3})
 
@@ -49,9 +55,10 @@ def main():
               (codegen.KernelSpec(causal=True, plan=True), "bf16", 64),
               (codegen.KernelSpec(causal=True, plan=True), "fp16", 128)]
     results = []
-    for spec, dtype, d in cases:
-        c = compile_sm90(spec, dtype, d)
-        results.append({"kernel": spec.name, "dtype": dtype, "head_dim": d, "cubin_bytes": len(c.asm["cubin"]),
+    cases += [(codegen.KernelSpec(causal=True, plan=True), "bf16", 64, suffix) for suffix in ("_bwd_dq", "_bwd_dkdv")]
+    for spec, dtype, d, *suffix in cases:
+        c = compile_sm90(spec, dtype, d, suffix=suffix[0] if suffix else "")
+        results.append({"kernel": spec.name + (suffix[0] if suffix else ""), "dtype": dtype, "head_dim": d, "cubin_bytes": len(c.asm["cubin"]),
                         "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
     json.dump(results, sys.stdout)
 
