@@ -98,6 +98,16 @@ def _check_args(q, k, v, mask, impl):
                          f"({k.shape[1]}, {v.shape[1]})")
 
 
+def _config(loaded, kernel: str, q: Tensor, v: Tensor, run):
+    """The tuned launch config on a GPU (attnforge.runtime.autotune), None (the kernel's default) elsewhere."""
+    if loaded.interpreted or q.device.type != "cuda" or not hasattr(loaded.module, "CONFIGS"):
+        return None
+    from . import autotune
+
+    return autotune.tuned_config(loaded.module, kernel, torch.cuda.get_device_name(q.device),
+                                 max(q.shape[-1], v.shape[-1]), q.dtype, run)
+
+
 def _planned(forms: str) -> bool:
     return bool(forms) and any(f.kind != "dense" for f in _forms(forms))
 
@@ -114,10 +124,11 @@ def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms=""):
         if is_plan:
             meta = block_meta(forms, q.shape[1] // k.shape[1], q.shape[2], k.shape[2], loaded.module.BLOCK_M,
                               loaded.module.BLOCK_N, q.device)
-            loaded.launch(q, k, v, out, scale, meta)
+            run = lambda config: loaded.launch(q, k, v, out, scale, meta, config=config)  # noqa: E731
             counters["triton_plan_blocks"] += meta.visited_blocks
         else:
-            loaded.launch(q, k, v, mask, out, scale, window)
+            run = lambda config: loaded.launch(q, k, v, mask, out, scale, window, config=config)  # noqa: E731
+        run(_config(loaded, kernel, q, v, run))
     else:
         out.zero_()                      # no queries or no keys: nothing to attend to
     counters["triton_interpreter" if loaded.interpreted else "triton"] += 1

@@ -1,0 +1,70 @@
+"""Launch-config tuning: the fastest config is kept in memory and on disk, failing configs are skipped,
+a broken cache file is rebuilt. Timings are injected (the real ones need a GPU); the logic is the real one."""
+import json
+import types
+
+import pytest
+
+from attnforge.runtime import autotune, kernels
+
+
+@pytest.fixture
+def module():
+    autotune.clear()
+    yield types.SimpleNamespace(CONFIGS=[(4, 3), (8, 2), (4, 2), (16, 1)])
+    autotune.clear()
+
+
+def _bench(times, calls):
+    def bench(fn):
+        fn()
+        return times[calls[-1]]
+    return bench
+
+
+def test_fastest_config_is_kept_and_failing_ones_skipped(module, tmp_path):
+    kernels.set_cache_dir(tmp_path)
+    calls = []
+
+    def run(config):
+        calls.append(tuple(config))
+        if config == (16, 1):
+            raise RuntimeError("out of resources: shared memory")
+
+    times = {(4, 3): 0.9, (8, 2): 0.5, (4, 2): 0.7}
+    with pytest.warns(RuntimeWarning, match="skipped config \\(16, 1\\)"):
+        best = autotune.tuned_config(module, "k1", "H100", 64, "torch.bfloat16", run, _bench(times, calls))
+    assert best == (8, 2)
+    data = json.loads((tmp_path / "autotune.json").read_text())
+    assert data["H100|k1|d64|bfloat16"]["config"] == [8, 2] and len(data["H100|k1|d64|bfloat16"]["ms"]) == 3
+    calls.clear()
+    assert autotune.tuned_config(module, "k1", "H100", 64, "torch.bfloat16", run, _bench(times, calls)) == (8, 2)
+    assert calls == []                                             # remembered: nothing timed again
+    autotune.clear()                                               # a new process reads the file
+    assert autotune.tuned_config(module, "k1", "H100", 64, "torch.bfloat16", run, _bench(times, calls)) == (8, 2)
+    assert calls == []
+    # another head dim is tuned separately
+    autotune.tuned_config(module, "k1", "H100", 128, "torch.bfloat16", lambda c: calls.append(tuple(c)),
+                          _bench({**times, (16, 1): 0.1}, calls))
+    assert json.loads((tmp_path / "autotune.json").read_text())["H100|k1|d128|bfloat16"]["config"] == [16, 1]
+
+
+def test_broken_cache_file_is_rebuilt(module, tmp_path):
+    kernels.set_cache_dir(tmp_path)
+    (tmp_path / "autotune.json").write_text("{not json")
+    calls = []
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        best = autotune.tuned_config(module, "k2", "H200", 64, "torch.float16", lambda c: calls.append(tuple(c)),
+                                     _bench({(4, 3): 0.2, (8, 2): 0.5, (4, 2): 0.7, (16, 1): 0.3}, calls))
+    assert best == (4, 3)
+    assert json.loads((tmp_path / "autotune.json").read_text())["H200|k2|d64|float16"]["config"] == [4, 3]
+
+
+def test_nothing_runs_is_an_error(module, tmp_path):
+    kernels.set_cache_dir(tmp_path)
+
+    def run(config):
+        raise RuntimeError("no")
+
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="no launch configuration"):
+        autotune.tuned_config(module, "k3", "H100", 64, "torch.float16", run, lambda fn: fn() or 1.0)
