@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("inputs", metavar="FILE", nargs="+", help="plan.json and/or profile.npz")
     rp.add_argument("--model", help="MODEL to measure per-site latency on (dense vs planned)")
     rp.add_argument("--length", type=int, default=None, help="length for spans and kept fractions")
+    rp.add_argument("--bench", help="accuracy benchmark JSON (benchmarks/accuracy.py) to plot measured "
+                                    "perplexity of searched vs uniform plans")
     rp.add_argument("-o", "--out", required=True, help="report file to write (.html)")
 
     op = sub.add_parser("optimize", help="profile + search + kernels + summary into one folder",
@@ -257,7 +259,8 @@ def _cmd_report(args) -> int:
 
         model, inputs = load_model(args.model)
         latency = measure_latency(model, inputs, plan)
-    rep = build_report(plan, profile, length=args.length, latency=latency)
+    bench = json.loads(open(args.bench).read()) if args.bench else None
+    rep = build_report(plan, profile, length=args.length, latency=latency, bench=bench)
     paths = write_report(rep, args.out, profile=profile, plan=plan)
     print(f"report -> {paths['html']} (+ {paths['md'].name}, {paths['json'].name}, {paths['assets'].name}/)")
     return 0

@@ -42,12 +42,12 @@ def _site_rows(plan: Plan | None, profile: Profile | None) -> list[dict]:
 
 
 def build_report(plan: Plan | None = None, profile: Profile | None = None, *, length: int | None = None,
-                 latency: dict | None = None, baseline: dict | None = None, declined: list | None = None,
+                 latency: dict | None = None, bench: dict | None = None, declined: list | None = None,
                  command: str | None = None) -> dict:
     """The report's content as plain data (what `write_report` renders). length: where span and kept
     fractions are shown (default: the plan's or profile's longest length). latency: from
-    `measure_latency`. baseline: {"density": d, "ppl": ...} of the uniform streaming plan, if measured.
-    declined: (site, reason) pairs from detection."""
+    `measure_latency`. bench: an accuracy benchmark's JSON (benchmarks/accuracy.py): its measured
+    perplexity of searched and uniform streaming plans at each density. declined: (site, reason) pairs."""
     if plan is None and profile is None:
         raise ValueError("a report needs a plan, a profile, or both")
     lengths = sorted(set((plan.lengths if plan else ()) + tuple(profile.lengths if profile else ())))
@@ -94,8 +94,8 @@ def build_report(plan: Plan | None = None, profile: Profile | None = None, *, le
             rep["heads"].append({"site": sp.site, "group": g, "form": f.kind, "span": w,
                                  "kept": round(kept_pairs(f, n) / causal_pairs(n), 4),
                                  "kv": round(kv_tokens(f, n) / n, 4), "params": f.to_dict()})
-    if baseline is not None:
-        summary["uniform streaming baseline"] = baseline
+    if bench is not None:
+        rep["measured_front"] = _measured_front(bench)
     if profile is not None:
         summary["profiled lengths"] = ", ".join(f"{k} ({v} samples)" for k, v in sorted(profile.samples.items()))
         rep["profile_heads"] = _profile_heads(profile, n)
@@ -108,6 +108,20 @@ def build_report(plan: Plan | None = None, profile: Profile | None = None, *, le
             except SearchError as e:
                 rep["pareto"] = {"error": str(e)}
     return rep
+
+
+def _measured_front(bench: dict) -> list[dict]:
+    """Rows of an accuracy benchmark: plan family, density and perplexity at each evaluated length."""
+    rows = []
+    for name, row in bench.get("rows", {}).items():
+        family, _, _ = name.partition("@")
+        for key, ppl in row.items():
+            if key.startswith("ppl@"):
+                n = key[4:]
+                rows.append({"plan": family, "name": name, "length": int(n), "density": round(row["density"][n], 4),
+                             "ppl": round(ppl, 4), "vs dense": round(row.get("ppl_vs_dense", {}).get(key, 0.0), 4),
+                             "passkey": row.get("passkey")})
+    return rows
 
 
 def _plannable(site: dict) -> bool:
@@ -264,6 +278,23 @@ def _plots(rep: dict, profile: Profile | None, plan: Plan | None) -> dict[str, s
         ax.set_title("Pareto front the search sees")
         ax.legend(fontsize=7)
         plots["pareto"] = _svg(fig)
+    if rep.get("measured_front"):
+        mf = rep["measured_front"]
+        ns = sorted({r["length"] for r in mf})
+        fig, axes = plt.subplots(1, len(ns), figsize=(4.2 * len(ns), 3.2), squeeze=False)
+        for ax, n in zip(axes[0], ns):
+            for family, style in (("searched", "o-"), ("streaming", "s--")):
+                pts = sorted((r["density"], r["ppl"]) for r in mf if r["length"] == n and r["plan"] == family)
+                if pts:
+                    ax.plot(*zip(*pts), style, label=family if family == "searched" else "uniform streaming")
+            dense = [r["ppl"] for r in mf if r["length"] == n and r["plan"] == "dense"]
+            if dense:
+                ax.axhline(dense[0], color="gray", lw=0.8, label="dense")
+            ax.set_xlabel(f"density at {n}")
+            ax.set_ylabel("perplexity (held-out text)")
+            ax.set_title(f"measured at {n} tokens")
+            ax.legend(fontsize=7)
+        plots["measured"] = _svg(fig)
     if rep.get("latency") and rep["latency"]["sites"]:
         lat = rep["latency"]["sites"]
         fig, ax = plt.subplots(figsize=(6, 1.2 + 0.18 * len(lat)))
@@ -364,6 +395,8 @@ def write_report(rep: dict, out, profile: Profile | None = None, plan: Plan | No
     captions = {"heatmap": "Chosen form per KV group (left) and kept fraction of causal pairs with the span "
                            "written in (right).",
                 "pareto": "Predicted loss of the best plan at each density budget.",
+                "measured": "Measured perplexity against density: searched plans and the uniform streaming "
+                            "baseline (from the accuracy benchmark).",
                 "latency": "Per-site attention time, dense vs planned.",
                 "thumbnails": "Representative heads: block attention mass from the profile."}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(rep['title'])}</title>"
@@ -377,6 +410,8 @@ def write_report(rep: dict, out, profile: Profile | None = None, plan: Plan | No
                   _table([{k: v for k, v in h.items() if k != "params"} for h in rep["heads"]], "heads")]
     if rep.get("profile_heads"):
         parts += ["<h2>Per KV group: profile</h2>", _table(rep["profile_heads"], "profile-heads")]
+    if rep.get("measured_front"):
+        parts += ["<h2>Measured: searched vs uniform</h2>", _table(rep["measured_front"], "measured-front")]
     if rep.get("latency"):
         parts += ["<h2>Latency</h2>", _table(rep["latency"]["sites"], "latency")]
     if rep["declined"]:
@@ -399,6 +434,8 @@ def write_report(rep: dict, out, profile: Profile | None = None, plan: Plan | No
                                                     for h in rep["heads"]])]
     if rep.get("profile_heads"):
         md += ["## Per KV group: profile\n", _md_table(rep["profile_heads"])]
+    if rep.get("measured_front"):
+        md += ["## Measured: searched vs uniform\n", _md_table(rep["measured_front"])]
     if rep.get("latency"):
         md += ["## Latency\n", _md_table(rep["latency"]["sites"])]
     md += ["## Reproduce\n", f"```\n{repro['command']}\n```\n", _md_table(

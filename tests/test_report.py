@@ -21,7 +21,10 @@ def report(tmp_path_factory):
     model, (ids,) = tiny(320, sdpa=True)
     prof = profile_model(model, {320: [ids]}, model_name="tiny-320", block=16, progress=False)
     plan = search(prof, Budget(0.5))
-    rep = build_report(plan, prof, latency=measure_latency(model, (ids,), plan, repeats=1),
+    bench = {"rows": {"dense": {"density": {"320": 1.0}, "ppl@320": 9.5, "passkey": 1.0},
+                      "searched@0.5": {"density": {"320": 0.49}, "ppl@320": 9.61, "ppl_vs_dense": {"ppl@320": 0.0116}},
+                      "streaming@0.5": {"density": {"320": 0.5}, "ppl@320": 9.87}}}
+    rep = build_report(plan, prof, latency=measure_latency(model, (ids,), plan, repeats=1), bench=bench,
                        command="pytest tests/test_report.py")
     out = tmp_path_factory.mktemp("report") / "report.html"
     paths = write_report(rep, out, profile=prof, plan=plan)
@@ -35,8 +38,10 @@ def test_report_files_carry_the_same_numbers(report):
         assert density in paths[kind].read_text()
     data = json.loads(paths["json"].read_text())
     assert data["summary"]["density at 320"] == round(plan.density(320), 4)
-    assert sorted(p.name for p in paths["assets"].iterdir()) == ["heatmap.svg", "latency.svg", "pareto.svg",
-                                                                 "thumbnails.svg"]
+    assert sorted(p.name for p in paths["assets"].iterdir()) == ["heatmap.svg", "latency.svg", "measured.svg",
+                                                                 "pareto.svg", "thumbnails.svg"]
+    assert {(r["plan"], r["ppl"]) for r in data["measured_front"]} == {("dense", 9.5), ("searched", 9.61),
+                                                                       ("streaming", 9.87)}
     assert len(data["heads"]) == 4 and {h["form"] for h in data["heads"]} <= {"dense", "sink_window",
                                                                             "elastic_window", "block_sparse"}
     assert all(s["dense_ms"] > 0 and s["planned_ms"] > 0 for s in data["latency"]["sites"])
@@ -58,7 +63,7 @@ def test_report_opens_in_headless_chromium(report, tmp_path):
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
     figures = int(re.search(r'data-figures="(\d+)"', dom).group(1))
-    assert figures == 4 and f'data-figures-shown="{figures}"' in dom       # every figure rendered, visible
+    assert figures == 5 and f'data-figures-shown="{figures}"' in dom       # every figure rendered, visible
     for key in ("sites found", f"{plan.density(320):.4f}".rstrip("0"), "KV entries kept at 320",
-                "estimated: analytic FLOPs", "attn.0#0"):
+                "estimated: analytic FLOPs", "attn.0#0", "9.87", "Measured: searched vs uniform"):
         assert key in dom, key
