@@ -32,7 +32,6 @@ __all__ = ["Profile", "profile_model", "ProfileError"]
 
 PROFILE_VERSION = 2
 READABLE_VERSIONS = (1, 2)        # version 1 profiles lack the window measurements
-WINDOW_STATS = ("window_abs", "window_sq", "window_out")
 
 
 class ProfileError(ValueError):

@@ -100,9 +100,9 @@ def build_report(plan: Plan | None = None, profile: Profile | None = None, *, le
         summary["profiled lengths"] = ", ".join(f"{k} ({v} samples)" for k, v in sorted(profile.samples.items()))
         rep["profile_heads"] = _profile_heads(profile, n)
         rep["thumbnails"] = _pick_thumbnails(profile, plan, n)
-        if any(_plannable(s) for s in profile.sites):
-            from .search import SearchError, pareto, tables_for
+        from .search import SearchError, _plannable, pareto, tables_for
 
+        if any(_plannable(s) for s in profile.sites):
             try:
                 rep["pareto"] = pareto(profile, tables=tables_for(profile))
             except SearchError as e:
@@ -122,10 +122,6 @@ def _measured_front(bench: dict) -> list[dict]:
                              "ppl": round(ppl, 4), "vs dense": round(row.get("ppl_vs_dense", {}).get(key, 0.0), 4),
                              "passkey": row.get("passkey")})
     return rows
-
-
-def _plannable(site: dict) -> bool:
-    return bool(site["causal"]) and site.get("mask") in ("causal", None)
 
 
 def _profile_heads(profile: Profile, n: int) -> list[dict]:
