@@ -80,6 +80,10 @@ def build_report(plan: Plan | None = None, profile: Profile | None = None, *, le
         summary[f"KV entries kept at {n}"] = round(kv_frac, 4)
         flops = sum(kept_pairs(f, n) for _, _, f in groups) / (len(groups) * causal_pairs(n))
         summary[f"attention speed-up at {n} (estimated: analytic FLOPs)"] = round(1 / max(flops, 1e-12), 2)
+        cost = plan.predicted.get("cost", {}).get(str(n))
+        if cost:
+            summary[f"attention speed-up at {n} (estimated: roofline, {cost['plan']['device']})"] = round(
+                cost["dense"]["estimated_ms"] / max(cost["plan"]["estimated_ms"], 1e-12), 2)
         for key, value in plan.predicted.get("loss", {}).items():
             summary[f"predicted loss at {key} ({plan.predicted.get('metric', '?')})"] = round(value, 6)
         measured = plan.measured or {}

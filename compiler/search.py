@@ -37,6 +37,7 @@ from attnforge.runtime.forms import (BlockSparse, Dense, ElasticWindow, SinkWind
                                      kv_tokens)
 from attnforge.runtime.profiling import SINK
 
+from .costs import plan_cost
 from .plan import Plan, SitePlan
 from .profile import Profile
 
@@ -338,6 +339,8 @@ def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None 
     predicted = {"loss": loss, "metric": t.metric, "density": density, "kv_fraction": kv, "attention_flops": flops,
                  "dense_attention_flops": {str(n): _attention_flops(None, profile, n) for n in t.lengths},
                  "cost_model": "analytic: 4 * head_dim FLOPs per kept (query, key) pair and query head",
+                 "cost": {str(n): {"plan": plan_cost(profile.sites, [sp.forms for sp in plan.sites], n),
+                                   "dense": plan_cost(profile.sites, None, n)} for n in t.lengths},
                  "groups": len(t.groups), "candidates": int(sum(len(c) for c in t.cands)),
                  "solver": {"status": int(res.status), "seconds": round(t2 - t1, 3),
                             "tables_seconds": round(t1 - t0, 3)}}

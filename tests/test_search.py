@@ -250,3 +250,20 @@ def test_kv_and_flops_budgets_hold(tiny_profile, kind):
             assert plan.predicted["attention_flops"][str(n)] <= 0.5 * plan.predicted["dense_attention_flops"][str(n)] + 1e-6
     with pytest.raises(attnforge.compiler.search.SearchError, match="budget kind"):
         af.Budget(0.5, kind="watts")
+
+
+def test_cost_model_counts_the_kernels_tiles(tiny_profile):
+    from attnforge.compiler.costs import site_cost
+    from attnforge.runtime.forms import Dense
+
+    _, _, prof, _ = tiny_profile
+    plan = search(prof, af.Budget(0.5))
+    for n in prof.lengths:
+        cost = plan.predicted["cost"][str(n)]
+        assert cost["plan"]["flops"] == pytest.approx(plan.predicted["attention_flops"][str(n)])
+        assert cost["plan"]["flops"] <= cost["plan"]["executed_flops"] <= cost["dense"]["executed_flops"]
+        assert 0 < cost["plan"]["estimated_ms"] <= cost["dense"]["estimated_ms"]
+    # dense causal at n = 4 tiles: 10 visited tiles per query head, each head reads them once
+    c = site_cost((Dense(),), 2, 16, 256)
+    assert c["executed_flops"] == 10 * 2 * 64 * 64 * 4 * 16
+    assert c["bytes"] == 10 * 2 * 64 * 2 * 16 * 2 + 2 * 256 * 2 * 16 * 2
