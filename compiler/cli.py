@@ -226,7 +226,7 @@ def _cmd_search(args) -> int:
         tables = tables_for(prof, args.metric)
         plan = search(prof, Budget(args.density, args.at, args.budget),
                       max_forms_per_layer=args.max_forms_per_layer, tables=tables)
-        front = pareto(prof, tables=tables)
+        front = pareto(prof, tables=tables, at=args.at)
     plan.save(args.out)
     summary = {**_plan_summary(plan), "pareto": front, "plan": args.out}
     if args.json:

@@ -107,8 +107,9 @@ def build_report(plan: Plan | None = None, profile: Profile | None = None, *, le
         from .search import SearchError, _plannable, pareto, tables_for
 
         if any(_plannable(s) for s in profile.sites):
+            at = tuple(plan.budget["at_lengths"]) if plan is not None and plan.budget.get("at_lengths") else None
             try:
-                rep["pareto"] = pareto(profile, tables=tables_for(profile))
+                rep["pareto"] = pareto(profile, tables=tables_for(profile), at=at)
             except SearchError as e:
                 rep["pareto"] = {"error": str(e)}
     return rep
@@ -257,7 +258,8 @@ def _plots(rep: dict, profile: Profile | None, plan: Plan | None) -> dict[str, s
             ax.set_xlabel("KV group")
             ax.set_xticks(range(g_max))
             ax.set_yticks(range(len(site_ids)))
-            ax.set_yticklabels([s if len(s) < 28 else "…" + s[-26:] for s in site_ids], fontsize=6)
+        axes[0].set_yticklabels([s if len(s) < 28 else "…" + s[-26:] for s in site_ids], fontsize=6)
+        axes[1].set_yticklabels([])
         for h in rep["heads"]:
             if h["span"]:
                 axes[1].text(h["group"], site_ids.index(h["site"]), str(h["span"]), ha="center", va="center",

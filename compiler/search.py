@@ -362,13 +362,14 @@ def tables_for(profile: Profile, metric: str = "auto") -> _Tables:
 
 
 def pareto(profile: Profile, densities=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0),
-           time_limit: float = 30.0, tables: _Tables | None = None) -> list[dict]:
-    """Predicted loss of the best plan at each density (the Pareto front the search sees)."""
+           time_limit: float = 30.0, tables: _Tables | None = None, at=None) -> list[dict]:
+    """Predicted loss of the best plan at each density (the Pareto front the search sees), the density
+    held at the lengths `at` (None: every profiled length), as `Budget.lengths`."""
     t = tables or _tables(profile)
     front = []
     for d in densities:
         try:
-            choice, _ = _solve(t, d, None, time_limit)
+            choice, _ = _solve(t, d, None, time_limit, at)
         except SearchError:
             continue
         loss = float(sum(t.loss[gi][choice[gi]].sum() for gi in range(len(t.groups))))
