@@ -29,11 +29,6 @@ FORM_COLORS = {"dense": "#4c72b0", "sink_window": "#dd8452", "elastic_window": "
 
 
 # ------------------------------------------------------------------------------------------ content
-def _kv_bytes(sites, dtype_bytes: int = 2) -> int:
-    """KV cache bytes per token over all sites (K and V, every KV head) at `dtype_bytes` per element."""
-    return int(sum(2 * s["num_kv_heads"] * s["head_dim"] * dtype_bytes for s in sites))
-
-
 def _site_rows(plan: Plan | None, profile: Profile | None) -> list[dict]:
     if profile is not None:
         return [dict(s) for s in profile.sites]
@@ -72,10 +67,9 @@ def build_report(plan: Plan | None = None, profile: Profile | None = None, *, le
         groups = [(sp, g, f) for sp in plan.sites for g, f in enumerate(sp.forms)]
         kv_frac = sum(kv_tokens(f, n) for _, _, f in groups) / (len(groups) * n)
         if all(s.get("head_dim") for s in sites):
-            before = _kv_bytes(sites)
-            per_group = [2 * s["head_dim"] * 2 for s in sites for _ in range(s["num_kv_heads"])]
+            per_group = [2 * s["head_dim"] * 2 for s in sites for _ in range(s["num_kv_heads"])]  # K+V, fp16
             after = sum(b * kv_tokens(f, n) / n for b, (_, _, f) in zip(per_group, groups))
-            summary["KV cache bytes per token (fp16), dense"] = before
+            summary["KV cache bytes per token (fp16), dense"] = sum(per_group)
             summary[f"KV cache bytes per token (fp16), plan at {n}"] = round(after, 1)
         summary[f"KV entries kept at {n}"] = round(kv_frac, 4)
         flops = sum(kept_pairs(f, n) for _, _, f in groups) / (len(groups) * causal_pairs(n))

@@ -335,25 +335,17 @@ def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None 
     density = {str(n): plan.density(n) for n in t.lengths}
     kv = {str(n): float(sum(t.kv[gi][choice[gi], li] for gi in range(len(t.groups))) / (len(t.groups) * n))
           for li, n in enumerate(t.lengths)}
-    flops = {str(n): _attention_flops(plan, profile, n) for n in t.lengths}
-    predicted = {"loss": loss, "metric": t.metric, "density": density, "kv_fraction": kv, "attention_flops": flops,
-                 "dense_attention_flops": {str(n): _attention_flops(None, profile, n) for n in t.lengths},
+    cost = {str(n): {"plan": plan_cost(profile.sites, [sp.forms for sp in plan.sites], n),
+                     "dense": plan_cost(profile.sites, None, n)} for n in t.lengths}
+    predicted = {"loss": loss, "metric": t.metric, "density": density, "kv_fraction": kv,
+                 "attention_flops": {n: c["plan"]["flops"] for n, c in cost.items()},
+                 "dense_attention_flops": {n: c["dense"]["flops"] for n, c in cost.items()},
                  "cost_model": "analytic: 4 * head_dim FLOPs per kept (query, key) pair and query head",
-                 "cost": {str(n): {"plan": plan_cost(profile.sites, [sp.forms for sp in plan.sites], n),
-                                   "dense": plan_cost(profile.sites, None, n)} for n in t.lengths},
+                 "cost": cost,
                  "groups": len(t.groups), "candidates": int(sum(len(c) for c in t.cands)),
                  "solver": {"status": int(res.status), "seconds": round(t2 - t1, 3),
                             "tables_seconds": round(t1 - t0, 3)}}
     return Plan(plan.fingerprint, plan.model, plan.sites, plan.budget, plan.lengths, predicted)
-
-
-def _attention_flops(plan: Plan | None, profile: Profile, n: int) -> float:
-    total = 0.0
-    for si, site in enumerate(profile.sites):
-        forms = plan.sites[si].forms if plan is not None else (Dense(),) * site["num_kv_heads"]
-        group = site["num_heads"] // site["num_kv_heads"]
-        total += sum(kept_pairs(f, n) for f in forms) * group * 4 * site["head_dim"]
-    return total
 
 
 def tables_for(profile: Profile, metric: str = "auto") -> _Tables:

@@ -108,6 +108,12 @@ def _config(loaded, kernel: str, q: Tensor, v: Tensor, run):
                                  max(q.shape[-1], v.shape[-1]), q.dtype, run)
 
 
+def _plan_meta(loaded, forms: str, q: Tensor, k: Tensor):
+    """Block metadata of a plan call, tiled as the loaded plan kernel tiles (forward and backward alike)."""
+    return block_meta(forms, q.shape[1] // k.shape[1], q.shape[2], k.shape[2], loaded.module.BLOCK_M,
+                      loaded.module.BLOCK_N, q.device)
+
+
 def _planned(forms: str) -> bool:
     return bool(forms) and any(f.kind != "dense" for f in _forms(forms))
 
@@ -122,8 +128,7 @@ def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms=""):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if q.shape[2] and k.shape[2]:
         if is_plan:
-            meta = block_meta(forms, q.shape[1] // k.shape[1], q.shape[2], k.shape[2], loaded.module.BLOCK_M,
-                              loaded.module.BLOCK_N, q.device)
+            meta = _plan_meta(loaded, forms, q, k)
             run = lambda config: loaded.launch(q, k, v, out, scale, meta, config=config)  # noqa: E731
             counters["triton_plan_blocks"] += meta.visited_blocks
         else:
@@ -199,8 +204,7 @@ def _backward(ctx, grad_out):
     loaded = _plan_backward_kernel(ctx, q, k, v, mask)
     if loaded is not None and q.shape[2] and k.shape[2]:
         # recompute the forward once to get each row's log-sum-exp, then the dQ and dK/dV kernels
-        meta = block_meta(ctx.forms, q.shape[1] // k.shape[1], q.shape[2], k.shape[2], loaded.module.BLOCK_M,
-                          loaded.module.BLOCK_N, q.device)
+        meta = _plan_meta(loaded, ctx.forms, q, k)
         out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         loaded.launch(q, k, v, out, ctx.scale, meta, lse=lse)
