@@ -8,6 +8,7 @@
     torch.compile(model, backend="attnforge")              # the same, found by name
     plan = af.search(model, calibration_ids, budget=af.Budget(density=0.5))   # profile + search
     plan.save("plan.json"); model = af.optimize(model, af.Plan.load("plan.json"))
+    af.export_onnx(model, (ids,), "model.onnx", plan=plan)   # one attnforge function node per site
 """
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ from attnforge.compiler import (  # noqa: E402
     AttentionSite, Backend, BackendOptions, Decline, GraphRecord, compile_and_compare, find_attention,
 )
 from attnforge.compiler.api import optimize, search  # noqa: E402
+from attnforge.compiler.export import ExportError, export_onnx  # noqa: E402
 from attnforge.compiler.plan import Plan, PlanError  # noqa: E402
 from attnforge.compiler.search import Budget  # noqa: E402
 from attnforge.runtime import KernelUnavailable  # noqa: E402
@@ -23,6 +25,6 @@ from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindo
 
 __all__ = [
     "AttentionSite", "Backend", "BackendOptions", "BlockSparse", "Budget", "Decline", "Dense", "ElasticWindow",
-    "GraphRecord", "KernelUnavailable", "Plan", "PlanError", "SinkWindow", "compile_and_compare",
-    "find_attention", "optimize", "runtime", "search", "__version__",
+    "ExportError", "GraphRecord", "KernelUnavailable", "Plan", "PlanError", "SinkWindow", "compile_and_compare",
+    "export_onnx", "find_attention", "optimize", "runtime", "search", "__version__",
 ]

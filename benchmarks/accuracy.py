@@ -1,9 +1,9 @@
 """Searched plans against dense and the uniform streaming baseline, on SmolLM2-135M with real weights.
 
-    python benchmarks/accuracy.py --out benchmarks/results/accuracy.json    # about 70 min on 2 CPU cores
+    python benchmarks/accuracy.py --out benchmarks/results/accuracy.json    # about 90 min on 2 CPU cores
 
-1. profile on calibration text (pydoc topics 0-39) at 1k/2k/4k: per length one plain window and one
-   long-range recall window (compiler.evaluate.recall_windows), timed;
+1. profile on calibration text (pydoc topics 0-39) at 1k/2k/4k: per length two plain windows and two
+   long-range recall windows, interleaved (compiler.evaluate.calibration_windows), timed;
 2. search at densities 0.25 and 0.5 (held at the evaluation length; --budget-at-all-lengths for MoA's
    rule), solver timed; the uniform sink(64)+window plan at the same density;
 3. perplexity on held-out text (topics 40-78, never profiled) at 4k, and at 8k (longer than any profiled length);
@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from attnforge.compiler.evaluate import (EVALUATION, passkey_accuracy, passkey_prompts, perplexity, recall_windows,
-                                        text_tokens, windows)
+from attnforge.compiler.evaluate import (EVALUATION, calibration_windows, passkey_accuracy, passkey_prompts,
+                                        perplexity, text_tokens, windows)
 from attnforge.compiler.models import _smollm2
 from attnforge.compiler.profile import profile_model
 from attnforge.compiler.search import Budget, search, streaming_baseline, tables_for
@@ -31,8 +31,8 @@ def main():
     ap.add_argument("--out", default="accuracy.json")
     ap.add_argument("--profile", default="smollm2_profile.npz", help="profile file (resumed if present)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    ap.add_argument("--samples", type=int, default=1, help="plain calibration windows per length")
-    ap.add_argument("--recall-samples", type=int, default=1, help="long-range recall windows per length")
+    ap.add_argument("--samples", type=int, default=2, help="plain calibration windows per length")
+    ap.add_argument("--recall-samples", type=int, default=2, help="long-range recall windows per length")
     ap.add_argument("--metric", default="auto", help="predicted-error metric (attnforge.compiler.search)")
     ap.add_argument("--eval-length", type=int, default=4096)
     ap.add_argument("--long-length", type=int, default=8192, help="0 to skip the longer-than-profiled check")
@@ -49,8 +49,7 @@ def main():
 
     cal = text_tokens(tok)
     t0 = time.perf_counter()
-    samples = {n: windows(cal, n, args.samples) + recall_windows(cal, n, args.recall_samples, offset=args.samples)
-               for n in args.lengths}
+    samples = {n: calibration_windows(cal, n, args.samples, args.recall_samples) for n in args.lengths}
     prof = profile_model(model, samples, model_name="smollm2", out=args.profile)
     results["profile_seconds"] = round(time.perf_counter() - t0, 1)
     print(f"profile: {results['profile_seconds']}s (0 if resumed from {args.profile})", flush=True)

@@ -4,7 +4,8 @@
     attnforge run MODEL [--json]        compile MODEL with the attnforge backend, compare with eager
     attnforge profile MODEL -o P.npz    per-head influence / mass / entropy on calibration text
     attnforge search P.npz --density D  a per-head plan under the budget (plus the Pareto front)
-    attnforge optimize MODEL --density D -o OUT/   profile + search + kernels + summary
+    attnforge optimize MODEL --density D -o OUT/   profile + search + kernels + report + ONNX + summary
+    attnforge export MODEL [--plan P] --onnx F     the ONNX export alone (one function node per site)
 """
 from __future__ import annotations
 
@@ -96,10 +97,10 @@ def _parser() -> argparse.ArgumentParser:
                                     "perplexity of searched vs uniform plans")
     rp.add_argument("-o", "--out", required=True, help="report file to write (.html)")
 
-    op = sub.add_parser("optimize", help="profile + search + kernels + summary into one folder",
+    op = sub.add_parser("optimize", help="profile + search + kernels + report + ONNX into one folder",
                         description="The offline job: profile MODEL, search a plan at the density, write "
                                     "OUT/plan.json, OUT/profile.npz, OUT/kernels/ (generated Triton sources "
-                                    "with a manifest) and OUT/summary.json.")
+                                    "with a manifest), OUT/report.html, OUT/model.onnx and OUT/summary.json.")
     op.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     _profile_args(op)
     op.add_argument("--density", type=float, default=0.5, help="kept fraction of causal attention")
@@ -108,18 +109,31 @@ def _parser() -> argparse.ArgumentParser:
                     help="profiled lengths where the density must hold (default: every profiled length)")
     op.add_argument("--metric", choices=METRICS, default="auto", help=METRIC_HELP)
     op.add_argument("--budget", choices=("density", "kv", "flops"), default="density", help=BUDGET_HELP)
+    op.add_argument("--no-onnx", action="store_true", help="skip OUT/model.onnx")
     op.add_argument("-o", "--out", required=True, help="output folder")
     op.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    ex = sub.add_parser("export", help="export MODEL running a plan to ONNX (opset 23, dynamic length)",
+                        description="Capture MODEL with a dynamic sequence length, rewrite every attention "
+                                    "site with its plan entry, and write an ONNX file where each site is "
+                                    "one attnforge-domain function node (body: standard Attention with a "
+                                    "mask built from positions). The plan goes into the model metadata.")
+    _model_args(ex)
+    ex.add_argument("--plan", default=None, help="plan.json (default: every site dense)")
+    ex.add_argument("--onnx", required=True, help="ONNX file to write")
+    ex.add_argument("--json", action="store_true", help="print the export summary as JSON")
     return p
 
 
 def _profile_args(p):
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096],
                    help="calibration lengths in tokens (text models; default 1024 2048 4096)")
-    p.add_argument("--samples", type=int, default=1, help="plain text windows per length")
-    p.add_argument("--recall-samples", type=int, default=1,
+    p.add_argument("--samples", type=int, default=2, help="plain text windows per length")
+    p.add_argument("--recall-samples", type=int, default=2,
                    help="long-range recall windows per length (text models; a far segment repeated at the end)")
     p.add_argument("--block", type=int, default=64, help="profile block size")
+    p.add_argument("--data", default=None, help="calibration text file (UTF-8; text models; default: the "
+                   "built-in pydoc reference text, topics 0-39)")
 
 
 def _load(args):
@@ -184,16 +198,28 @@ def _cmd_run(args) -> int:
 
 def _calibration(args):
     """(model, {length: [ids]}) from built-in text models, or the factory's example input."""
-    from .evaluate import recall_windows, text_tokens, windows
+    from .evaluate import calibration_windows, text_tokens
+    from .profile import ProfileError
     from .models import load_model, text_model
 
     tm = text_model(args.model)
     if tm is not None:
         model, tokenizer = tm
-        tokens = text_tokens(tokenizer)
-        return model, {n: windows(tokens, n, args.samples) + recall_windows(tokens, n, args.recall_samples,
-                                                                             offset=args.samples)
-                       for n in args.lengths}
+        if args.data:
+            try:
+                with open(args.data, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ProfileError(f"--data {args.data}: cannot read it as UTF-8 text ({e})") from e
+            tokens = tokenizer(text, return_tensors="pt").input_ids
+            need = max(args.lengths) * (args.samples + args.recall_samples)
+            if tokens.shape[1] < need:
+                raise ProfileError(f"--data {args.data} has {tokens.shape[1]} tokens; calibration at length "
+                                 f"{max(args.lengths)} with {args.samples}+{args.recall_samples} windows needs "
+                                 f"{need}: give more text, or lower --lengths / --samples / --recall-samples")
+        else:
+            tokens = text_tokens(tokenizer)
+        return model, {n: calibration_windows(tokens, n, args.samples, args.recall_samples) for n in args.lengths}
     model, inputs = load_model(args.model)
     if len(inputs) != 1 or not isinstance(inputs[0], __import__("torch").Tensor):
         raise ValueError(f"{args.model}: profiling needs a model taking one tensor of token ids")
@@ -266,60 +292,125 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _cmd_optimize(args) -> int:
+class _Stages:
+    """One line per stage of a long command on stderr: what runs, then how long it took."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.done, self.quiet, self.seconds = total, 0, quiet, {}
+
+    def __call__(self, name: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def stage():
+            self.done += 1
+            if not self.quiet:
+                print(f"[{self.done}/{self.total}] {name} ...", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            yield
+            self.seconds[name] = round(time.perf_counter() - t, 2)
+            if not self.quiet:
+                print(f"[{self.done}/{self.total}] {name}: {self.seconds[name]:.1f}s", file=sys.stderr, flush=True)
+
+        return stage()
+
+
+def _write_kernels(model, example, plan, kdir) -> list[dict]:
+    """OUT/kernels/: the generated Triton source of every site's forward kernel (the per-head plan
+    kernel where the plan gives the site non-dense forms), with a manifest."""
     import os
-    import time
 
     from attnforge import codegen, runtime
 
     from .api import find_attention
     from .backend import kernel_spec
-    from .profile import profile_model
-    from .search import Budget, search
 
-    os.makedirs(args.out, exist_ok=True)
-    t0 = time.perf_counter()
-    model, samples = _calibration(args)
-    prof = profile_model(model, samples, model_name=args.model, block=args.block,
-                         out=os.path.join(args.out, "profile.npz"))
-    t1 = time.perf_counter()
-    plan = search(prof, Budget(args.density, args.at, args.budget), max_forms_per_layer=args.max_forms_per_layer,
-                  metric=args.metric)
-    plan = type(plan)(plan.fingerprint, plan.model, plan.sites, plan.budget, plan.lengths, plan.predicted,
-                      plan.measured, {"command": "attnforge " + " ".join(sys.argv[1:]) if sys.argv else "",
-                                      "versions": _versions()})
-    plan.save(os.path.join(args.out, "plan.json"))
-    t2 = time.perf_counter()
-    kdir = os.path.join(args.out, "kernels")
     os.makedirs(kdir, exist_ok=True)
+    entries = plan.entries() if plan is not None else {}
     manifest = []
-    first = samples[min(samples)][0]
-    for site in find_attention(model, (first,)):
-        spec = kernel_spec(site)
+    for site in find_attention(model, (example,)):
+        planned = any(f.kind != "dense" for f in entries.get(site.id, ()))
+        spec = kernel_spec(site, planned=planned)
         rendered = codegen.render_attention(spec)
         key = runtime.kernels.source_key(rendered.source)
         path = os.path.join(kdir, f"{spec.name}.py")
         with open(path, "w") as f:
             f.write(rendered.source)
-        manifest.append({"site": site.id, "kernel": spec.name, "key": key, "file": f"kernels/{spec.name}.py"})
+        manifest.append({"site": site.id, "kernel": spec.name, "key": key, "file": f"kernels/{spec.name}.py",
+                         "forms": [f.to_dict() for f in entries.get(site.id, ())] or "dense"})
     with open(os.path.join(kdir, "manifest.json"), "w") as f:
-        json.dump({"note": "forward kernels per site; sparse per-head forms run in the reference until the "
-                           "per-head kernels land", "kernels": manifest}, f, indent=1)
-    from .report import build_report, write_report
+        json.dump({"note": "forward kernel source per site (the per-head plan kernel carries the backward "
+                           "kernels too); the runtime compiles and caches them on first use", "kernels": manifest},
+                  f, indent=1)
+    return manifest
 
-    write_report(build_report(plan, prof, command=plan.provenance["command"]), os.path.join(args.out, "report.html"),
-                 profile=prof, plan=plan)
-    summary = {**_plan_summary(plan), "profile_seconds": round(t1 - t0, 1), "search_seconds": round(t2 - t1, 2),
-               "files": ["plan.json", "profile.npz", "kernels/manifest.json", "report.html", "report.md",
-                         "report.json", "report.assets/", "summary.json"],
-               "not_yet": ["model.onnx"]}
+
+def _cmd_optimize(args) -> int:
+    import os
+
+    from .export import export_onnx
+    from .profile import profile_model
+    from .search import Budget, search
+
+    os.makedirs(args.out, exist_ok=True)
+    stages = _Stages(6 if not args.no_onnx else 5)
+    files = ["plan.json", "profile.npz", "kernels/manifest.json", "report.html", "report.md", "report.json",
+             "report.assets/"]
+    with stages("load model and calibration text"):
+        model, samples = _calibration(args)
+    with stages("profile"):
+        prof = profile_model(model, samples, model_name=args.model, block=args.block,
+                             out=os.path.join(args.out, "profile.npz"))
+    with stages("search"):
+        plan = search(prof, Budget(args.density, args.at, args.budget), max_forms_per_layer=args.max_forms_per_layer,
+                      metric=args.metric)
+        plan = type(plan)(plan.fingerprint, plan.model, plan.sites, plan.budget, plan.lengths, plan.predicted,
+                          plan.measured, {"command": "attnforge " + " ".join(sys.argv[1:]) if sys.argv else "",
+                                          "versions": _versions()})
+        plan.save(os.path.join(args.out, "plan.json"))
+    first = samples[min(samples)][0]
+    with stages("kernels"):
+        _write_kernels(model, first, plan, os.path.join(args.out, "kernels"))
+    with stages("report"):
+        from .report import build_report, write_report
+
+        write_report(build_report(plan, prof, command=plan.provenance["command"]),
+                     os.path.join(args.out, "report.html"), profile=prof, plan=plan)
+    exported = None
+    if not args.no_onnx:
+        with stages("ONNX export"):
+            exported = export_onnx(model, (first,), os.path.join(args.out, "model.onnx"), plan=plan)
+        files.append("model.onnx")
+    summary = {**_plan_summary(plan), "out": args.out, "seconds": stages.seconds,
+               "files": files + ["summary.json"],
+               "onnx": exported.to_dict() if exported else None}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{args.model}: plan at density {args.density} -> {args.out}/plan.json; forms {plan.form_counts()}; "
-              f"profile {t1 - t0:.0f}s, search {t2 - t1:.1f}s")
+        print(f"{args.model}: plan at density {args.density} -> {args.out}/plan.json; forms {plan.form_counts()}")
+        print(f"  wrote {', '.join(summary['files'])} in {args.out}/")
+        if exported and exported.declined:
+            print(f"  {len(exported.declined)} attention(s) left as the model wrote them: "
+                  + "; ".join(f"{d['module']}: {d['reason']}" for d in exported.declined[:3]))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_onnx
+
+    model, inputs = _load(args)
+    res = export_onnx(model, inputs, args.onnx, plan=args.plan)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+    else:
+        planned = sum(1 for s in res.sites if s["forms"] != "dense")
+        print(f"{args.model}: {len(res.sites)} sites ({planned} with non-dense forms) as {len(res.functions)} "
+              f"attnforge functions -> {args.onnx} (opset {res.opset}, dynamic {res.dynamic})")
+        for d in res.declined:
+            print(f"  left as written: {d['module']} ({d['node']}): {d['reason']}")
     return 0
 
 
@@ -343,9 +434,11 @@ def main(argv=None) -> int:
     from .search import SearchError
 
     commands = {"detect": _cmd_detect, "run": _cmd_run, "profile": _cmd_profile, "search": _cmd_search,
-                "optimize": _cmd_optimize, "report": _cmd_report}
+                "optimize": _cmd_optimize, "report": _cmd_report, "export": _cmd_export}
+    from .export import ExportError
+
     try:
         return commands[args.command](args)
-    except (ModelSpecError, PlanError, ProfileError, SearchError) as e:
+    except (ModelSpecError, PlanError, ProfileError, SearchError, ExportError) as e:
         print(f"attnforge: error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from .api import _first_tensor
 from .backend import Backend
 from .data import _topics
 
-__all__ = ["text_tokens", "windows", "recall_windows", "perplexity", "passkey_prompts", "passkey_accuracy", "CALIBRATION", "EVALUATION"]
+__all__ = ["text_tokens", "windows", "recall_windows", "calibration_windows", "perplexity", "passkey_prompts", "passkey_accuracy", "CALIBRATION", "EVALUATION"]
 
 CALIBRATION = range(0, 40)       # pydoc topics used for profiling
 EVALUATION = range(40, 79)       # held out: never profiled
@@ -48,6 +48,24 @@ def recall_windows(tokens: torch.Tensor, length: int, count: int, copy: float = 
         src = length // 8                                  # far back: the copy sits ~3/4 of the window away
         ids[0, length - tail:] = w[0, src:src + tail]
         out.append(ids)
+    return out
+
+
+def calibration_windows(tokens: torch.Tensor, length: int, plain: int = 2, recall: int = 2) -> list[torch.Tensor]:
+    """The calibration set at one length: `plain` text windows and `recall` long-range recall windows,
+    interleaved over consecutive windows of `tokens` (plain, recall, plain, recall, ...), so both kinds
+    cover the same spread of topics. With one sample per kind the profile is noisy enough to move the
+    search's choice at tight budgets; two of each was the smallest set that stayed stable on SmolLM2."""
+    if plain < 0 or recall < 0 or plain + recall == 0:
+        raise ValueError(f"need at least one calibration window (plain={plain}, recall={recall})")
+    out, p, r = [], 0, 0
+    for slot in range(plain + recall):
+        if p < plain and (r >= recall or slot % 2 == 0):
+            out.append(windows(tokens, length, slot + 1)[slot])
+            p += 1
+        else:
+            out.append(recall_windows(tokens, length, 1, offset=slot)[0])
+            r += 1
     return out
 
 

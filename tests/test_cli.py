@@ -78,14 +78,21 @@ def test_profile_search_optimize_on_tiny(tmp_path, capsys):
     folder = tmp_path / "out"
     assert main(["optimize", "tiny", "--block", "16", "--density", "0.6", "-o", str(folder)]) == 0
     for name in ("plan.json", "profile.npz", "summary.json", "kernels/manifest.json", "report.html", "report.md",
-                 "report.json", "report.assets/heatmap.svg"):
+                 "report.json", "report.assets/heatmap.svg", "model.onnx"):
         assert (folder / name).exists(), name
+    summary = json.loads((folder / "summary.json").read_text())
+    assert "model.onnx" in summary["files"] and len(summary["onnx"]["sites"]) == 2
+    assert set(summary["seconds"]) >= {"profile", "search", "ONNX export"}
+    planned = [s for s in summary["onnx"]["sites"] if s["forms"] != "dense"]
+    assert all(s["function"].startswith("PlanAttention_") for s in planned)
     # a report from a profile alone (before any search): per-head statistics, no plan section
     assert main(["report", str(prof), "-o", str(tmp_path / "prof_report.html")]) == 0
     text = (tmp_path / "prof_report.html").read_text()
     assert "Per KV group: profile" in text and "Per KV group: plan" not in text
     manifest = json.loads((folder / "kernels" / "manifest.json").read_text())
     assert len(manifest["kernels"]) == 2 and (folder / manifest["kernels"][0]["file"]).exists()
+    for k in manifest["kernels"]:                    # a site with non-dense forms gets the per-head plan kernel
+        assert ("plan" in k["kernel"]) == (k["forms"] != "dense" and any(f["kind"] != "dense" for f in k["forms"]))
 
 
 def test_search_errors_exit_2(tmp_path, capsys):

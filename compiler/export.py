@@ -1,0 +1,418 @@
+"""ONNX export of a model running a plan: one `attnforge`-domain function node per attention site.
+
+    af.export_onnx(model, (ids,), "model.onnx", plan=plan)          # or plan=None: every site dense
+
+How it goes:
+1. capture: `torch._dynamo.export` with the sequence dims dynamic, so the graph holds torch-level calls
+   with symbolic lengths (no length is baked in); weights stay module attributes.
+2. the backend's own passes (detect, canonicalize, apply_plan) rewrite every site into one call of
+   `torch.ops.attnforge.attention` carrying its plan entry. A site the passes decline stays as the
+   model wrote it and is listed in the result (`declined`), never rewritten approximately.
+3. each call becomes `torch.onnx.ops.symbolic("attnforge::<Op>")`, so the exporter keeps it as one named
+   node (an onnxscript translation would be inlined); `torch.onnx.export(..., dynamo=True)`, opset 23.
+4. every distinct site configuration gets a model-local FunctionProto whose body ONNX Runtime runs:
+   the standard `Attention` op (GQA through the 4-D K/V head count, the site's scale) with a boolean
+   mask built inside the graph from positions (Range / compare, per KV group: causal, sink + window,
+   elastic span alpha + beta * S, block-sparse verticals / slashes gathered from small lookup tables).
+   The sequence length stays dynamic and no N x N constant is ever stored.
+5. the plan (JSON) and the site -> function map go into the model's metadata; `onnx.checker` runs.
+
+Positions follow attnforge.runtime.forms: with N queries and S keys, query i sits at S - N + i; the
+model's own causal flag / sliding window stay top-left, as in the reference implementation.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindow, forms_from_json
+
+__all__ = ["export_onnx", "ExportError", "ExportResult", "DOMAIN", "OPSET"]
+
+DOMAIN = "attnforge"
+OPSET = 23                      # standard Attention (GQA) needs opset 23; ONNX Runtime >= 1.24 runs it right
+_DENSE_SPAN = 1 << 40           # a window no sequence reaches (dense groups inside a mixed site)
+
+
+class ExportError(RuntimeError):
+    """The model or plan cannot be exported; the message says which part, why, and what to do."""
+
+
+@dataclass
+class ExportResult:
+    path: str
+    sites: list[dict]                   # one per exported site: id, function, forms
+    declined: list[dict]                # attention left as the model wrote it, with the reason
+    functions: list[str]                # attnforge-domain functions in the file
+    opset: int = OPSET
+    dynamic: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "opset": self.opset, "sites": self.sites, "declined": self.declined,
+                "functions": self.functions, "dynamic": self.dynamic}
+
+
+# --------------------------------------------------------------------------------------- capture
+@contextlib.contextmanager
+def _hf_sdpa_causal_path():
+    """Hugging Face builds an explicit N x N mask whenever it sees an export (so that an exported SDPA
+    call cannot hard-code is_causal for the example length) and, with no attention mask given, ANDs in
+    a packed-sequence mask computed from position ids. attnforge rebuilds causality from positions at
+    run time, so during this capture the model takes its is_causal path (contiguous positions, no
+    padding: the prefill an exported file runs): each site is then plain causal attention, as in the
+    plan, instead of an opaque data-dependent mask. Restored afterwards."""
+    try:
+        import transformers.masking_utils as mu
+    except Exception:               # transformers missing: nothing to adjust
+        yield
+        return
+    patches = {"is_torchdynamo_exporting": lambda: False, "find_packed_sequence_indices": lambda *a, **k: None}
+    saved = {name: getattr(mu, name) for name in patches if hasattr(mu, name)}
+    for name in saved:
+        setattr(mu, name, patches[name])
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(mu, name, value)
+
+
+def _dynamic_shapes(example_inputs, dynamic, bounds=None):
+    """(dynamic_shapes spec for torch.export, the axes as {input: {dim: name}}). bounds: {name: (min,
+    max)}; a length range the model itself imposes (a mask buffer of 512 rows, say)."""
+    from torch.export import Dim
+
+    if dynamic is None:         # token ids [B, N]: the sequence dim is dynamic
+        dynamic = {i: {1: "seq"} for i, x in enumerate(example_inputs)
+                   if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point()}
+    bounds = bounds or {}
+    dims: dict[str, Dim] = {}
+    spec = []
+    for i, x in enumerate(example_inputs):
+        axes = dynamic.get(i, {})
+        for d in axes:
+            if not isinstance(x, torch.Tensor) or d >= x.dim():
+                raise ExportError(f"dynamic axis {d} of input {i} does not exist (input shape "
+                                  f"{getattr(x, 'shape', None)}); give axes that the example inputs have")
+        spec.append({d: dims.setdefault(name, Dim(name, min=bounds.get(name, (2, None))[0],
+                                                  max=bounds.get(name, (2, None))[1]))
+                     for d, name in axes.items()} or None)
+    return tuple(spec), dynamic
+
+
+def _suggested_bounds(error: Exception, bounds: dict) -> dict:
+    """Length ranges that satisfy the guards torch reports when the model bounds a dynamic dim: its
+    suggested fix ("seq = Dim('seq', max=512)"), and a single excluded value at the edge of the range
+    ("... != 512", a slice of a 512-row buffer that is a no-op at exactly 512) moved inside it."""
+    import re
+
+    text, out = str(error), dict(bounds)
+    for name, args in re.findall(r"(\w+) = Dim\('\w+'(?:, )?([^)]*)\)", text):
+        lo, hi = re.search(r"min=(\d+)", args), re.search(r"max=(\d+)", args)
+        out[name] = (max(2, int(lo.group(1))) if lo else 2, int(hi.group(1)) if hi else None)
+    for name, value in re.findall(r"values of (\w+) = .*? satisfy the generated guard .*? != (\d+)", text):
+        lo, hi = out.get(name, (2, None))
+        value = int(value)
+        if hi is not None and value == hi:
+            out[name] = (lo, hi - 1)
+        elif value == lo:
+            out[name] = (lo + 1, hi)
+    return out if out != bounds else {}
+
+
+def _capture(model, example_inputs, dynamic):
+    """(graph module, dynamic_shapes spec, axes, bounds): torch._dynamo.export with the given axes dynamic;
+    when the model bounds a length (guards torch reports with a suggested range), once more within it."""
+    shapes, dynamic = _dynamic_shapes(example_inputs, dynamic)
+    config = getattr(model, "config", None)
+    saved = getattr(config, "use_cache", None)
+    if saved:
+        config.use_cache = False            # prefill graph: no cache object in the outputs
+    bounds: dict = {}
+    try:
+        for attempt in range(3):
+            torch._dynamo.reset()
+            try:
+                with _hf_sdpa_causal_path(), torch.no_grad():
+                    gm = torch._dynamo.export(model, dynamic_shapes=shapes)(*example_inputs).graph_module
+                return gm, shapes, dynamic, bounds
+            except Exception as e:
+                new = _suggested_bounds(e, bounds) if attempt < 2 else {}
+                if not new:
+                    raise ExportError(
+                        f"capturing {type(model).__name__} for export failed: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''} — the model must trace as one graph with a "
+                        "dynamic sequence length (torch._dynamo.export); remove graph breaks, or pass "
+                        "dynamic={} to export at the example shape only") from e
+                bounds = new
+                shapes, dynamic = _dynamic_shapes(example_inputs, dynamic, bounds)
+    finally:
+        if saved:
+            config.use_cache = saved
+
+
+# ------------------------------------------------------------------- the node the exporter keeps
+def export_attention(q, k, v, mask, causal, window, scale, impl, kernel, forms, *, site: str, op: str):
+    """Stands in for torch.ops.attnforge.attention in the graph handed to torch.onnx.export: one
+    `attnforge::<op>` node whose function body (added after export) computes the site's plan."""
+    if torch.onnx.is_in_onnx_export():
+        inputs = [q, k, v] + ([mask] if mask is not None else [])
+        return torch.onnx.ops.symbolic(f"{DOMAIN}::{op}", inputs, {}, dtype=q.dtype,
+                                       shape=(*q.shape[:3], v.shape[-1]), version=1,
+                                       metadata_props={"attnforge.site": site, "attnforge.forms": forms or "dense"})
+    return torch.ops.attnforge.attention(q, k, v, mask, causal, window, scale, "reference", kernel, forms)
+
+
+@dataclass(frozen=True)
+class _SiteConfig:
+    forms: str                  # plan entry (JSON), "" when dense
+    causal: bool
+    window: int
+    scale: float
+    mask: str | None            # None | "bool" | "float"
+    heads: int
+    kv_heads: int
+
+    def op_name(self) -> str:
+        digest = hashlib.sha1(repr(self).encode()).hexdigest()[:8]
+        return ("PlanAttention_" if self.forms else "DenseAttention_") + digest
+
+
+def _meta_value(node):
+    return node.meta.get("val", node.meta.get("example_value")) if hasattr(node, "meta") else None
+
+
+def _rewrite_for_export(gm):
+    """Point every attnforge attention call at export_attention; returns the configs by op name."""
+    from attnforge.passes.canonicalize import ATTENTION_OP
+
+    configs: dict[str, _SiteConfig] = {}
+    sites = []
+    for node in gm.graph.nodes:
+        if node.target is not ATTENTION_OP:
+            continue
+        q, k, _v, mask, causal, window, scale = node.args[:7]
+        forms = node.args[9] if len(node.args) > 9 else ""
+        qv, kv, mv = _meta_value(q), _meta_value(k), _meta_value(mask) if mask is not None else None
+        if qv is None or kv is None:
+            raise ExportError(f"site {node.meta.get('attnforge_site')}: no shape information on its inputs")
+        mkind = None if mask is None else ("bool" if mv is not None and mv.dtype == torch.bool else "float")
+        cfg = _SiteConfig(forms or "", bool(causal), int(window), float(scale), mkind, int(qv.shape[1]),
+                          int(kv.shape[1]))
+        op = cfg.op_name()
+        configs[op] = cfg
+        site = node.meta.get("attnforge_site", node.name)
+        sites.append({"site": site, "function": op, "forms": json.loads(forms) if forms else "dense"})
+        node.target = export_attention
+        node.args = tuple(node.args[:10]) + ("",) * (10 - len(node.args))
+        node.kwargs = {"site": site, "op": op}
+    gm.recompile()
+    return configs, sites
+
+
+# ------------------------------------------------------------------------- function bodies
+class _Body:
+    """A tiny builder of an ONNX function body: op() appends a node and returns its output name."""
+
+    def __init__(self):
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes = []
+        self._n = 0
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        self._n += 1
+        out = f"t{self._n}"
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, value, dtype) -> str:
+        return self.op("Constant", value=self.numpy_helper.from_array(np.asarray(value, dtype=dtype)))
+
+
+def _window_keep(b: _Body, form, jrow, pcol, s_scalar) -> str:
+    """[N, S] keep of a sink + window form (elastic: the span is computed from S in float64)."""
+    sink = b.const(form.sink, np.int64)
+    if isinstance(form, SinkWindow):
+        w = b.const(form.window, np.int64)
+    else:                       # max(1, int(alpha + beta * S)), as ElasticWindow.window_at
+        span = b.op("Add", b.const(float(form.alpha), np.float64),
+                    b.op("Mul", b.const(float(form.beta), np.float64), b.op("Cast", s_scalar, to=11)))
+        w = b.op("Max", b.op("Cast", b.op("Floor", span), to=7), b.const(1, np.int64))
+    return b.op("Or", b.op("Less", jrow, sink), b.op("Greater", jrow, b.op("Sub", pcol, w)))
+
+
+def _block_keep(b: _Body, form: BlockSparse, jrow, pcol) -> str:
+    """[N, S] keep of a block-sparse form: lookup tables over key-block index and block distance (size
+    of the largest listed index + 1, the last entry False), gathered with the indices clamped."""
+    blk = b.const(form.block, np.int64)
+    qb, kb = b.op("Div", pcol, blk), b.op("Div", jrow, blk)
+    vl = len(form.verticals) and max(form.verticals) + 1
+    vlut = np.zeros(vl + 1, dtype=bool)
+    vlut[list(form.verticals)] = True
+    vert = b.op("Gather", b.const(vlut, bool), b.op("Min", kb, b.const(vl, np.int64)), axis=0)
+    sl = max(form.slashes) + 1
+    slut = np.zeros(sl + 1, dtype=bool)
+    slut[list(form.slashes)] = True
+    diag = b.op("Sub", qb, kb)
+    sentinel = b.const(sl, np.int64)
+    idx = b.op("Where", b.op("Less", diag, b.const(0, np.int64)), sentinel, b.op("Min", diag, sentinel))
+    slash = b.op("Gather", b.const(slut, bool), idx, axis=0)
+    return b.op("Or", vert, slash)
+
+
+def _function(cfg: _SiteConfig, name: str):
+    from onnx import helper
+
+    b = _Body()
+    inputs = ["Q", "K", "V"] + (["M"] if cfg.mask else [])
+    forms = forms_from_json(cfg.forms)
+    keep = None
+    if cfg.causal or cfg.window or forms:
+        n1 = b.op("Shape", "Q", start=2, end=3)
+        s1 = b.op("Shape", "K", start=2, end=3)
+        n, s = b.op("Squeeze", n1), b.op("Squeeze", s1)
+        zero, one = b.const(0, np.int64), b.const(1, np.int64)
+        i = b.op("Range", zero, n, one)
+        jrow = b.op("Unsqueeze", b.op("Range", zero, s, one), b.const([0], np.int64))
+        icol = b.op("Unsqueeze", i, b.const([1], np.int64))
+        if cfg.causal or cfg.window:
+            keep = b.op("LessOrEqual", jrow, icol) if cfg.causal else None
+            if cfg.window:
+                inside = b.op("Greater", jrow, b.op("Sub", icol, b.const(cfg.window, np.int64)))
+                keep = inside if keep is None else b.op("And", keep, inside)
+            keep = b.op("Unsqueeze", keep, b.const([0, 1], np.int64))            # [1, 1, N, S]
+        if forms:
+            pcol = b.op("Unsqueeze", b.op("Add", i, b.op("Sub", s, n)), b.const([1], np.int64))
+            causal = b.op("LessOrEqual", jrow, pcol)
+            groups = []
+            for form in forms:
+                if isinstance(form, Dense):
+                    g = causal
+                elif isinstance(form, (SinkWindow, ElasticWindow)):
+                    g = b.op("And", causal, _window_keep(b, form, jrow, pcol, s))
+                elif isinstance(form, BlockSparse):
+                    g = b.op("And", causal, _block_keep(b, form, jrow, pcol))
+                else:
+                    raise ExportError(f"form {form.kind!r} has no ONNX decomposition yet; export a plan "
+                                      "without it (search with that candidate off)")
+                groups.append(b.op("Unsqueeze", g, b.const([0], np.int64)))
+            per_group = b.op("Concat", *groups, axis=0)                           # [G, N, S]
+            r = cfg.heads // cfg.kv_heads
+            expanded = b.op("Expand", b.op("Unsqueeze", per_group, b.const([1], np.int64)),
+                            b.op("Concat", b.const([cfg.kv_heads, r], np.int64), n1, s1, axis=0))
+            fk = b.op("Reshape", expanded, b.op("Concat", b.const([1, -1], np.int64), n1, s1, axis=0))
+            keep = fk if keep is None else b.op("And", keep, fk)                  # [1, H, N, S]
+    mask = keep
+    if cfg.mask == "bool":
+        mask = "M" if keep is None else b.op("And", keep, "M")
+    elif cfg.mask == "float":
+        mask = "M" if keep is None else b.op("Where", keep, "M",
+                                              b.op("CastLike", b.const(-np.inf, np.float32), "M"))
+    b.nodes.append(helper.make_node("Attention", ["Q", "K", "V"] + ([mask] if mask else []), ["Y"],
+                                    scale=cfg.scale))
+    return helper.make_function(DOMAIN, name, inputs, ["Y"], b.nodes,
+                                [helper.make_opsetid("", OPSET)], [],
+                                doc_string=f"attnforge site function: {cfg.forms or 'dense'}; causal={cfg.causal}, "
+                                           f"window={cfg.window}, scale={cfg.scale}, mask={cfg.mask}")
+
+
+def _check_no_square_constants(model, lengths) -> None:
+    """Refuse a file holding a constant whose last two dims are a sequence length (an N x N mask)."""
+    from onnx import numpy_helper
+
+    def shapes():
+        for t in model.graph.initializer:
+            yield t.name, tuple(t.dims)
+        for f in [model.graph, *model.functions]:
+            for nd in f.node:
+                if nd.op_type == "Constant":
+                    for a in nd.attribute:
+                        if a.name == "value":
+                            yield nd.name or nd.output[0], tuple(numpy_helper.to_array(a.t).shape)
+
+    for name, dims in shapes():
+        if len(dims) >= 2 and dims[-1] == dims[-2] and dims[-1] in lengths:
+            raise ExportError(f"the exported file holds a constant {name} of shape {dims}, an N x N mask for "
+                              "the example length; the sequence length would not stay dynamic")
+
+
+# ------------------------------------------------------------------------------------ export
+def export_onnx(model, example_inputs, path, plan=None, *, dynamic=None, check: bool = True) -> ExportResult:
+    """Export `model` running `plan` (None: every site dense) to an ONNX file at `path`.
+
+    example_inputs: a tuple of tensors (token ids [B, N] for text models). dynamic: {input index: {dim:
+    name}} (default: the sequence dim of every 2-D integer input). Returns an ExportResult naming each
+    site's function and every attention the passes left untouched (with the reason)."""
+    try:
+        import onnx
+    except ImportError as e:
+        raise ExportError("ONNX export needs the onnx extra: pip install 'attnforge[onnx]'") from e
+    from .backend import Backend
+    from .plan import Plan
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    plan = original = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
+    if plan is not None:
+        # The plan was searched on the graph torch.compile sees (static lengths, where a mask that is
+        # only causal structure is lifted). Check it against that; the dynamic graph may keep such a
+        # mask as the model wrote it (exact either way), which changes the fingerprint, not the sites.
+        from .api import find_attention
+        from .plan import fingerprint
+
+        plan.check(find_attention(model, example_inputs))
+    gm, shapes, dynamic, bounds = _capture(model, example_inputs, dynamic)
+    if plan is not None:
+        from attnforge.passes import detect
+
+        plan = dataclasses.replace(plan, fingerprint=fingerprint(detect(gm)[0]))
+    backend = Backend(plan=plan, impl="reference", compiler="eager")
+    gm, record = backend.transform(gm)
+    declined = [{"node": d.node, "module": d.module_path, "reason": d.reason} for d in record.declined]
+    if not record.sites:
+        raise ExportError(f"no attention found in {type(model).__name__} to export with a plan; "
+                          "`attnforge detect` lists what was declined and why")
+    configs, sites = _rewrite_for_export(gm)
+    gm.eval()
+    try:
+        program = torch.onnx.export(gm, example_inputs, dynamo=True, opset_version=OPSET,
+                                    dynamic_shapes=shapes, verbose=False, report=False)
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed after the attention rewrite: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''} — run with plan=None to see whether the "
+                          "model exports at all, and report the failing node") from e
+    proto = program.model_proto
+    present = {fn.name for fn in proto.functions if fn.domain == DOMAIN}
+    for name, cfg in sorted(configs.items()):
+        if name not in present:
+            proto.functions.append(_function(cfg, name))
+    if not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    meta = {"attnforge.plan": json.dumps(original.to_dict()) if original is not None else "dense",
+            "attnforge.sites": json.dumps(sites), "attnforge.declined": json.dumps(declined)}
+    from attnforge import __version__
+
+    meta["attnforge.version"] = __version__
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    lengths = {int(x.shape[d]) for i, x in enumerate(example_inputs) for d in dynamic.get(i, {})}
+    _check_no_square_constants(proto, lengths)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(proto, str(path))
+    if check:
+        onnx.checker.check_model(str(path), full_check=True)
+    return ExportResult(str(path), sites, declined, sorted(configs),
+                        dynamic={str(i): {str(d): {"name": n, "range": list(bounds.get(n, (2, None)))}
+                                          for d, n in ax.items()} for i, ax in dynamic.items()})

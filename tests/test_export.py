@@ -1,0 +1,135 @@
+"""ONNX export: one attnforge function node per site, run by ONNX Runtime at several lengths, equal to the
+PyTorch run of the same plan; no N x N constant in the file; clear errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import attnforge as af
+from attnforge.compiler.models import tiny
+from attnforge.compiler.export import DOMAIN, ExportError, _check_no_square_constants, export_onnx
+from attnforge.compiler.plan import Plan, SitePlan, fingerprint
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(layers=2, heads=4, kv_heads=2):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   max_position_embeddings=1024, use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _ids(n, seed=0):
+    return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _mixed_plan(model, n=40):
+    sites = af.find_attention(model, (_ids(n),))
+    entries = (SitePlan(sites[0].id, 4, 2, (af.SinkWindow(2, 8), af.BlockSparse(8, (0,), (0, 2)))),
+               SitePlan(sites[1].id, 4, 2, (af.Dense(), af.ElasticWindow(1, 4, 0.2))))
+    return Plan(fingerprint(sites), "tiny-llama", entries, {"density": 0.5}, (n,))
+
+
+def _torch_plan(model, plan, ids):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(model, backend=af.Backend(plan=plan, impl="reference", compiler="eager"))(ids).logits
+
+
+def _run(path, ids):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
+
+
+def test_mixed_plan_runs_in_onnxruntime_at_two_lengths_and_matches_pytorch(tmp_path):
+    model = _llama()
+    plan = _mixed_plan(model)
+    res = export_onnx(model, (_ids(40),), tmp_path / "m.onnx", plan=plan)
+    assert [s["site"] for s in res.sites] == [sp.site for sp in plan.sites] and not res.declined
+    for n in (40, 77):                    # the example length and another one: the length stays dynamic
+        ids = _ids(n, seed=n)
+        ours = _run(tmp_path / "m.onnx", ids)
+        want = _torch_plan(model, plan, ids).numpy()
+        with torch.no_grad():
+            dense = model(ids).logits.numpy()
+        assert np.abs(ours - want).max() < 1e-4
+        assert np.abs(ours - dense).max() > 1e-2       # the plan's forms really ran, not dense attention
+
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(m, full_check=True)
+    nodes = [nd for nd in m.graph.node if nd.domain == DOMAIN]
+    assert len(nodes) == 2                              # one named node per site
+    functions = {f.name: f for f in m.functions if f.domain == DOMAIN}
+    assert {nd.op_type for nd in nodes} == set(functions) == set(res.functions)
+    for f in functions.values():                        # the body runs the standard Attention op
+        assert [nd.op_type for nd in f.node].count("Attention") == 1
+        assert "Range" in {nd.op_type for nd in f.node}
+    props = {nd.op_type: {p.key: p.value for p in nd.metadata_props} for nd in nodes}
+    assert {p["attnforge.site"] for p in props.values()} == {sp.site for sp in plan.sites}
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert Plan.from_dict(json.loads(meta["attnforge.plan"])).entries() == plan.entries()
+    _check_no_square_constants(m, {40, 77})
+
+
+def test_dense_export_matches_the_model(tmp_path):
+    model = _llama()
+    res = export_onnx(model, (_ids(24),), tmp_path / "d.onnx")
+    assert all(s["forms"] == "dense" for s in res.sites) and len(res.functions) == 1   # both sites share one body
+    for n in (24, 61):
+        ids = _ids(n, seed=n)
+        with torch.no_grad():
+            want = model(ids).logits.numpy()
+        assert np.abs(_run(tmp_path / "d.onnx", ids) - want).max() < 1e-4
+
+
+def test_hand_spelled_attention_exports(tmp_path):
+    """A model whose attention is spelled by hand (matmul, an additive causal mask from a buffer,
+    softmax, repeat_kv), not SDPA: the passes rewrite it, the file runs at two lengths."""
+    model, (ids,) = tiny(48)
+    sites = af.find_attention(model, (ids,))
+    plan = Plan(fingerprint(sites), "tiny", tuple(SitePlan(s.id, 8, 2, (af.SinkWindow(4, 16), af.Dense()))
+                                                 for s in sites), {}, (48,))
+    export_onnx(model, (ids,), tmp_path / "t.onnx", plan=plan)
+    for n in (48, 100):
+        x = _ids(n, seed=n)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            want = torch.compile(model, backend=af.Backend(plan=plan, impl="reference", compiler="eager"))(x)
+        assert np.abs(_run(tmp_path / "t.onnx", x) - want.numpy()).max() < 1e-4
+
+
+def test_a_square_constant_is_refused():
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph([], "g", [], [], initializer=[numpy_helper.from_array(np.zeros((40, 40), bool), "mask")])
+    with pytest.raises(ExportError, match="N x N mask"):
+        _check_no_square_constants(helper.make_model(graph), {40})
+
+
+def test_model_without_attention_is_a_clear_error(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
+    with pytest.raises(ExportError, match="no attention found"):
+        export_onnx(model, (torch.zeros(1, 8, dtype=torch.long),), tmp_path / "x.onnx")
+
+
+def test_plan_for_another_model_is_refused(tmp_path):
+    model = _llama()
+    other = _mixed_plan(_llama(layers=3))
+    with pytest.raises(af.PlanError):
+        export_onnx(model, (_ids(40),), tmp_path / "x.onnx", plan=other)
+
+
+def test_cli_export(tmp_path, capsys):
+    from attnforge.compiler.cli import main
+
+    assert main(["export", "tiny", "--seq-len", "32", "--onnx", str(tmp_path / "c.onnx"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["opset"] == 23 and len(out["sites"]) == 2 and (tmp_path / "c.onnx").exists()
+    assert main(["export", "tiny", "--plan", str(tmp_path / "missing.json"), "--onnx", str(tmp_path / "x.onnx")]) == 2
+    assert "missing.json" in capsys.readouterr().err
