@@ -17,6 +17,7 @@ from attnforge.compiler import (  # noqa: E402
     AttentionSite, Backend, BackendOptions, Decline, GraphRecord, compile_and_compare, find_attention,
 )
 from attnforge.compiler.api import optimize, search  # noqa: E402
+from attnforge.compiler.decode import PlanCache, generate, plan_attention  # noqa: E402
 from attnforge.compiler.export import ExportError, export_onnx  # noqa: E402
 from attnforge.compiler.plan import Plan, PlanError  # noqa: E402
 from attnforge.compiler.search import Budget  # noqa: E402
@@ -25,6 +26,6 @@ from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindo
 
 __all__ = [
     "AttentionSite", "Backend", "BackendOptions", "BlockSparse", "Budget", "Decline", "Dense", "ElasticWindow",
-    "ExportError", "GraphRecord", "KernelUnavailable", "Plan", "PlanError", "SinkWindow", "compile_and_compare",
-    "export_onnx", "find_attention", "optimize", "runtime", "search", "__version__",
+    "ExportError", "GraphRecord", "KernelUnavailable", "Plan", "PlanCache", "PlanError", "SinkWindow", "compile_and_compare",
+    "export_onnx", "find_attention", "generate", "optimize", "plan_attention", "runtime", "search", "__version__",
 ]

@@ -89,3 +89,13 @@ def _describe(spec: KernelSpec) -> str:
     elif spec.mask == "additive":
         parts.append("additive mask")
     return ", ".join(parts)
+
+
+DECODE_NAME = "attnforge_decode_splitkv"
+
+
+def render_decode() -> RenderedKernel:
+    """Source of the split-KV decode kernel over attnforge's per-head KV cache (runtime/kvcache.py)."""
+    template = "decode.py.j2"
+    source = _env().get_template(template).render(template=template, name=DECODE_NAME)
+    return RenderedKernel(KernelSpec(), template, source)

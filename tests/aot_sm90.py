@@ -47,6 +47,20 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix=""):
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 3})
 
 
+def compile_decode_sm90(dtype="bf16", head_dim=64, rows=16):
+    """The split-KV decode kernel (query heads of a group packed as the rows of one tile)."""
+    src = codegen.render_decode().source
+    module = kernels._module_from_source(kernels.source_key(src), src)
+    fn = triton.jit(getattr(module, module.KERNEL))
+    names = list(inspect.signature(fn.fn).parameters)
+    ptr = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "KEEP": "*i8", "OFF": "*i32", "CAP": "*i32",
+           "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC": "*fp32", "sm_scale": "fp32"}
+    consts = {"BLOCK_R": rows, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim, "PRECISION": "tf32"}
+    sig = {n: ptr.get(n, "constexpr" if n in consts else "i32") for n in names}
+    ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 2})
+
+
 def main():
     cases = [(codegen.KernelSpec(causal=c, mask=m), "bf16", 64) for c in (False, True)
              for m in (None, "bool", "additive")]
@@ -60,6 +74,10 @@ def main():
         c = compile_sm90(spec, dtype, d, suffix=suffix[0] if suffix else "")
         results.append({"kernel": spec.name + (suffix[0] if suffix else ""), "dtype": dtype, "head_dim": d, "cubin_bytes": len(c.asm["cubin"]),
                         "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
+    for dtype in ("bf16", "fp16"):
+        c = compile_decode_sm90(dtype)
+        results.append({"kernel": codegen.render.DECODE_NAME, "dtype": dtype, "head_dim": 64,
+                        "cubin_bytes": len(c.asm["cubin"]), "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
     json.dump(results, sys.stdout)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from attnforge.codegen import KernelSpec, render_attention
+from attnforge.codegen import KernelSpec, render_attention, render_decode
 
 GOLDEN = Path(__file__).parent / "golden"
 _spec = importlib.util.spec_from_file_location("regen", GOLDEN / "regen.py")
@@ -16,6 +16,11 @@ _spec.loader.exec_module(regen)
 def test_source_matches_golden(spec):
     expected = (GOLDEN / f"{spec.name}.py.txt").read_text()
     assert render_attention(spec).source == expected, "emitted kernel changed: run tests/golden/regen.py"
+
+
+def test_decode_source_matches_golden():
+    expected = (GOLDEN / "attnforge_decode_splitkv.py.txt").read_text()
+    assert render_decode().source == expected, "emitted kernel changed: run tests/golden/regen.py"
 
 
 def test_source_is_valid_python_with_kernel_and_launcher():

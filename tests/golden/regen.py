@@ -1,7 +1,7 @@
 """Regenerate the golden kernel sources: python tests/golden/regen.py (then review the diff)."""
 from pathlib import Path
 
-from attnforge.codegen import KernelSpec, render_attention
+from attnforge.codegen import KernelSpec, render_attention, render_decode
 
 SPECS = [KernelSpec(causal=c, mask=m) for c in (False, True) for m in (None, "bool", "additive")]
 SPECS += [KernelSpec(causal=True, window=True), KernelSpec(causal=False, window=True, mask="additive"),
@@ -12,6 +12,7 @@ def main():
     here = Path(__file__).parent
     for spec in SPECS:
         (here / f"{spec.name}.py.txt").write_text(render_attention(spec).source)
+    (here / "attnforge_decode_splitkv.py.txt").write_text(render_decode().source)
 
 
 if __name__ == "__main__":

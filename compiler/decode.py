@@ -1,0 +1,222 @@
+"""Decoding with a per-head compressed KV cache, inside Hugging Face `generate()`.
+
+    out, cache = af.generate(model, ids, plan, max_new_tokens=64)    # greedy by default
+    cache.nbytes(), cache.kv_entries()                                  # real memory held
+
+or, by hand:
+
+    cache = af.PlanCache(model, plan, max_length=ids.shape[1] + 64)
+    with af.plan_attention(model):
+        model.generate(ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
+
+Each decoder layer's cache is an attnforge.runtime.kvcache.SiteKVCache laid out by the plan's forms for
+that layer (one layout per KV group: full, sink + ring window, kept blocks), so a window head really
+holds sink + window keys. The model's attention calls go to `attnforge_attention` (registered with
+transformers' AttentionInterface under the name "attnforge"): the prefill runs the plan's forms through
+torch.ops.attnforge.attention (exact masks, the plan kernel on CUDA) while the cache keeps only what
+each group will read again; every decoding step reads the cache through the split-KV Triton kernel
+(CUDA, or CPU under TRITON_INTERPRET=1 with impl="triton") or its PyTorch reference.
+Supported: prefill of the whole prompt at once, then one token per step; no padding (batch rows of
+equal length). Anything else raises KVCacheError, never silently attends to the wrong keys.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from attnforge import codegen, runtime
+from attnforge.runtime.forms import Dense, forms_to_json
+from attnforge.runtime.kvcache import KVCacheError, SiteKVCache
+
+from .plan import resolve_site
+
+__all__ = ["PlanCache", "plan_attention", "generate", "attnforge_attention", "KVCacheError"]
+
+NAME = "attnforge"
+_decode_key: str | None = None
+
+
+def _decode_kernel(device):
+    global _decode_key
+    if _decode_key is None:
+        _decode_key = runtime.kernels.register_source(codegen.render_decode().source)
+    return runtime.kernels.load_kernel(_decode_key, device)
+
+
+def _layer_forms(model, plan, kv_heads: int) -> dict[int, tuple]:
+    """layer_idx -> forms, from the plan's site ids (module path + '#0')."""
+    out = {}
+    known = {sp.site: sp for sp in plan.sites} if plan is not None else {}
+    for name, module in model.named_modules():
+        idx = getattr(module, "layer_idx", None)
+        if not isinstance(idx, int):
+            continue
+        if idx in out:
+            continue
+        if plan is None:
+            out[idx] = (Dense(),) * kv_heads
+            continue
+        sid = resolve_site(f"{name}#0", known)
+        if sid is None:
+            continue
+        forms = known[sid].forms
+        if len(forms) != kv_heads:
+            raise KVCacheError(f"site {sid}: the plan has {len(forms)} KV groups, the model {kv_heads}")
+        out[idx] = forms
+    return out
+
+
+def _cache_classes():
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class PlanLayer(CacheLayerMixin):
+        """One decoder layer: a SiteKVCache in the plan's per-group layouts."""
+        is_compileable = False
+        is_sliding = False
+
+        def __init__(self, forms, max_length: int, impl: str):
+            super().__init__()
+            self.site = SiteKVCache(forms, max_length)
+            self.forms, self.impl = forms, impl
+            self.forms_json = "" if all(f.kind == "dense" for f in forms) else forms_to_json(forms)
+
+        def lazy_initialization(self, key_states, value_states):
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = key_states.shape[-2]
+            first = self.site.length == 0
+            if not first and n != 1:
+                raise KVCacheError(f"the plan cache takes the whole prompt at once, then one token per step; got "
+                                   f"{n} new tokens after {self.site.length} (chunked prefill or speculative "
+                                   "decoding is not supported yet)")
+            self.site.append(key_states, value_states)
+            self.keys, self.values = self.site.k, self.site.v
+            if first:                       # prefill: attention over the full prompt, plan masks applied
+                key_states._attnforge = (self, "prefill")
+                return key_states, value_states
+            k = self.site.k
+            k._attnforge = (self, "decode")
+            return k, self.site.v
+
+        def get_mask_sizes(self, query_length: int):
+            return self.site.length + query_length, 0
+
+        def get_seq_length(self) -> int:
+            return self.site.length
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def reset(self):
+            self.site = SiteKVCache(self.forms, self.site.max_length)
+
+        def reorder_cache(self, beam_idx):
+            raise KVCacheError("beam search over the plan cache is not supported; use greedy or sampling")
+
+    class PlanCacheImpl(Cache):
+        """A transformers Cache whose layers keep, per KV group, only what the plan's form reads."""
+
+        def __init__(self, layer_forms: dict[int, tuple], max_length: int, impl: str = "auto"):
+            layers = [PlanLayer(layer_forms[i], max_length, impl) for i in sorted(layer_forms)]
+            super().__init__(layers=layers)
+            self.impl = impl
+
+        def nbytes(self) -> int:
+            return sum(layer.site.nbytes() for layer in self.layers)
+
+        def kv_entries(self) -> int:
+            return sum(layer.site.kv_entries() for layer in self.layers)
+
+    return PlanLayer, PlanCacheImpl
+
+
+def PlanCache(model, plan=None, max_length: int | None = None, impl: str = "auto"):
+    """A transformers Cache for `model` laid out by `plan` (None: every group full, like DynamicCache).
+    max_length: the longest sequence it will hold (prompt + new tokens; elastic spans are sized for it)."""
+    if impl not in runtime.IMPLS:
+        raise ValueError(f"impl must be one of {runtime.IMPLS}, not {impl!r}")
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    max_length = max_length or getattr(cfg, "max_position_embeddings", 4096)
+    forms = _layer_forms(model, plan, kv_heads)
+    layers = getattr(cfg, "num_hidden_layers", len(forms))
+    missing = [i for i in range(layers) if i not in forms]
+    if missing:
+        raise KVCacheError(f"the plan has no entry for decoder layer(s) {missing[:5]} of this model; search a "
+                           "plan for this model")
+    _, impl_cls = _cache_classes()
+    return impl_cls(forms, max_length, impl)
+
+
+def _use_kernel(impl: str, q: torch.Tensor) -> bool:
+    if impl == "reference":
+        return False
+    if impl == "triton":
+        return True
+    return q.is_cuda and runtime.kernels.triton_available()
+
+
+def attnforge_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: q [B, H, N, D], k/v [B, Hkv, S, D] -> ([B, N, H, DV], None)."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    tag = getattr(key, "_attnforge", None)
+    if tag is None:                                  # no plan cache (plain forward): exact dense attention
+        out = torch.ops.attnforge.attention(query, key, value, attention_mask, attention_mask is None, 0, scale,
+                                            "auto", "", "")
+        return out.transpose(1, 2).contiguous(), None
+    layer, phase = tag
+    if attention_mask is not None and attention_mask.dtype == torch.bool and phase == "decode" \
+            and not bool(attention_mask.all()):
+        raise KVCacheError("the plan cache does not support padded batches yet; decode rows of equal length")
+    if phase == "prefill":
+        mask = attention_mask
+        if mask is not None and mask.dtype != torch.bool:
+            raise KVCacheError("the plan cache needs a boolean (or no) attention mask at prefill")
+        out = torch.ops.attnforge.attention(query, key, value, mask, mask is None, 0, scale,
+                                            "auto", "", layer.forms_json)
+        runtime.counters["kvcache_prefill"] = runtime.counters.get("kvcache_prefill", 0) + 1
+        return out.transpose(1, 2).contiguous(), None
+    if query.shape[2] != 1:
+        raise KVCacheError(f"decoding takes one query token per step, got {query.shape[2]}")
+    q = query[:, :, 0]
+    if _use_kernel(layer.impl, q):
+        out, _ = layer.site.decode(q, scale, _decode_kernel(q.device))
+        runtime.counters["kvcache_decode_triton"] = runtime.counters.get("kvcache_decode_triton", 0) + 1
+    else:
+        out = layer.site.decode_reference(q, scale)
+        runtime.counters["kvcache_decode_reference"] = runtime.counters.get("kvcache_decode_reference", 0) + 1
+    return out[:, None], None                       # [B, 1, H, DV]
+
+
+def _register():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, attnforge_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def plan_attention(model):
+    """Route `model`'s attention through attnforge_attention while inside (restored after)."""
+    _register()
+    saved = model.config._attn_implementation
+    model.set_attn_implementation(NAME)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(saved)
+
+
+def generate(model, input_ids, plan=None, max_new_tokens: int = 64, impl: str = "auto", **kwargs):
+    """model.generate() with a PlanCache (greedy unless told otherwise). Returns (token ids, cache)."""
+    cache = PlanCache(model, plan, max_length=input_ids.shape[1] + max_new_tokens, impl=impl)
+    kwargs.setdefault("do_sample", False)
+    with plan_attention(model), torch.no_grad():
+        out = model.generate(input_ids, past_key_values=cache, max_new_tokens=max_new_tokens, **kwargs)
+    return out, cache

@@ -1,0 +1,222 @@
+"""A KV cache per attention site where every KV head group has its own layout and budget.
+
+Memory is really saved: a group stores only the keys its form can still read, in one flat slot buffer
+per site (K [B, T, D], V [B, T, DV], T = the sum of the groups' capacities):
+
+    Dense                     every position (the region grows, doubling)
+    SinkWindow(sink, w)       the first `sink` positions + a ring of the last w          (sink + w slots)
+    ElasticWindow(sink, a, b) the same ring sized for the longest length the cache is built for
+                              (span a + b * S grows with S); reads mask positions <= q - span(S)
+    BlockSparse(blk, V, D)    the vertical blocks V + a ring of the last (max D + 1) blocks; reads keep
+                              block distances in D (a key block leaves the ring only when no later
+                              query block can reach it)
+
+Keys are stored as the model produced them (after rotary embeddings), so a slot's order does not matter
+to attention; `pos` records each slot's absolute position (-1 = empty) and the read rule works from it.
+Positions follow attnforge.runtime.forms: the newest query of a length-S sequence sits at S - 1.
+
+`SiteKVCache.append(k, v)` writes the new tokens of every group; `keep_flags()` gives the slots the
+newest query reads; `decode_reference(q)` is the PyTorch oracle for one query token per head, and
+`decode(q, kernel)` runs the split-KV Triton kernel (codegen `render_decode`) over the same buffers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .forms import BlockSparse, Dense, ElasticWindow, SinkWindow
+
+__all__ = ["GroupLayout", "SiteKVCache", "layout_for", "KVCacheError"]
+
+
+class KVCacheError(ValueError):
+    """A cache cannot hold what was asked; the message says what and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupLayout:
+    """Where one KV group keeps its keys. kind: 'full' | 'window' | 'blocks'."""
+    kind: str
+    sink: int = 0
+    ring: int = 0                   # ring slots (window: the span; blocks: (max distance + 1) * block)
+    alpha: int = 0                  # elastic span alpha + beta * S (beta 0: a fixed window)
+    beta: float = 0.0
+    block: int = 0
+    verticals: tuple = ()
+    slashes: tuple = ()
+
+    def capacity(self, length: int) -> int:
+        """Slots this group needs for a sequence of `length` tokens."""
+        if self.kind == "full":
+            return length
+        if self.kind == "window":
+            return min(length, self.sink + self.ring)
+        return min(length, len(self.verticals) * self.block + self.ring)
+
+    def slots(self, pos: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored, slot) for positions `pos` once the sequence holds `length` tokens: whether each
+        position still has a slot, and which (ring slots are reused; the latest position wins)."""
+        if self.kind == "full":
+            return torch.ones_like(pos, dtype=torch.bool), pos
+        if self.kind == "window":
+            sink = pos < self.sink
+            ring = self.sink + (pos - self.sink).remainder(self.ring)
+            return sink | (pos >= max(self.sink, length - self.ring)), torch.where(sink, pos, ring)
+        nv = len(self.verticals)
+        kb = pos // self.block
+        r_slot = nv * self.block + pos.remainder(self.ring)
+        if not nv:
+            return pos >= length - self.ring, r_slot
+        vert = torch.tensor(self.verticals, dtype=pos.dtype, device=pos.device)
+        is_v = kb[:, None] == vert[None, :]
+        v_slot = is_v.long().argmax(1) * self.block + pos % self.block
+        in_v = is_v.any(1)
+        return in_v | (pos >= length - self.ring), torch.where(in_v, v_slot, r_slot)
+
+    def reads(self, pos: torch.Tensor, query: int) -> torch.Tensor:
+        """Which stored positions the query at position `query` attends to (pos >= 0 assumed stored)."""
+        ok = (pos >= 0) & (pos <= query)
+        if self.kind == "window" and self.beta:
+            span = max(1, int(self.alpha + self.beta * (query + 1)))
+            ok &= (pos < self.sink) | (pos > query - span)
+        elif self.kind == "blocks":
+            kb = torch.where(pos >= 0, pos // self.block, torch.zeros_like(pos))
+            dist = query // self.block - kb
+            hit = torch.zeros_like(ok)
+            for v in self.verticals:
+                hit |= kb == v
+            for d in self.slashes:
+                hit |= dist == d
+            ok &= hit
+        return ok
+
+
+def layout_for(form, max_length: int) -> GroupLayout:
+    """The cache layout of a form, for sequences up to `max_length` tokens (elastic spans grow)."""
+    if isinstance(form, Dense):
+        return GroupLayout("full")
+    if isinstance(form, SinkWindow):
+        return GroupLayout("window", sink=form.sink, ring=form.window)
+    if isinstance(form, ElasticWindow):
+        return GroupLayout("window", sink=form.sink, ring=form.window_at(max_length), alpha=form.alpha,
+                           beta=form.beta)
+    if isinstance(form, BlockSparse):
+        return GroupLayout("blocks", ring=(max(form.slashes) + 1) * form.block, block=form.block,
+                           verticals=form.verticals, slashes=form.slashes)
+    raise KVCacheError(f"no KV cache layout for form {getattr(form, 'kind', form)!r}")
+
+
+class SiteKVCache:
+    """The KV cache of one attention site: one layout per KV group over one flat slot buffer."""
+
+    def __init__(self, forms, max_length: int):
+        if max_length < 1:
+            raise KVCacheError(f"max_length must be >= 1, got {max_length}")
+        self.layouts = tuple(layout_for(f, max_length) for f in forms)
+        self.max_length = max_length
+        self.length = 0                       # tokens seen
+        self.k = self.v = self.pos = None
+        self._caps: list[int] = []
+        self._offs: list[int] = []
+
+    # ------------------------------------------------------------------ storage
+    def _allocate(self, like_k, like_v, caps):
+        b, d, dv = like_k.shape[0], like_k.shape[-1], like_v.shape[-1]
+        offs = [0]
+        for c in caps[:-1]:
+            offs.append(offs[-1] + c)
+        total = sum(caps)
+        k = like_k.new_zeros(b, total, d)
+        v = like_v.new_zeros(b, total, dv)
+        pos = torch.full((total,), -1, dtype=torch.long, device=like_k.device)
+        if self.k is not None:                # regrow: copy each group's region
+            for g, (o_old, c_old) in enumerate(zip(self._offs, self._caps)):
+                k[:, offs[g]:offs[g] + c_old] = self.k[:, o_old:o_old + c_old]
+                v[:, offs[g]:offs[g] + c_old] = self.v[:, o_old:o_old + c_old]
+                pos[offs[g]:offs[g] + c_old] = self.pos[o_old:o_old + c_old]
+        self.k, self.v, self.pos, self._caps, self._offs = k, v, pos, list(caps), offs
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the next tokens: k [B, G, n, D], v [B, G, n, DV] at positions length .. length+n-1."""
+        b, g, n, _ = k.shape
+        if g != len(self.layouts):
+            raise KVCacheError(f"{g} KV heads for a cache of {len(self.layouts)} groups")
+        new_len = self.length + n
+        if new_len > self.max_length and any(lay.beta for lay in self.layouts):
+            raise KVCacheError(f"{new_len} tokens exceed the cache's max_length {self.max_length} that its "
+                               "elastic windows were sized for; build the cache with a larger max_length")
+        # Every region is sized for max_length at once (no copies while generating); past it, full
+        # groups grow by doubling.
+        need = [lay.capacity(max(new_len, self.max_length)) for lay in self.layouts]
+        if self.k is None or any(c > have for c, have in zip(need, self._caps)):
+            grow = [max(c, 2 * have) if lay.kind == "full" else c
+                    for c, have, lay in zip(need, self._caps or [0] * g, self.layouts)]
+            self._allocate(k, v, grow)
+        pos = torch.arange(self.length, new_len, device=k.device)
+        for gi, lay in enumerate(self.layouts):
+            stored, slot = lay.slots(pos, new_len)
+            idx = self._offs[gi] + slot[stored]
+            self.k[:, idx] = k[:, gi, stored.nonzero().squeeze(1)].to(self.k.dtype)
+            self.v[:, idx] = v[:, gi, stored.nonzero().squeeze(1)].to(self.v.dtype)
+            self.pos[idx] = pos[stored]
+        self.length = new_len
+
+    # ------------------------------------------------------------------ reads
+    def keep_flags(self) -> torch.Tensor:
+        """[T] int8: the slots the newest query (position length - 1) attends to."""
+        flags = torch.zeros_like(self.pos, dtype=torch.int8)
+        q = self.length - 1
+        for gi, lay in enumerate(self.layouts):
+            o, c = self._offs[gi], self._caps[gi]
+            flags[o:o + c] = lay.reads(self.pos[o:o + c], q).to(torch.int8)
+        return flags
+
+    def group_views(self):
+        """Per group (K [B, cap, D], V [B, cap, DV], keep [cap] bool)."""
+        flags = self.keep_flags().bool()
+        return [(self.k[:, o:o + c], self.v[:, o:o + c], flags[o:o + c]) for o, c in zip(self._offs, self._caps)]
+
+    def decode_reference(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of one query token per head q [B, H, D] over the cache: the PyTorch oracle.
+        Math in float64 for float64 inputs, float32 otherwise; out [B, H, DV] in q's dtype."""
+        b, h, _ = q.shape
+        g = len(self.layouts)
+        r = h // g
+        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        outs = []
+        for gi, (k, v, keep) in enumerate(self.group_views()):
+            qg = q[:, gi * r:(gi + 1) * r].to(ct)                               # [B, r, D]
+            s = torch.einsum("brd,bnd->brn", qg, k.to(ct)) * scale
+            s = s.masked_fill(~keep, float("-inf"))
+            if bool(keep.any()):
+                p = torch.softmax(s, dim=-1)
+            else:
+                p = torch.zeros_like(s)
+            outs.append(torch.einsum("brn,bnd->brd", p, v.to(ct)))
+        return torch.cat(outs, 1).to(q.dtype)
+
+    def decode(self, q: torch.Tensor, scale: float, loaded, splits: int | None = None):
+        """The same through the split-KV Triton kernel `loaded` (runtime.kernels.LoadedKernel of
+        codegen.render_decode()). Returns (out [B, H, DV], splits used)."""
+        off = torch.tensor(self._offs, dtype=torch.int32, device=q.device)
+        cap = torch.tensor(self._caps, dtype=torch.int32, device=q.device)
+        return loaded.launch(q, self.k, self.v, self.keep_flags(), off, cap, scale, max(self._caps),
+                             splits=splits)
+
+    # ------------------------------------------------------------------ accounting
+    def nbytes(self) -> int:
+        """Bytes held now (K, V and slot positions)."""
+        if self.k is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
+
+    def kv_entries(self) -> int:
+        """Key slots in use summed over groups (what a per-group-exact cache must hold)."""
+        return 0 if self.pos is None else int((self.pos >= 0).sum())
+
+    @staticmethod
+    def predicted_entries(forms, length: int, max_length: int | None = None) -> int:
+        """Key slots the forms need at `length` tokens (per batch entry, summed over groups)."""
+        return sum(layout_for(f, max_length or length).capacity(length) for f in forms)
+
