@@ -14,8 +14,8 @@ query i sits at position p = S - N + i (the last N positions, as in a KV cache; 
 
 `keep_mask(forms, n, s)` builds the [G, N, S] boolean mask of several groups' forms (the reference
 uses it); `kept_pairs(form, n)` counts kept (i, j) pairs in closed form for costs and densities;
-`kv_tokens(form, n)` counts the keys the newest query of a length-n sequence reads (the KV entries a
-decoder at that length needs).
+`kv_tokens(form, n)` counts the KV entries a decoder holds at length n (what the per-head KV cache
+allocates); `kv_read(form, n)` the keys its newest query reads.
 Forms serialize to small dicts (`to_dict` / `form_from_dict`); unknown kinds are an error, never a guess.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 __all__ = ["Dense", "SinkWindow", "ElasticWindow", "BlockSparse", "Form", "FORM_KINDS", "form_from_dict",
-           "forms_to_json", "forms_from_json", "keep_mask", "kept_pairs", "kv_tokens", "causal_pairs", "FormError"]
+           "forms_to_json", "forms_from_json", "keep_mask", "kept_pairs", "kv_tokens", "kv_read", "causal_pairs", "FormError"]
 
 
 class FormError(ValueError):
@@ -173,10 +173,19 @@ def kept_pairs(form: Form, n: int) -> int:
     return int(keep_mask([form], n, n).sum())
 
 
-def kv_tokens(form: Form, n: int) -> int:
-    """Keys that the query at position n - 1 reads (exact): the KV entries decoding at length n needs."""
+def kv_tokens(form: Form, n: int, max_length: int | None = None) -> int:
+    """KV entries a decoder holds for one group at length n (exact; attnforge.runtime.kvcache allocates
+    exactly this many slots): every key for Dense; sink + window (at most n) for the windows, the elastic
+    span taken at `max_length` (default n); for BlockSparse the vertical blocks reached so far plus a
+    ring of the last (max distance + 1) blocks, which is also every key a later query can still read."""
     if isinstance(form, Dense):
         return n
     if isinstance(form, (SinkWindow, ElasticWindow)):
-        return min(n, form.sink + form.window_at(n))
+        return min(n, form.sink + form.window_at(max_length or n))
+    reached = sum(1 for v in form.verticals if v * form.block < n)
+    return reached * form.block + min(n, (max(form.slashes) + 1) * form.block)
+
+
+def kv_read(form: Form, n: int) -> int:
+    """Keys the query at position n - 1 reads (exact)."""
     return int(keep_mask([form], 1, n).sum())

@@ -47,12 +47,13 @@ class GroupLayout:
     slashes: tuple = ()
 
     def capacity(self, length: int) -> int:
-        """Slots this group needs for a sequence of `length` tokens."""
+        """Slots this group needs for a sequence of `length` tokens (= forms.kv_tokens of its form)."""
         if self.kind == "full":
             return length
         if self.kind == "window":
             return min(length, self.sink + self.ring)
-        return min(length, len(self.verticals) * self.block + self.ring)
+        reached = sum(1 for v in self.verticals if v * self.block < length)     # sorted: slots 0.. in use
+        return reached * self.block + min(length, self.ring)
 
     def slots(self, pos: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(stored, slot) for positions `pos` once the sequence holds `length` tokens: whether each

@@ -53,7 +53,15 @@ def test_bad_forms_are_named(bad, msg):
 @pytest.mark.parametrize("form", [Dense(), SinkWindow(4, 7), SinkWindow(0, 300),
                                   ElasticWindow(3, 5, 0.25), BlockSparse(8, (0, 5), (0, 2))])
 @pytest.mark.parametrize("n", [1, 9, 64, 100])
-def test_kv_tokens_counts_what_the_newest_query_reads(form, n):
-    from attnforge.runtime.forms import keep_mask, kv_tokens
+def test_kv_tokens_is_what_the_cache_holds_and_covers_every_later_read(form, n):
+    """kv_tokens = the slots attnforge's KV cache allocates for the form; every key that any query at
+    position >= n - 1 will still read is among them; windows hold exactly what the newest query reads."""
+    from attnforge.runtime.forms import keep_mask, kv_read, kv_tokens
+    from attnforge.runtime.kvcache import layout_for
 
-    assert kv_tokens(form, n) == int(keep_mask([form], n, n)[0, -1].sum())
+    assert kv_read(form, n) == int(keep_mask([form], n, n)[0, -1].sum())
+    assert kv_tokens(form, n) == layout_for(form, n).capacity(n)
+    later = keep_mask([form], 64, n + 63)[0, :, :n].any(0)          # keys < n read by queries n-1 .. n+62
+    assert kv_tokens(form, n, max_length=n + 63) >= int(later.sum())     # elastic spans: sized for the end
+    if form.kind != "block_sparse":
+        assert kv_tokens(form, n) == kv_read(form, n)
