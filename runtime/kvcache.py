@@ -75,6 +75,23 @@ class GroupLayout:
         in_v = is_v.any(1)
         return in_v | (pos >= length - self.ring), torch.where(in_v, v_slot, r_slot)
 
+    def slot(self, p: int) -> int:
+        """The slot of the newest position p (always stored): slots() for one position, in Python ints,
+        so a decoding step computes every group's slot without a device operation."""
+        if self.kind == "full":
+            return p
+        if self.kind == "window":
+            return p if p < self.sink else self.sink + (p - self.sink) % self.ring
+        kb = p // self.block
+        if kb in self.verticals:
+            return self.verticals.index(kb) * self.block + p % self.block
+        return len(self.verticals) * self.block + p % self.ring
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the slots a query reads change with the query beyond 'every stored slot'."""
+        return self.kind == "blocks" or bool(self.beta)
+
     def reads(self, pos: torch.Tensor, query: int) -> torch.Tensor:
         """Which stored positions the query at position `query` attends to (pos >= 0 assumed stored)."""
         ok = (pos >= 0) & (pos <= query)
@@ -117,9 +134,11 @@ class SiteKVCache:
         self.layouts = tuple(layout_for(f, max_length) for f in forms)
         self.max_length = max_length
         self.length = 0                       # tokens seen
-        self.k = self.v = self.pos = None
+        self.k = self.v = self.pos = self._flags = None
         self._caps: list[int] = []
         self._offs: list[int] = []
+        self._off_t = self._cap_t = None
+        self._dynamic = any(lay.dynamic for lay in self.layouts)
 
     # ------------------------------------------------------------------ storage
     def _allocate(self, like_k, like_v, caps):
@@ -137,6 +156,9 @@ class SiteKVCache:
                 v[:, offs[g]:offs[g] + c_old] = self.v[:, o_old:o_old + c_old]
                 pos[offs[g]:offs[g] + c_old] = self.pos[o_old:o_old + c_old]
         self.k, self.v, self.pos, self._caps, self._offs = k, v, pos, list(caps), offs
+        self._flags = (pos >= 0).to(torch.int8)
+        self._off_t = torch.tensor(offs, dtype=torch.int32, device=like_k.device)
+        self._cap_t = torch.tensor(caps, dtype=torch.int32, device=like_k.device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the next tokens: k [B, G, n, D], v [B, G, n, DV] at positions length .. length+n-1."""
@@ -154,6 +176,15 @@ class SiteKVCache:
             grow = [max(c, 2 * have) if lay.kind == "full" else c
                     for c, have, lay in zip(need, self._caps or [0] * g, self.layouts)]
             self._allocate(k, v, grow)
+        if n == 1:                  # a decoding step: every group's slot in Python, one scatter for all
+            p = self.length
+            idx = torch.tensor([o + lay.slot(p) for o, lay in zip(self._offs, self.layouts)], device=k.device)
+            self.k[:, idx] = k[:, :, 0].to(self.k.dtype)
+            self.v[:, idx] = v[:, :, 0].to(self.v.dtype)
+            self.pos[idx] = p
+            self._flags[idx] = 1
+            self.length = new_len
+            return
         pos = torch.arange(self.length, new_len, device=k.device)
         for gi, lay in enumerate(self.layouts):
             stored, slot = lay.slots(pos, new_len)
@@ -161,16 +192,22 @@ class SiteKVCache:
             self.k[:, idx] = k[:, gi, stored.nonzero().squeeze(1)].to(self.k.dtype)
             self.v[:, idx] = v[:, gi, stored.nonzero().squeeze(1)].to(self.v.dtype)
             self.pos[idx] = pos[stored]
+            self._flags[idx] = 1
         self.length = new_len
 
     # ------------------------------------------------------------------ reads
     def keep_flags(self) -> torch.Tensor:
-        """[T] int8: the slots the newest query (position length - 1) attends to."""
-        flags = torch.zeros_like(self.pos, dtype=torch.int8)
+        """[T] int8: the slots the newest query (position length - 1) attends to. Full and fixed-window
+        groups read every stored slot (kept up to date by append); elastic and block-sparse regions are
+        recomputed from slot positions."""
+        if not self._dynamic:
+            return self._flags
+        flags = self._flags.clone()
         q = self.length - 1
         for gi, lay in enumerate(self.layouts):
-            o, c = self._offs[gi], self._caps[gi]
-            flags[o:o + c] = lay.reads(self.pos[o:o + c], q).to(torch.int8)
+            if lay.dynamic:
+                o, c = self._offs[gi], self._caps[gi]
+                flags[o:o + c] = lay.reads(self.pos[o:o + c], q).to(torch.int8)
         return flags
 
     def group_views(self):
@@ -200,10 +237,8 @@ class SiteKVCache:
     def decode(self, q: torch.Tensor, scale: float, loaded, splits: int | None = None):
         """The same through the split-KV Triton kernel `loaded` (runtime.kernels.LoadedKernel of
         codegen.render_decode()). Returns (out [B, H, DV], splits used)."""
-        off = torch.tensor(self._offs, dtype=torch.int32, device=q.device)
-        cap = torch.tensor(self._caps, dtype=torch.int32, device=q.device)
-        return loaded.launch(q, self.k, self.v, self.keep_flags(), off, cap, scale, max(self._caps),
-                             splits=splits)
+        return loaded.launch(q, self.k, self.v, self.keep_flags(), self._off_t, self._cap_t, scale,
+                             max(self._caps), splits=splits)
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:

@@ -68,7 +68,8 @@ def test_a_group_with_no_readable_key_gives_zeros_and_errors_are_clear():
     cache = SiteKVCache((SinkWindow(0, 1),), max_length=8)
     k = torch.randn(1, 1, 4, 8)
     cache.append(k, k)
-    cache.pos[:] = -1                                 # nothing readable
+    cache.pos[:] = -1                                 # nothing readable (forms never do this; the kernel
+    cache._flags[:] = 0                               # and reference must still not divide by zero)
     assert cache.decode_reference(torch.randn(1, 2, 8), 0.3).abs().max() == 0
     with pytest.raises(KVCacheError, match="KV heads"):
         cache.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
@@ -140,3 +141,15 @@ def test_chunked_prefill_is_refused():
         model(ids, past_key_values=cache)
         with pytest.raises(KVCacheError, match="one token per step"):
             model(ids[:, :3], past_key_values=cache)
+
+
+def test_one_token_steps_fill_the_same_slots_as_a_bulk_write():
+    """The decoding fast path (slots in Python ints, one scatter) equals the vectorized bulk write."""
+    _, k, v = _data(len(FORMS), 50)
+    step = SiteKVCache(FORMS, max_length=50)
+    for t in range(50):
+        step.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    bulk = SiteKVCache(FORMS, max_length=50)
+    bulk.append(k, v)
+    assert torch.equal(step.pos, bulk.pos) and torch.equal(step.k, bulk.k) and torch.equal(step.v, bulk.v)
+    assert torch.equal(step.keep_flags(), bulk.keep_flags())
