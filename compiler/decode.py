@@ -31,7 +31,7 @@ from attnforge.runtime.kvcache import KVCacheError, SiteKVCache
 
 from .plan import resolve_site
 
-__all__ = ["PlanCache", "plan_attention", "generate", "attnforge_attention", "KVCacheError"]
+__all__ = ["PlanCache", "plan_cache_from_forms", "plan_attention", "generate", "attnforge_attention", "KVCacheError"]
 
 NAME = "attnforge"
 _decode_key: str | None = None
@@ -151,6 +151,12 @@ def PlanCache(model, plan=None, max_length: int | None = None, impl: str = "auto
                            "plan for this model")
     _, impl_cls = _cache_classes()
     return impl_cls(forms, max_length, impl)
+
+
+def plan_cache_from_forms(layer_forms: dict[int, tuple], max_length: int, impl: str = "auto"):
+    """A PlanCache from forms per decoder layer index (no plan file needed: benchmarks, uniform plans)."""
+    _, impl_cls = _cache_classes()
+    return impl_cls(layer_forms, max_length, impl)
 
 
 def _use_kernel(impl: str, q: torch.Tensor) -> bool:
