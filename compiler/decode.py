@@ -10,8 +10,9 @@ or, by hand:
         model.generate(ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
 
 Each decoder layer's cache is an attnforge.runtime.kvcache.SiteKVCache laid out by the plan's forms for
-that layer (one layout per KV group: full, sink + ring window, kept blocks), so a window head really
-holds sink + window keys. The model's attention calls go to `attnforge_attention` (registered with
+that layer (one layout per KV group: full, sink + ring window, kept blocks, or a KVEvict policy's kept
+set: StreamingLLM, H2O, A2SF, SnapKV), so a window head really holds sink + window keys and an evicting
+head its budget. The model's attention calls go to `attnforge_attention` (registered with
 transformers' AttentionInterface under the name "attnforge"): the prefill runs the plan's forms through
 torch.ops.attnforge.attention (exact masks, the plan kernel on CUDA) while the cache keeps only what
 each group will read again; every decoding step reads the cache through the split-KV Triton kernel
@@ -186,6 +187,8 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
         out = torch.ops.attnforge.attention(query, key, value, mask, mask is None, 0, scale,
                                             "auto", "", layer.forms_json)
         runtime.counters["kvcache_prefill"] = runtime.counters.get("kvcache_prefill", 0) + 1
+        if layer.site.needs_select:                 # KV-evicting groups choose their keys from this prompt
+            layer.site.select(query, scale)
         return out.transpose(1, 2).contiguous(), None
     if query.shape[2] != 1:
         raise KVCacheError(f"decoding takes one query token per step, got {query.shape[2]}")
@@ -196,6 +199,7 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
     else:
         out = layer.site.decode_reference(q, scale)
         runtime.counters["kvcache_decode_reference"] = runtime.counters.get("kvcache_decode_reference", 0) + 1
+    layer.site.after_step(q, scale)                 # h2o / a2sf: scores and eviction
     return out[:, None], None                       # [B, 1, H, DV]
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindow, forms_from_json
+from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindow, forms_from_json, prefill_form
 
 __all__ = ["export_onnx", "ExportError", "ExportResult", "DOMAIN", "OPSET"]
 
@@ -294,7 +294,7 @@ def _function(cfg: _SiteConfig, name: str):
             pcol = b.op("Unsqueeze", b.op("Add", i, b.op("Sub", s, n)), b.const([1], np.int64))
             causal = b.op("LessOrEqual", jrow, pcol)
             groups = []
-            for form in forms:
+            for form in map(prefill_form, forms):       # KV-compressed forms prefill densely
                 if isinstance(form, Dense):
                     g = causal
                 elif isinstance(form, (SinkWindow, ElasticWindow)):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .forms import BlockSparse, Dense, ElasticWindow, SinkWindow, forms_from_json
+from .forms import BlockSparse, Dense, ElasticWindow, SinkWindow, forms_from_json, prefill_form
 
 __all__ = ["BlockMeta", "block_meta", "block_reason"]
 
@@ -58,6 +58,7 @@ def _group_blocks(form, qb: torch.Tensor, kb: torch.Tensor, n: int, s: int, bm: 
     p1 = s - n + last                                           # and its position
     k0, k1 = kb * bn, kb * bn + bn - 1
     causal = (k0 <= p1) & (k0 <= last)                          # the op's causal is top-left (j <= i)
+    form = prefill_form(form)
     if isinstance(form, Dense):
         return causal
     if isinstance(form, (SinkWindow, ElasticWindow)):

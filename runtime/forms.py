@@ -21,11 +21,12 @@ Forms serialize to small dicts (`to_dict` / `form_from_dict`); unknown kinds are
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 
-__all__ = ["Dense", "SinkWindow", "ElasticWindow", "BlockSparse", "Form", "FORM_KINDS", "form_from_dict",
+__all__ = ["Dense", "SinkWindow", "ElasticWindow", "BlockSparse", "KVEvict", "EVICT_POLICIES", "prefill_form", "Form", "FORM_KINDS", "form_from_dict",
            "forms_to_json", "forms_from_json", "keep_mask", "kept_pairs", "kv_tokens", "kv_read", "causal_pairs", "FormError"]
 
 
@@ -103,8 +104,55 @@ class BlockSparse:
                 "slashes": list(self.slashes)}
 
 
-Form = Dense | SinkWindow | ElasticWindow | BlockSparse
-FORM_KINDS = {cls.kind: cls for cls in (Dense, SinkWindow, ElasticWindow, BlockSparse)}
+EVICT_POLICIES = ("streaming", "h2o", "a2sf", "snapkv")
+
+
+@dataclass(frozen=True, slots=True)
+class KVEvict:
+    """KV-compressed decoding (kvpress / H2O / SnapKV style): the prompt runs dense, then the group's
+    cache keeps `budget` of the prompt's keys, chosen by `policy`:
+        streaming  the first `sink` and the most recent ones (StreamingLLM)
+        h2o        the `recent` newest + the highest accumulated attention; while decoding, the lowest
+                   scoring key outside the recent ones is evicted each step (cache size stays fixed)
+        a2sf       h2o with the accumulated attention decayed by `alpha` per query (forgetting factor)
+        snapkv     the `recent` newest + the highest attention from the last `recent` prompt queries,
+                   average-pooled over `pool` neighbouring keys; decoded tokens are appended
+    Prefill attention is dense, so prefill masks, kernels and costs treat it as Dense."""
+    policy: str
+    budget: float
+    sink: int = 0
+    recent: int = 32
+    alpha: float = 1.0
+    pool: int = 7
+    kind = "kv_evict"
+
+    def __post_init__(self):
+        if self.policy not in EVICT_POLICIES:
+            raise FormError(f"kv_evict policy must be one of {EVICT_POLICIES}, got {self.policy!r}")
+        if not 0 < self.budget <= 1:
+            raise FormError(f"kv_evict budget is a fraction of the prompt's keys in (0, 1], got {self.budget}")
+        if self.sink < 0 or self.recent < 1 or not 0 < self.alpha <= 1 or self.pool < 1:
+            raise FormError(f"kv_evict needs sink >= 0, recent >= 1, 0 < alpha <= 1, pool >= 1; got "
+                            f"{self.sink}, {self.recent}, {self.alpha}, {self.pool}")
+
+    def kept(self, prompt: int) -> int:
+        """Keys kept from a prompt of `prompt` tokens (never fewer than sink + recent, never more than all)."""
+        return min(prompt, max(self.sink + self.recent, math.ceil(self.budget * prompt)))
+
+    def window_at(self, s: int):
+        return None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+Form = Dense | SinkWindow | ElasticWindow | BlockSparse | KVEvict
+FORM_KINDS = {cls.kind: cls for cls in (Dense, SinkWindow, ElasticWindow, BlockSparse, KVEvict)}
+
+
+def prefill_form(form):
+    """The form that prefill attention runs: Dense for KV-compressed forms (they act on decoding)."""
+    return Dense() if isinstance(form, KVEvict) else form
 
 
 def form_from_dict(d: dict) -> Form:
@@ -133,6 +181,7 @@ def forms_from_json(text: str) -> tuple:
 
 
 def _keep_one(form: Form, rows, cols, s: int) -> torch.Tensor:
+    form = prefill_form(form)
     causal = cols <= rows
     if isinstance(form, Dense):
         return causal
@@ -162,6 +211,7 @@ def causal_pairs(n: int) -> int:
 
 def kept_pairs(form: Form, n: int) -> int:
     """Number of (i, j) pairs a form keeps for a square length n (exact)."""
+    form = prefill_form(form)
     if isinstance(form, Dense):
         return causal_pairs(n)
     if isinstance(form, (SinkWindow, ElasticWindow)):
@@ -180,6 +230,9 @@ def kv_tokens(form: Form, n: int, max_length: int | None = None) -> int:
     ring of the last (max distance + 1) blocks, which is also every key a later query can still read."""
     if isinstance(form, Dense):
         return n
+    if isinstance(form, KVEvict):        # the kept prompt keys; h2o / a2sf one slot more (evicted after
+        extra = {"snapkv": (max_length or n) - n, "streaming": 0}.get(form.policy, 1)   # each step), snapkv
+        return min(max_length or n, form.kept(n) + extra)                              # the new tokens too
     if isinstance(form, (SinkWindow, ElasticWindow)):
         return min(n, form.sink + form.window_at(max_length or n))
     reached = sum(1 for v in form.verticals if v * form.block < n)

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .forms import BlockSparse, Dense, ElasticWindow, SinkWindow
+from .forms import BlockSparse, Dense, ElasticWindow, KVEvict, SinkWindow, kv_tokens
 
-__all__ = ["GroupLayout", "SiteKVCache", "layout_for", "KVCacheError"]
+__all__ = ["GroupLayout", "SiteKVCache", "layout_for", "policy_scores", "policy_keep", "KVCacheError"]
 
 
 class KVCacheError(ValueError):
@@ -45,9 +45,12 @@ class GroupLayout:
     block: int = 0
     verticals: tuple = ()
     slashes: tuple = ()
+    form: object = None             # kind 'evict': the KVEvict form (its region is sized at prefill)
 
     def capacity(self, length: int) -> int:
         """Slots this group needs for a sequence of `length` tokens (= forms.kv_tokens of its form)."""
+        if self.kind == "evict":
+            raise KVCacheError("an evicting group's capacity depends on its prompt (see SiteKVCache.append)")
         if self.kind == "full":
             return length
         if self.kind == "window":
@@ -119,6 +122,8 @@ def layout_for(form, max_length: int) -> GroupLayout:
     if isinstance(form, ElasticWindow):
         return GroupLayout("window", sink=form.sink, ring=form.window_at(max_length), alpha=form.alpha,
                            beta=form.beta)
+    if isinstance(form, KVEvict):
+        return GroupLayout("evict", sink=form.sink, ring=form.recent, alpha=0, beta=0.0, form=form)
     if isinstance(form, BlockSparse):
         return GroupLayout("blocks", ring=(max(form.slashes) + 1) * form.block, block=form.block,
                            verticals=form.verticals, slashes=form.slashes)
@@ -139,6 +144,12 @@ class SiteKVCache:
         self._offs: list[int] = []
         self._off_t = self._cap_t = None
         self._dynamic = any(lay.dynamic for lay in self.layouts)
+        self._evict = [gi for gi, lay in enumerate(self.layouts) if lay.kind == "evict"]
+        self.prompt = 0                       # prompt length (evicting groups size their regions by it)
+        self.scores = None                    # [T] float32: accumulated attention per slot (h2o / a2sf)
+        self._pending = None                  # prompt K/V of evicting groups until select() chooses
+        self._free: dict[int, list[int]] = {}
+        self._count: dict[int, int] = {}
 
     # ------------------------------------------------------------------ storage
     def _allocate(self, like_k, like_v, caps):
@@ -150,6 +161,7 @@ class SiteKVCache:
         k = like_k.new_zeros(b, total, d)
         v = like_v.new_zeros(b, total, dv)
         pos = torch.full((total,), -1, dtype=torch.long, device=like_k.device)
+        self._offs_old, self._caps_old = self._offs, self._caps
         if self.k is not None:                # regrow: copy each group's region
             for g, (o_old, c_old) in enumerate(zip(self._offs, self._caps)):
                 k[:, offs[g]:offs[g] + c_old] = self.k[:, o_old:o_old + c_old]
@@ -157,6 +169,11 @@ class SiteKVCache:
                 pos[offs[g]:offs[g] + c_old] = self.pos[o_old:o_old + c_old]
         self.k, self.v, self.pos, self._caps, self._offs = k, v, pos, list(caps), offs
         self._flags = (pos >= 0).to(torch.int8)
+        scores = torch.zeros(total, dtype=torch.float32, device=like_k.device)
+        if self.scores is not None:
+            for g, (o_old, c_old) in enumerate(zip(self._offs_old, self._caps_old)):
+                scores[offs[g]:offs[g] + c_old] = self.scores[o_old:o_old + c_old]
+        self.scores = scores
         self._off_t = torch.tensor(offs, dtype=torch.int32, device=like_k.device)
         self._cap_t = torch.tensor(caps, dtype=torch.int32, device=like_k.device)
 
@@ -169,24 +186,45 @@ class SiteKVCache:
         if new_len > self.max_length and any(lay.beta for lay in self.layouts):
             raise KVCacheError(f"{new_len} tokens exceed the cache's max_length {self.max_length} that its "
                                "elastic windows were sized for; build the cache with a larger max_length")
+        if self._evict and self.length == 0:
+            if b != 1:
+                raise KVCacheError("eviction policies choose keys per sequence; decode one sequence (batch 1) "
+                                   "at a time with KV-evicting forms")
+            self.prompt = n
+        elif self._evict and n != 1:
+            raise KVCacheError(f"after the prompt, a cache with KV-evicting forms takes one token per step, got {n}")
+        if self._pending is not None:
+            raise KVCacheError("call select(q, scale) with the prompt's queries before the first decoding step: "
+                               "the evicting groups have not chosen their keys yet")
         # Every region is sized for max_length at once (no copies while generating); past it, full
-        # groups grow by doubling.
-        need = [lay.capacity(max(new_len, self.max_length)) for lay in self.layouts]
+        # groups grow by doubling. Evicting groups: by their prompt (forms.kv_tokens).
+        horizon = max(new_len, self.max_length)
+        need = [kv_tokens(lay.form, self.prompt, horizon) if lay.kind == "evict" else lay.capacity(horizon)
+                for lay in self.layouts]
         if self.k is None or any(c > have for c, have in zip(need, self._caps)):
+            if self.k is not None and self._evict:
+                raise KVCacheError(f"{new_len} tokens exceed the max_length {self.max_length} this cache was "
+                                   "built for; build it with a larger max_length")
             grow = [max(c, 2 * have) if lay.kind == "full" else c
                     for c, have, lay in zip(need, self._caps or [0] * g, self.layouts)]
             self._allocate(k, v, grow)
-        if n == 1:                  # a decoding step: every group's slot in Python, one scatter for all
+        if n == 1 and self.length > 0:   # a decoding step: every group's slot in Python, one scatter for all
             p = self.length
-            idx = torch.tensor([o + lay.slot(p) for o, lay in zip(self._offs, self.layouts)], device=k.device)
+            idx = torch.tensor([o + (self._evict_slot(gi, p) if lay.kind == "evict" else lay.slot(p))
+                                for gi, (o, lay) in enumerate(zip(self._offs, self.layouts))], device=k.device)
             self.k[:, idx] = k[:, :, 0].to(self.k.dtype)
             self.v[:, idx] = v[:, :, 0].to(self.v.dtype)
             self.pos[idx] = p
             self._flags[idx] = 1
+            self.scores[idx] = 0
             self.length = new_len
             return
         pos = torch.arange(self.length, new_len, device=k.device)
+        if self._evict:
+            self._pending = (k, v)
         for gi, lay in enumerate(self.layouts):
+            if lay.kind == "evict":
+                continue
             stored, slot = lay.slots(pos, new_len)
             idx = self._offs[gi] + slot[stored]
             self.k[:, idx] = k[:, gi, stored.nonzero().squeeze(1)].to(self.k.dtype)
@@ -194,6 +232,80 @@ class SiteKVCache:
             self.pos[idx] = pos[stored]
             self._flags[idx] = 1
         self.length = new_len
+
+    # ------------------------------------------------------------------ eviction (KVEvict groups)
+    def _evict_slot(self, gi: int, p: int) -> int:
+        form = self.layouts[gi].form
+        if form.policy == "streaming":
+            ring = form.kept(self.prompt) - form.sink
+            return p if p < form.sink else form.sink + (p - form.sink) % ring
+        if form.policy == "snapkv":
+            slot = self._count[gi]
+            self._count[gi] += 1
+            return slot
+        if not self._free[gi]:
+            raise KVCacheError(f"group {gi}: no free slot; after_step(q, scale) must follow every decoding step")
+        return self._free[gi].pop()
+
+    @property
+    def needs_select(self) -> bool:
+        return self._pending is not None
+
+    def select(self, q: torch.Tensor, scale: float) -> None:
+        """After the prompt's attention: each evicting group keeps its form's choice of the prompt's keys.
+        q: the prompt's queries [1, H, P, D]."""
+        if self._pending is None:
+            return
+        k, v = self._pending
+        g, h = len(self.layouts), q.shape[1]
+        r = h // g
+        for gi in self._evict:
+            form, o = self.layouts[gi].form, self._offs[gi]
+            qg = q[0, gi * r:(gi + 1) * r]
+            keep = policy_keep(form, qg, k[0, gi], scale)
+            positions = torch.tensor(keep, device=k.device)
+            if form.policy == "streaming":
+                slots = torch.tensor([self._evict_slot(gi, p) for p in keep], device=k.device)
+            else:
+                slots = torch.arange(len(keep), device=k.device)
+            idx = o + slots
+            self.k[:, idx] = k[:, gi, positions].to(self.k.dtype)
+            self.v[:, idx] = v[:, gi, positions].to(self.v.dtype)
+            self.pos[idx] = positions
+            self._flags[idx] = 1
+            if form.policy in ("h2o", "a2sf"):
+                self.scores[idx] = policy_scores(form, qg, k[0, gi], scale)[positions].float()
+                self._free[gi] = list(range(len(keep), self._caps[gi]))[::-1]
+            self._count[gi] = len(keep)
+        self._pending = None
+
+    def after_step(self, q: torch.Tensor, scale: float) -> None:
+        """After a decoding step's attention (q [1, H, D], the newest query): h2o / a2sf groups add the
+        step's attention to their scores (decayed by alpha) and evict their lowest-scoring key outside the
+        sink and the recent window when over budget."""
+        g, h = len(self.layouts), q.shape[1]
+        r = h // g
+        newest = self.length - 1
+        for gi in self._evict:
+            form = self.layouts[gi].form
+            if form.policy not in ("h2o", "a2sf"):
+                continue
+            o, c = self._offs[gi], self._caps[gi]
+            valid = self._flags[o:o + c].bool()
+            s = torch.einsum("rd,nd->rn", q[0, gi * r:(gi + 1) * r].float(), self.k[0, o:o + c].float()) * scale
+            p = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1).sum(0)
+            self.scores[o:o + c] = torch.where(valid, form.alpha * self.scores[o:o + c] + p, torch.zeros_like(p))
+            if int(valid.sum()) <= form.kept(self.prompt):
+                continue
+            pos = self.pos[o:o + c]
+            cand = valid & (pos >= form.sink) & (pos <= newest - form.recent)
+            if not bool(cand.any()):
+                continue
+            j = int(torch.where(cand, self.scores[o:o + c], torch.full_like(p, float("inf"))).argmin())
+            self.pos[o + j] = -1
+            self._flags[o + j] = 0
+            self.scores[o + j] = 0
+            self._free[gi].append(j)
 
     # ------------------------------------------------------------------ reads
     def keep_flags(self) -> torch.Tensor:
@@ -256,3 +368,46 @@ class SiteKVCache:
         """Key slots the forms need at `length` tokens (per batch entry, summed over groups)."""
         return sum(layout_for(f, max_length or length).capacity(length) for f in forms)
 
+
+
+# ---------------------------------------------------------------------------- eviction policies
+def policy_scores(form, q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 256) -> torch.Tensor:
+    """Per prompt key, the attention its policy ranks it by. q [r, P, D] (the group's heads), k [P, D].
+    h2o: attention summed over every prompt query and head; a2sf: the same, query i weighted by
+    alpha ** (P - 1 - i); snapkv: summed over the last `recent` queries, average-pooled over `pool`
+    neighbouring keys. Over query chunks (memory O(chunk * P)); float32 (float64 inputs: float64)."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    p_len = k.shape[0]
+    cols = torch.arange(p_len, device=k.device)
+    first = max(0, p_len - form.recent) if form.policy == "snapkv" else 0
+    score = torch.zeros(p_len, dtype=ct, device=k.device)
+    for i0 in range(first, p_len, chunk):
+        i1 = min(p_len, i0 + chunk)
+        s = torch.einsum("rid,jd->rij", q[:, i0:i1].to(ct), k.to(ct)) * scale
+        rows = torch.arange(i0, i1, device=k.device)[:, None]
+        a = torch.softmax(s.masked_fill(cols[None, :] > rows, float("-inf")), dim=-1)
+        if form.policy == "a2sf":
+            a = a * (form.alpha ** (p_len - 1 - rows.to(ct)))[None]
+        score += a.sum((0, 1))
+    if form.policy == "snapkv" and form.pool > 1:
+        pooled = torch.nn.functional.avg_pool1d(score[None, None], form.pool, stride=1, padding=form.pool // 2,
+                                                count_include_pad=False)[0, 0]
+        score = pooled[:p_len]
+    return score
+
+
+def policy_keep(form, q: torch.Tensor, k: torch.Tensor, scale: float) -> list[int]:
+    """Prompt positions a KVEvict form keeps (sorted): sink and recent ones always, the rest of its budget
+    by policy_scores (streaming: the most recent ones)."""
+    p_len = k.shape[0]
+    kept = form.kept(p_len)
+    if form.policy == "streaming":
+        return list(range(min(form.sink, p_len))) + list(range(max(form.sink, p_len - (kept - form.sink)), p_len))
+    protected = set(range(min(form.sink, p_len))) | set(range(max(0, p_len - form.recent), p_len))
+    score = policy_scores(form, q, k, scale)
+    eligible = torch.ones(p_len, dtype=torch.bool, device=k.device)
+    eligible[list(protected)] = False
+    rest = max(0, kept - len(protected))
+    top = torch.topk(torch.where(eligible, score, torch.full_like(score, float("-inf"))), rest).indices.tolist() \
+        if rest else []
+    return sorted(protected | set(top))

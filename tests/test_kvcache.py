@@ -153,3 +153,129 @@ def test_one_token_steps_fill_the_same_slots_as_a_bulk_write():
     bulk.append(k, v)
     assert torch.equal(step.pos, bulk.pos) and torch.equal(step.k, bulk.k) and torch.equal(step.v, bulk.v)
     assert torch.equal(step.keep_flags(), bulk.keep_flags())
+
+
+# ------------------------------------------------------------------ KV eviction policies
+from attnforge.runtime.forms import KVEvict, kv_tokens  # noqa: E402
+
+EVICT = (KVEvict("streaming", 0.3, sink=2, recent=3), KVEvict("h2o", 0.4, sink=1, recent=4),
+         KVEvict("a2sf", 0.4, recent=3, alpha=0.9), KVEvict("snapkv", 0.35, recent=4, pool=3), Dense())
+
+
+def _evict_reference(form, q, k, v, prompt, scale):
+    """The policy written plainly (full matrices, Python sets): outputs of the decoding steps prompt..T-1.
+    q [r, T, D], k/v [T, D]; float64."""
+    t_all = k.shape[0]
+    s = q[:, :prompt] @ k[:prompt].T * scale
+    causal = torch.ones(prompt, prompt, dtype=torch.bool).tril()
+    a = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)          # [r, P, P]
+    n_keep = form.kept(prompt) if isinstance(form, KVEvict) else t_all
+    scores = {}
+    if not isinstance(form, KVEvict):
+        keep = set(range(prompt))
+    elif form.policy == "streaming":
+        keep = set(range(form.sink)) | set(range(prompt - (n_keep - form.sink), prompt))
+    else:
+        if form.policy == "snapkv":
+            raw = a[:, prompt - form.recent:].sum((0, 1))
+            lo = [max(0, j - form.pool // 2) for j in range(prompt)]
+            score = torch.stack([raw[lo[j]:min(prompt, j - form.pool // 2 + form.pool)].mean() for j in range(prompt)])
+        else:
+            alpha = form.alpha if form.policy == "a2sf" else 1.0
+            w = torch.tensor([alpha ** (prompt - 1 - i) for i in range(prompt)], dtype=a.dtype)
+            score = (a * w[None, :, None]).sum((0, 1))
+        protected = set(range(form.sink)) | set(range(prompt - form.recent, prompt))
+        others = sorted((j for j in range(prompt) if j not in protected), key=lambda j: -score[j].item())
+        keep = protected | set(others[:n_keep - len(protected)])
+        scores = {j: score[j].item() for j in keep}
+    outs = []
+    for t in range(prompt, t_all):
+        keep.add(t)
+        scores[t] = 0.0
+        if isinstance(form, KVEvict) and form.policy == "streaming":
+            ring = sorted(j for j in keep if j >= form.sink)
+            if len(ring) > n_keep - form.sink:
+                keep.remove(ring[0])
+        idx = sorted(keep)
+        p = torch.softmax(q[:, t] @ k[idx].T * scale, -1)                   # [r, |keep|]
+        outs.append(p @ v[idx])
+        if isinstance(form, KVEvict) and form.policy in ("h2o", "a2sf"):
+            for col, j in enumerate(idx):
+                scores[j] = form.alpha * scores[j] + p[:, col].sum().item()
+            if len(keep) > n_keep:
+                cand = [j for j in idx if form.sink <= j <= t - form.recent]
+                if cand:
+                    keep.remove(min(cand, key=lambda j: (scores[j], j)))
+    return torch.stack(outs, 1)                                               # [r, T - P, D]
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_every_eviction_policy_equals_its_plain_reference(impl):
+    g, r, prompt, steps = len(EVICT), 2, 24, 16
+    q, k, v = _data(g, prompt + steps, r=r, seed=3)
+    q, k, v = q[:1], k[:1], v[:1]
+    if impl == "triton":
+        loaded = runtime.kernels.load_kernel(runtime.kernels.register_source(codegen.render_decode().source),
+                                             torch.device("cpu"))
+        q, k, v = q.float(), k.float(), v.float()
+    cache = SiteKVCache(EVICT, max_length=prompt + steps)
+    cache.append(k[:, :, :prompt], v[:, :, :prompt])
+    assert cache.needs_select
+    cache.select(q[:, :, :prompt], 0.25)
+    outs = []
+    for t in range(prompt, prompt + steps):
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        step = cache.decode(q[:, :, t], 0.25, loaded)[0] if impl == "triton" else cache.decode_reference(q[:, :, t], 0.25)
+        outs.append(step)
+        cache.after_step(q[:, :, t], 0.25)
+    got = torch.stack(outs, 2)                                                # [1, H, steps, D]
+    for gi, form in enumerate(EVICT):
+        want = _evict_reference(form, q[0, gi * r:(gi + 1) * r].double(), k[0, gi].double(), v[0, gi].double(),
+                                prompt, 0.25)
+        assert (got[0, gi * r:(gi + 1) * r].double() - want).abs().max() < (1e-12 if impl == "reference" else 1e-5), form
+    # memory: each evicting group holds exactly forms.kv_tokens slots
+    for gi, form in enumerate(EVICT[:4]):
+        assert cache._caps[gi] == kv_tokens(form, prompt, prompt + steps)
+    assert cache._caps[4] == prompt + steps                                  # the dense group: every key
+    kept = {f.policy: f.kept(prompt) for f in EVICT[:4]}
+    live = [int((cache.pos[o:o + c] >= 0).sum()) for o, c in zip(cache._offs, cache._caps)]
+    assert live[:4] == [kept["streaming"], kept["h2o"], kept["a2sf"], kept["snapkv"] + steps]
+
+
+def test_eviction_refuses_batches_and_chunks():
+    cache = SiteKVCache((KVEvict("h2o", 0.5),), max_length=64)
+    with pytest.raises(KVCacheError, match="batch 1"):
+        cache.append(torch.randn(2, 1, 40, 8), torch.randn(2, 1, 40, 8))
+    cache = SiteKVCache((KVEvict("h2o", 0.5),), max_length=64)
+    cache.append(torch.randn(1, 1, 40, 8), torch.randn(1, 1, 40, 8))
+    with pytest.raises(KVCacheError, match="select"):
+        cache.append(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
+    from attnforge.runtime.forms import FormError
+
+    with pytest.raises(FormError, match="policy"):
+        KVEvict("lru", 0.5)
+
+
+def test_evicting_plan_inside_generate_prefills_densely_and_holds_its_budget():
+    """Inside HF generate(): KVEvict groups prefill densely, select their keys from the prompt's
+    attention and evict while decoding (their outputs are checked against the plain policy above)."""
+    from attnforge.compiler.plan import Plan, SitePlan, fingerprint
+
+    model = _llama()
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4))
+    sites = af.find_attention(model, (ids,))
+    forms = (KVEvict("h2o", 0.3, sink=1, recent=4), KVEvict("snapkv", 0.3, recent=4, pool=3))
+    plan = Plan(fingerprint(sites), "t", tuple(SitePlan(s.id, 4, 2, forms) for s in sites), {}, (40,))
+    runtime.reset_counters()
+    out, cache = af.generate(model, ids, plan, max_new_tokens=8, min_new_tokens=8)   # no early EOS
+    assert runtime.counters["kvcache_decode_reference"] == 2 * 7
+    # prefill is dense: the first new token equals the dense model's
+    with torch.no_grad():
+        assert out[0, 40] == model(ids).logits[0, -1].argmax()
+    site = cache.layers[0].site
+    h2o_live = int((site.pos[site._offs[0]:site._offs[0] + site._caps[0]] >= 0).sum())
+    assert h2o_live == forms[0].kept(40)                                      # the budget held while decoding
+    dense = af.PlanCache(model, None, max_length=48)
+    with af.plan_attention(model), torch.no_grad():
+        model(out, past_key_values=dense)
+    assert cache.nbytes() < dense.nbytes() / 2
