@@ -41,6 +41,7 @@ __all__ = ["ProfileCollector", "collecting", "attention_profile", "CHUNK", "SINK
 
 CHUNK = 256
 SINK = 64                                              # sink tokens of every measured window form
+WBLOCK = 64                                            # key block of the window measurement's prefix sums
 SPANS = tuple(int(round(16 * 2 ** (k / 2))) for k in range(21))      # 16 .. 16384, steps of sqrt(2)
 _active = threading.local()
 
@@ -82,6 +83,11 @@ def _block_sum(x: Tensor, block: int, rows_total: int) -> Tensor:
 @torch.library.custom_op("attnforge::attention_profile", mutates_args=())
 def attention_profile(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, window: int,
                       scale: float, site: str, block: int) -> Tensor:
+    if mask is None and not window and k.shape[-2] > 0 and q.shape[1] % k.shape[1] == 0 and (not causal or q.shape[-2] <= k.shape[-2]):
+        # The forward only feeds the next layers: PyTorch's fused SDPA (flash on the CPU too) is exact
+        # enough and far faster than materializing [B, H, N, S]; the statistics come from the backward.
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                                enable_gqa=q.shape[1] != k.shape[1])
     return attention_reference(q, k, v, mask, causal, scale, window)
 
 
@@ -98,17 +104,49 @@ def _setup(ctx, inputs, output):
 
 def _measure_windows(p: Tensor, vv: Tensor, out: Tensor, g: Tensor, pos0: int, acc: dict) -> None:
     """Add one chunk's window statistics (module docstring) to `acc`. p: [B, Hkv, G, c, S] probabilities
-    of query rows at absolute positions pos0 .. pos0 + c - 1; out, g: [B, Hkv, G, c, Dv]."""
+    of query rows at absolute positions pos0 .. pos0 + c - 1; out, g: [B, Hkv, G, c, Dv].
+
+    A span w drops, for row i, the contiguous keys SINK <= j <= pos_i - w. Their mass and their p-weighted
+    values are prefix sums along the keys, taken once per chunk over WBLOCK-key blocks (one batched
+    matmul) plus, per span, each row's partial block: O(c * (S / WBLOCK + WBLOCK) * Dv) per span
+    instead of a full O(c * S * Dv) product."""
     c, s = p.shape[-2], p.shape[-1]
-    pos = torch.arange(pos0, pos0 + c, device=p.device)[:, None]
+    if min(s, pos0 + c - SPANS[0]) <= SINK:
+        return
+    blk = WBLOCK
+    nb = -(-s // blk)
+    pad = nb * blk - s
+    pp = torch.nn.functional.pad(p, (0, pad)) if pad else p
+    vp = torch.nn.functional.pad(vv, (0, 0, 0, pad)) if pad else vv
+    pb = pp.unflatten(-1, (nb, blk))                                   # [B, Hkv, G, c, nb, blk]
+    vb = vp.unflatten(-2, (nb, blk))                                   # [B, Hkv, 1, nb, blk, Dv]
+    cum_m = pb.sum(-1).cumsum(-1)                                      # [B, Hkv, G, c, nb]
+    cum_pv = torch.einsum("...cnk,...nkd->...cnd", pb, vb.expand(*pb.shape[:3], nb, blk, vb.shape[-1])
+                          if vb.shape[2] != pb.shape[2] else vb).cumsum(-2)          # [B, Hkv, G, c, nb, Dv]
+    rows = torch.arange(c, device=p.device)
+    pos = pos0 + rows
+
+    def prefix(e: Tensor):
+        """(mass, p-weighted values) of keys j <= e_i for every row i (e_i >= -1)."""
+        full = (e + 1) // blk                                          # whole blocks below the edge
+        rem = (e + 1) - full * blk                                     # keys of the partial block
+        idx = (full - 1).clamp(min=0)
+        m = torch.where(full > 0, cum_m[..., rows, idx], torch.zeros((), dtype=p.dtype, device=p.device))
+        pv = torch.where((full > 0)[:, None], cum_pv[..., rows, idx, :], torch.zeros((), dtype=p.dtype, device=p.device))
+        part = full.clamp(max=nb - 1)
+        keep = (torch.arange(blk, device=p.device)[None, :] < rem[:, None]) & (full < nb)[:, None]   # [c, blk]
+        pp_part = pb[..., rows, part, :] * keep                         # [B, Hkv, G, c, blk]
+        v_part = vb[..., part, :, :]                                    # [B, Hkv, 1, c, blk, Dv]
+        return m + pp_part.sum(-1), pv + torch.einsum("...ck,...ckd->...cd", pp_part, v_part)
+
+    m0, pv0 = prefix(torch.full_like(pos, SINK - 1))
     for wi, w in enumerate(SPANS):
-        kmax = min(s, pos0 + c - w)                     # keys j <= pos - w for the chunk's last row
-        if kmax <= SINK:
+        if min(s, pos0 + c - w) <= SINK:
             break                                       # spans only grow: nothing is dropped from here on
-        j = torch.arange(kmax, device=p.device)[None, :]
-        pd = p[..., :kmax] * ((j >= SINK) & (j <= pos - w))
-        m = pd.sum(-1, keepdim=True)
-        d_o = (m * out - torch.matmul(pd, vv[..., :kmax, :])) / (1 - m).clamp_min(1e-6)
+        e = torch.clamp(pos - w, min=SINK - 1, max=s - 1)
+        m_e, pv_e = prefix(e)
+        m = (m_e - m0)[..., None]
+        d_o = (m * out - (pv_e - pv0)) / (1 - m).clamp_min(1e-6)
         lin = (g * d_o).sum(-1)                                                   # [B, Hkv, G, c]
         acc["window_abs"][:, wi] += lin.abs().sum((0, 2, 3)).double()
         acc["window_sq"][:, wi] += lin.square().sum((0, 2, 3)).double()
@@ -138,24 +176,28 @@ def _backward(ctx, grad_out):
     chunk = max(block, CHUNK // block * block)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
-        p = _probs(_scores(q, k, mask, causal, scale, window, row0=r0, row1=r1))    # [B, Hkv, G, c, S]
+        # causal (top-left): the chunk's rows see keys j < r1 only; the rest would be exp(-inf) = 0 work
+        hi = min(s, r1) if causal else s
+        km = mask[..., :hi] if mask is not None and mask.shape[-1] == s else mask
+        p = _probs(_scores(q, k[:, :, :hi], km, causal, scale, window, row0=r0, row1=r1))  # [B, Hkv, G, c, hi]
         g = go[:, :, :, r0:r1]
-        out = torch.matmul(p, vv)
-        dp = torch.matmul(g, vv.transpose(-1, -2))
+        vh, kh = vv[..., :hi, :], kk[..., :hi, :]
+        out = torch.matmul(p, vh)
+        dp = torch.matmul(g, vh.transpose(-1, -2))
         ds = p * (dp - (g * out).sum(-1, keepdim=True))
-        dq[:, :, :, r0:r1] = torch.matmul(ds, kk) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), qg[:, :, :, r0:r1]).sum(2) * scale
-        dv += torch.matmul(p.transpose(-1, -2), g).sum(2)
+        dq[:, :, :, r0:r1] = torch.matmul(ds, kh) * scale
+        dk[:, :, :hi] += torch.matmul(ds.transpose(-1, -2), qg[:, :, :, r0:r1]).sum(2) * scale
+        dv[:, :, :hi] += torch.matmul(p.transpose(-1, -2), g).sum(2)
         if collector is not None:
-            i_chunk = (ds.abs() / (1 - p).clamp_min(1e-6)).sum((0, 2))               # [Hkv, c, S]
+            i_chunk = (ds.abs() / (1 - p).clamp_min(1e-6)).sum((0, 2))               # [Hkv, c, hi]
             qb0 = r0 // block
             ib = _block_sum(i_chunk.double(), block, n)
-            infl[:, qb0:qb0 + ib.shape[1]] += ib[:, :, :nb_k]
+            infl[:, qb0:qb0 + ib.shape[1], :ib.shape[2]] += ib[:, :, :nb_k]
             mb = _block_sum(p.sum((0, 2)).double(), block, n)
-            mass[:, qb0:qb0 + mb.shape[1]] += mb[:, :, :nb_k]
+            mass[:, qb0:qb0 + mb.shape[1], :mb.shape[2]] += mb[:, :, :nb_k]
             entropy += -(p * torch.log(p.clamp_min(1e-30))).sum(-1).sum((0, 2, 3)).double()
         if measure:
-            _measure_windows(p, vv, out, g, r0 + s - n, win)
+            _measure_windows(p, vh, out, g, r0 + s - n, win)
     if collector is not None:
         collector.add(site, n, influence=infl, mass=mass, entropy=entropy,
                       rows=torch.tensor(float(b * (hq // hkv) * n)), **(win if measure else {}))
