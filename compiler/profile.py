@@ -30,8 +30,8 @@ from .plan import fingerprint, resolve_site
 
 __all__ = ["Profile", "profile_model", "ProfileError"]
 
-PROFILE_VERSION = 2
-READABLE_VERSIONS = (1, 2)        # version 1 profiles lack the window measurements
+PROFILE_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)     # version 1 lacks the window measurements, 2 the KV-eviction ones
 
 
 class ProfileError(ValueError):
@@ -67,6 +67,16 @@ class Profile:
     def window_error(self, site: str, n: int, stat: str = "window_abs") -> np.ndarray | None:
         """[Hkv, len(spans)]: a measured window statistic (runtime.profiling) per query token, summed over
         the query heads of each group; None where the profile did not measure it."""
+        st = self.stats.get((site, n), {})
+        if stat not in st:
+            return None
+        site_row = next(s for s in self.sites if s["id"] == site)
+        tokens = st["rows"] / (site_row["num_heads"] // site_row["num_kv_heads"])
+        return st[stat] / max(float(tokens), 1.0)
+
+    def evict_error(self, site: str, n: int, stat: str = "evict_abs") -> np.ndarray | None:
+        """[Hkv, len(EVICT_POLICIES), len(EVICT_BUDGETS)]: a measured KV-eviction statistic per query token
+        (runtime.profiling), like window_error; None where the profile did not measure it."""
         st = self.stats.get((site, n), {})
         if stat not in st:
             return None

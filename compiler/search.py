@@ -44,6 +44,7 @@ from .profile import Profile
 __all__ = ["Budget", "search", "pareto", "streaming_baseline", "candidate_forms", "tables_for", "SearchError"]
 
 WINDOW_STATS = {"fisher": "window_sq", "first_order": "window_abs", "output": "window_out"}
+EVICT_STATS = {"fisher": "evict_sq", "first_order": "evict_abs", "output": "evict_out"}
 METRICS = ("auto", *WINDOW_STATS, "influence")
 WINDOWS = (64, 128, 256, 512, 1024, 2048)
 ALPHAS = (0, 64, 128, 256, 512)
@@ -221,6 +222,8 @@ def _tables(profile: Profile, metric: str = "auto") -> _Tables:
             if curves is not None:
                 loss = _measured_loss(forms, loss, {n: curves[n][g] for n in lengths}, spans, profile.sink,
                                       lengths)
+            if metric != "influence":
+                forms, loss = _with_evict(profile, site["id"], g, lengths, metric, forms, loss)
             kept = np.array([[kept_pairs(f, n) for n in lengths] for f in forms], dtype=np.float64)
             groups.append((si, g))
             cands.append(forms)
@@ -231,6 +234,22 @@ def _tables(profile: Profile, metric: str = "auto") -> _Tables:
     if not groups:
         raise SearchError("no causal attention site in the profile to plan")
     return _Tables(groups, cands, losses, kepts, lengths, metric, kvs, flops)
+
+
+def _with_evict(profile: Profile, site: str, g: int, lengths, metric: str, forms: list, loss: np.ndarray):
+    """Append the KV-evicting candidates (dense prefill, a policy's budget of the prompt's keys while
+    decoding) with their measured losses, when the profile measured them at every length."""
+    from attnforge.runtime.profiling import EVICT_BUDGETS, EVICT_POLICIES, evict_form
+
+    errs = {n: profile.evict_error(site, n, EVICT_STATS[metric]) for n in lengths}
+    if any(e is None for e in errs.values()):
+        return forms, loss
+    extra, rows = [], []
+    for pi, pol in enumerate(EVICT_POLICIES):
+        for bi, b in enumerate(EVICT_BUDGETS):
+            extra.append(evict_form(pol, b))
+            rows.append([float(errs[n][g, pi, bi]) for n in lengths])
+    return forms + extra, np.concatenate([loss, np.array(rows)])
 
 
 def _measured_loss(forms, influence_loss: np.ndarray, curves: dict, spans, sink: int, lengths) -> np.ndarray:

@@ -37,11 +37,26 @@ from torch import Tensor
 from . import ops as _ops  # noqa: F401  (the attention op is registered first)
 from .reference import _grouped, _probs, _scores, attention_reference
 
-__all__ = ["ProfileCollector", "collecting", "attention_profile", "CHUNK", "SINK", "SPANS"]
+__all__ = ["ProfileCollector", "collecting", "attention_profile", "CHUNK", "SINK", "SPANS", "EVICT_POLICIES",
+           "EVICT_BUDGETS", "EVICT_PARAMS", "EVICT_FRACTION", "evict_form"]
 
 CHUNK = 256
 SINK = 64                                              # sink tokens of every measured window form
 WBLOCK = 64                                            # key block of the window measurement's prefix sums
+# KV eviction (forms.KVEvict) is measured on the last 1/EVICT_FRACTION of each sample's rows, as if
+# they were decoded after the rest as a prompt: per policy and budget, the exact output change when
+# the prompt keys the policy would drop are dropped (renormalized), and its loss effect g·dO.
+EVICT_FRACTION = 8
+EVICT_POLICIES = ("streaming", "h2o", "a2sf", "snapkv")
+EVICT_BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
+EVICT_PARAMS = {"sink": 4, "recent": 32, "alpha": 0.99, "pool": 7}
+
+
+def evict_form(policy: str, budget: float):
+    """The KVEvict form the profile measures for (policy, budget)."""
+    from .forms import KVEvict
+
+    return KVEvict(policy, budget, **EVICT_PARAMS)
 SPANS = tuple(int(round(16 * 2 ** (k / 2))) for k in range(21))      # 16 .. 16384, steps of sqrt(2)
 _active = threading.local()
 
@@ -153,6 +168,84 @@ def _measure_windows(p: Tensor, vv: Tensor, out: Tensor, g: Tensor, pos0: int, a
         acc["window_out"][:, wi] += d_o.square().sum((0, 2, 3, 4)).double()
 
 
+class _EvictStats:
+    """Column attention of the prompt rows per policy, then the kept sets, then the decode rows' errors."""
+
+    def __init__(self, hkv: int, n: int, s: int, device):
+        self.prompt = n - max(1, n // EVICT_FRACTION)
+        self.cols = {pol: torch.zeros(hkv, s, dtype=torch.float64, device=device) for pol in ("h2o", "a2sf", "snapkv")}
+        self.kept = None
+        shape = (hkv, len(EVICT_POLICIES), len(EVICT_BUDGETS))
+        self.acc = {name: torch.zeros(shape, dtype=torch.float64, device=device)
+                    for name in ("evict_abs", "evict_sq", "evict_out")}
+
+    def prompt_rows(self, p: Tensor, r0: int) -> None:
+        """Accumulate the column attention of rows r0.. (positions; N = S) that lie in the prompt."""
+        c = min(p.shape[-2], self.prompt - r0)
+        if c <= 0:
+            return
+        pr = p[..., :c, :].double()
+        hi = pr.shape[-1]
+        rows = torch.arange(r0, r0 + c, device=p.device, dtype=torch.float64)
+        self.cols["h2o"][:, :hi] += pr.sum((0, 2, 3))
+        w = EVICT_PARAMS["alpha"] ** (self.prompt - 1 - rows)
+        self.cols["a2sf"][:, :hi] += (pr * w[:, None]).sum((0, 2, 3))
+        obs = rows >= self.prompt - EVICT_PARAMS["recent"]
+        if bool(obs.any()):
+            self.cols["snapkv"][:, :hi] += pr[..., obs, :].sum((0, 2, 3))
+
+    def _choose(self) -> Tensor:
+        """[Hkv, policies, budgets, P] bool: the prompt keys each (policy, budget) keeps."""
+        pl = self.prompt
+        hkv = self.cols["h2o"].shape[0]
+        sink, recent = EVICT_PARAMS["sink"], EVICT_PARAMS["recent"]
+        idx = torch.arange(pl, device=self.cols["h2o"].device)
+        protected = (idx < sink) | (idx >= pl - recent)
+        kept = torch.zeros(hkv, len(EVICT_POLICIES), len(EVICT_BUDGETS), pl, dtype=torch.bool, device=idx.device)
+        for pi, pol in enumerate(EVICT_POLICIES):
+            if pol != "streaming":
+                score = self.cols[pol][:, :pl].clone()
+                if pol == "snapkv" and EVICT_PARAMS["pool"] > 1:
+                    k = EVICT_PARAMS["pool"]
+                    score = torch.nn.functional.avg_pool1d(score[:, None], k, stride=1, padding=k // 2,
+                                                           count_include_pad=False)[:, 0, :pl]
+                score[:, protected] = float("-inf")
+            for bi, b in enumerate(EVICT_BUDGETS):
+                count = evict_form(pol, b).kept(pl)
+                if pol == "streaming":
+                    kept[:, pi, bi] = (idx < sink) | (idx >= pl - (count - sink))
+                    continue
+                rest = max(0, count - int(protected.sum()))
+                mask = protected.expand(hkv, pl).clone()
+                if rest:
+                    mask.scatter_(1, torch.topk(score, rest, dim=1).indices, True)
+                kept[:, pi, bi] = mask
+        return kept
+
+    def decode_rows(self, p: Tensor, vv: Tensor, out: Tensor, g: Tensor, r0: int) -> None:
+        d0 = max(0, self.prompt - r0)
+        if d0 >= p.shape[-2]:
+            return
+        if self.kept is None:
+            self.kept = self._choose()
+        pl = self.prompt
+        pd_all = p[..., d0:, :pl]                                              # [B, Hkv, G, cd, P]
+        o, gg = out[..., d0:, None, :], g[..., d0:, None, :]                   # [B, Hkv, G, cd, 1, Dv]
+        n_comb = len(EVICT_POLICIES) * len(EVICT_BUDGETS)
+        drop = (~self.kept.flatten(1, 2)).to(p.dtype)                          # [Hkv, C, P]
+        # every (policy, budget) at once: dropped mass by one matmul with the drop masks, dropped
+        # p-weighted values by one matmul with the masked values laid side by side
+        m = torch.matmul(pd_all, drop.transpose(1, 2)[None, :, None])[..., None]          # [B, Hkv, G, cd, C, 1]
+        w = (drop[None, :, :, :, None] * vv[:, :, 0, None, :pl, :])                         # [B, Hkv, C, P, Dv]
+        pv = torch.matmul(pd_all, w.permute(0, 1, 3, 2, 4).flatten(-2)[:, :, None])         # [B, Hkv, G, cd, C*Dv]
+        d_o = (m * o - pv.unflatten(-1, (n_comb, -1))) / (1 - m).clamp_min(1e-6)
+        lin = (gg * d_o).sum(-1)                                                            # [B, Hkv, G, cd, C]
+        shape = (-1, len(EVICT_POLICIES), len(EVICT_BUDGETS))
+        self.acc["evict_abs"] += lin.abs().sum((0, 2, 3)).double().view(shape)
+        self.acc["evict_sq"] += lin.square().sum((0, 2, 3)).double().view(shape)
+        self.acc["evict_out"] += d_o.square().sum((0, 2, 3, 5)).double().view(shape)
+
+
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
     causal, window, scale, site, block = ctx.args
@@ -171,6 +264,7 @@ def _backward(ctx, grad_out):
     mass = torch.zeros_like(infl)
     entropy = torch.zeros(hkv, dtype=torch.float64, device=q.device)
     measure = collector is not None and causal and not window
+    evict = _EvictStats(hkv, n, s, q.device) if measure and n == s and n >= 2 * EVICT_FRACTION else None
     win = {name: torch.zeros(hkv, len(SPANS), dtype=torch.float64, device=q.device)
            for name in ("window_abs", "window_sq", "window_out")}
     chunk = max(block, CHUNK // block * block)
@@ -198,9 +292,13 @@ def _backward(ctx, grad_out):
             entropy += -(p * torch.log(p.clamp_min(1e-30))).sum(-1).sum((0, 2, 3)).double()
         if measure:
             _measure_windows(p, vh, out, g, r0 + s - n, win)
+        if evict is not None:
+            evict.prompt_rows(p, r0)
+            evict.decode_rows(p, vh, out, g, r0)
     if collector is not None:
         collector.add(site, n, influence=infl, mass=mass, entropy=entropy,
-                      rows=torch.tensor(float(b * (hq // hkv) * n)), **(win if measure else {}))
+                      rows=torch.tensor(float(b * (hq // hkv) * n)), **(win if measure else {}),
+                      **(evict.acc if evict is not None else {}))
     dmask = None
     return (dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None, None)
 

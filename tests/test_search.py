@@ -63,6 +63,41 @@ def test_window_measurements_match_the_windowed_attention():
     assert measured == sum(w < s - profiling.SINK for w in profiling.SPANS) > 4   # spans that drop something
 
 
+def test_eviction_measurements_match_running_each_policy():
+    """evict_* against dropping exactly the prompt keys runtime.kvcache.policy_keep drops (the same
+    policy code the KV cache runs), for the last 1/8 of the rows decoded after the rest as a prompt."""
+    from attnforge.runtime.kvcache import policy_keep
+
+    g = torch.Generator().manual_seed(5)
+    n = 256
+    q = torch.randn(1, 6, n, 8, generator=g, dtype=torch.float64).requires_grad_()
+    k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    col = profiling.ProfileCollector(32)
+    with profiling.collecting(col):
+        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.4, "s", 32)
+        grad = torch.randn_like(out)
+        torch.autograd.grad(out, (q, k, v), grad)
+    st = col.stats[("s", n)]
+    prompt = n - n // profiling.EVICT_FRACTION
+    for pi, pol in enumerate(profiling.EVICT_POLICIES):
+        for bi, b in enumerate(profiling.EVICT_BUDGETS):
+            form = profiling.evict_form(pol, b)
+            keep = torch.zeros(2, n, n, dtype=torch.bool)              # per KV group: rows x keys
+            keep[:, :prompt] = torch.ones(prompt, n, dtype=torch.bool).tril()
+            for h in range(2):
+                kept = policy_keep(form, q[0, 3 * h:3 * h + 3, :prompt].detach(), k[0, h, :prompt].detach(), 0.4)
+                keep[h, prompt:, kept] = True                          # the kept prompt keys ...
+                keep[h, prompt:, prompt:] = torch.ones(n - prompt, n - prompt, dtype=torch.bool).tril()  # ... + new
+            want = attention_reference(q, k, v, keep.repeat_interleave(3, 0)[None], False, 0.4)
+            d_o = (want - out).detach()
+            lin = (grad * d_o).sum(-1).view(1, 2, 3, n)
+            np.testing.assert_allclose(st["evict_out"][:, pi, bi], d_o.square().view(1, 2, 3, n, 8).sum((0, 2, 3, 4)),
+                                       rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(st["evict_sq"][:, pi, bi], lin.square().sum((0, 2, 3)), rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(st["evict_abs"][:, pi, bi], lin.abs().sum((0, 2, 3)), rtol=1e-9, atol=1e-12)
+    assert (st["evict_sq"][:, :, 0] > st["evict_sq"][:, :, -1]).all()    # a smaller budget drops more
+
+
 @pytest.fixture(scope="module")
 def tiny_profile(tmp_path_factory):
     model, (ids,) = tiny(192)
@@ -268,3 +303,28 @@ def test_cost_model_counts_the_kernels_tiles(tiny_profile):
     c = site_cost((Dense(),), 2, 16, 256)
     assert c["executed_flops"] == 10 * 2 * 64 * 64 * 4 * 16
     assert c["bytes"] == 10 * 2 * 64 * 2 * 16 * 2 + 2 * 256 * 2 * 16 * 2
+
+
+def test_kv_evicting_candidates_compete_under_a_kv_budget_only(tiny_profile):
+    """The profile measured every (policy, budget); the tables carry them as candidates with those losses;
+    under a density budget they never win (dense prefill costs as much as Dense, with a loss), under a
+    kv budget the search may mix them with windows and is never worse for having them."""
+    from attnforge.runtime.forms import KVEvict
+
+    _, _, prof, _ = tiny_profile
+    t = _tables(prof)
+    n_evict = len(profiling.EVICT_POLICIES) * len(profiling.EVICT_BUDGETS)
+    for forms, loss in zip(t.cands, t.loss):
+        ev = [i for i, f in enumerate(forms) if isinstance(f, KVEvict)]
+        assert len(ev) == n_evict and np.isfinite(loss[ev]).all() and (loss[ev] >= 0).all()
+    dense_budget = search(prof, af.Budget(0.5), tables=t)
+    assert "kv_evict" not in dense_budget.form_counts()
+    with_evict = search(prof, af.Budget(0.3, kind="kv"), tables=t)
+    keep = [[i for i, f in enumerate(forms) if not isinstance(f, KVEvict)] for forms in t.cands]
+    import dataclasses
+
+    without = dataclasses.replace(t, cands=[[f[i] for i in k] for f, k in zip(t.cands, keep)],
+                                  loss=[l[k] for l, k in zip(t.loss, keep)], kept=[x[k] for x, k in zip(t.kept, keep)],
+                                  kv=[x[k] for x, k in zip(t.kv, keep)])
+    no_evict = search(prof, af.Budget(0.3, kind="kv"), tables=without)
+    assert sum(with_evict.predicted["loss"].values()) <= sum(no_evict.predicted["loss"].values()) + 1e-12
