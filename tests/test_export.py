@@ -133,3 +133,21 @@ def test_cli_export(tmp_path, capsys):
     assert out["opset"] == 23 and len(out["sites"]) == 2 and (tmp_path / "c.onnx").exists()
     assert main(["export", "tiny", "--plan", str(tmp_path / "missing.json"), "--onnx", str(tmp_path / "x.onnx")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_be_captured_names_why(tmp_path):
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 8)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            if x.sum() > 0:                       # control flow on a tensor's value: no single graph
+                x = x * 2
+            q = x.view(1, ids.shape[1], 2, 4).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    with pytest.raises(ExportError, match="capturing DataDependent for export failed") as e:
+        export_onnx(DataDependent(), (torch.zeros(1, 8, dtype=torch.long),), tmp_path / "x.onnx")
+    assert "graph" in str(e.value)
