@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import jinja2
 
-__all__ = ["KernelSpec", "RenderedKernel", "render_attention"]
+__all__ = ["KernelSpec", "RenderedKernel", "render_attention", "render_decode", "render_linear"]
 
 MASK_STYLES = (None, "bool", "additive")
 PLAN_BLOCK = 64          # tile of the plan kernel = the block of the block-sparse forms the search makes
@@ -99,3 +99,13 @@ def render_decode() -> RenderedKernel:
     template = "decode.py.j2"
     source = _env().get_template(template).render(template=template, name=DECODE_NAME)
     return RenderedKernel(KernelSpec(), template, source)
+
+
+LINEAR_NAME = "attnforge_linear_hybrid"
+
+
+def render_linear() -> RenderedKernel:
+    """Source of the chunked linear-hybrid kernels (forms.Linear: taylor2 and hedgehog feature maps)."""
+    template = "linear_fwd.py.j2"
+    source = _env().get_template(template).render(template=template, name=LINEAR_NAME)
+    return RenderedKernel(KernelSpec(causal=True), template, source)

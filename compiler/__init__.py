@@ -4,6 +4,22 @@ from .backend import Backend, BackendOptions, GraphRecord, attnforge_backend, na
 from .capture import capture, capture_dynamo, capture_symbolic
 from .ir import AttentionSite, Decline
 
+
+def _linear_kernel_key() -> str:
+    from attnforge import codegen
+    from attnforge.runtime import kernels
+
+    return kernels.register_source(codegen.render_linear().source)
+
+
+def _install() -> None:
+    from attnforge.runtime import linear
+
+    linear.set_kernel_factory(_linear_kernel_key)
+
+
+_install()
+
 __all__ = [
     "AttentionSite", "Backend", "BackendOptions", "Decline", "GraphRecord", "attnforge_backend",
     "capture", "capture_dynamo", "capture_symbolic", "compile_and_compare", "detect_model",

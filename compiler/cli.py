@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--budget", choices=("density", "kv", "flops"), default="density", help=BUDGET_HELP)
     se.add_argument("--baseline", choices=("streaming",), help="instead, the uniform sink+window plan at the "
                     "same density (at the longest profiled length)")
+    se.add_argument("--no-linear", action="store_true", help="leave out the linear-hybrid candidates even where "
+                    "the profile measured them")
     se.add_argument("-o", "--out", required=True, help="plan file to write (.json)")
     se.add_argument("--json", action="store_true", help="print the summary (and Pareto front) as JSON")
 
@@ -132,6 +134,9 @@ def _profile_args(p):
     p.add_argument("--recall-samples", type=int, default=2,
                    help="long-range recall windows per length (text models; a far segment repeated at the end)")
     p.add_argument("--block", type=int, default=64, help="profile block size")
+    p.add_argument("--linear", action="store_true",
+                   help="also distill hedgehog feature maps per KV group and measure the linear-hybrid forms "
+                        "(taylor2 / hedgehog, windows 64 and 256) as search candidates")
     p.add_argument("--data", default=None, help="calibration text file (UTF-8; text models; default: the "
                    "built-in pydoc reference text, topics 0-39)")
 
@@ -230,7 +235,8 @@ def _cmd_profile(args) -> int:
     from .profile import profile_model
 
     model, samples = _calibration(args)
-    prof = profile_model(model, samples, model_name=args.model, block=args.block, out=args.out)
+    prof = profile_model(model, samples, model_name=args.model, block=args.block, out=args.out,
+                         linear=args.linear)
     print(f"profiled {len(prof.sites)} sites at lengths {prof.lengths} -> {args.out}")
     return 0
 
@@ -249,7 +255,7 @@ def _cmd_search(args) -> int:
         plan = streaming_baseline(prof, args.density, max(prof.lengths))
         front = None
     else:
-        tables = tables_for(prof, args.metric)
+        tables = tables_for(prof, args.metric, linear=not args.no_linear)
         plan = search(prof, Budget(args.density, args.at, args.budget),
                       max_forms_per_layer=args.max_forms_per_layer, tables=tables)
         front = pareto(prof, tables=tables, at=args.at)
@@ -361,7 +367,7 @@ def _cmd_optimize(args) -> int:
         model, samples = _calibration(args)
     with stages("profile"):
         prof = profile_model(model, samples, model_name=args.model, block=args.block,
-                             out=os.path.join(args.out, "profile.npz"))
+                             out=os.path.join(args.out, "profile.npz"), linear=args.linear)
     with stages("search"):
         plan = search(prof, Budget(args.density, args.at, args.budget), max_forms_per_layer=args.max_forms_per_layer,
                       metric=args.metric)
@@ -378,7 +384,11 @@ def _cmd_optimize(args) -> int:
         write_report(build_report(plan, prof, command=plan.provenance["command"]),
                      os.path.join(args.out, "report.html"), profile=prof, plan=plan)
     exported = None
-    if not args.no_onnx:
+    linear = plan.form_counts().get("linear", 0)
+    if linear and not args.no_onnx:
+        print(f"  model.onnx skipped: the plan has {linear} linear-hybrid heads, which have no ONNX "
+              "decomposition yet (search without --linear for an exportable plan)")
+    elif not args.no_onnx:
         with stages("ONNX export"):
             exported = export_onnx(model, (first,), os.path.join(args.out, "model.onnx"), plan=plan)
         files.append("model.onnx")

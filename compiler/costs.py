@@ -13,7 +13,7 @@ made here is labelled "estimated". Measured latencies come from benchmarks/kerne
 from __future__ import annotations
 
 from attnforge.runtime.blockmeta import block_meta
-from attnforge.runtime.forms import Dense, forms_to_json, kept_pairs
+from attnforge.runtime.forms import Dense, Linear, SinkWindow, forms_to_json, kept_pairs
 
 __all__ = ["DEVICES", "site_cost", "plan_cost"]
 
@@ -29,8 +29,11 @@ def site_cost(forms, num_heads: int, head_dim: int, n: int, *, dtype_bytes: int 
     group = num_heads // len(forms)
     meta = block_meta(forms_to_json(forms), group, n, n, TILE, TILE, "cpu")
     visited = meta.visited_blocks                                    # summed over groups and query blocks
-    flops = sum(kept_pairs(f, n) for f in forms) * group * 4 * head_dim
-    executed = visited * group * TILE * TILE * 4 * head_dim
+    flops = sum(kept_pairs(f, n, head_dim) for f in forms) * group * 4 * head_dim
+    # linear forms: their exact part's tiles (in `visited`) plus the band and state work, in pair-equivalents
+    linear_extra = sum(kept_pairs(f, n, head_dim) - kept_pairs(SinkWindow(f.sink, f.window), n)
+                       for f in forms if isinstance(f, Linear))
+    executed = visited * group * TILE * TILE * 4 * head_dim + linear_extra * group * 4 * head_dim
     bytes_ = visited * group * TILE * 2 * head_dim * dtype_bytes + num_heads * n * 2 * head_dim * dtype_bytes
     peak = DEVICES[device]
     ms = max(executed / (peak["tflops"] * 1e12), bytes_ / (peak["tbs"] * 1e12)) * 1e3

@@ -106,8 +106,29 @@ class Plan:
                 "predicted": self.predicted, "measured": self.measured, "provenance": self.provenance,
                 "sites": [sp.to_dict() for sp in self.sites]}
 
-    def save(self, path) -> None:
+    def maps_path(self, path) -> Path:
+        """The sidecar file of the plan's learned feature maps: plan.json -> plan.maps.npz."""
         path = Path(path)
+        return path.with_name(path.stem + ".maps.npz")
+
+    def map_keys(self) -> list[str]:
+        return sorted({f.maps for sp in self.sites for f in sp.forms if getattr(f, "maps", "")})
+
+    def save(self, path) -> None:
+        """Write plan.json, and beside it plan.maps.npz when hedgehog heads carry learned maps."""
+        path = Path(path)
+        keys = self.map_keys()
+        if keys:
+            import numpy as np
+
+            from attnforge.runtime.linear import maps_for
+
+            arrays = {f"{k}/{name}": a for k in keys for name, a in maps_for(k).arrays().items()}
+            side = self.maps_path(path)
+            fd, tmp = tempfile.mkstemp(dir=side.parent, prefix=".maps-", suffix=".npz")
+            os.close(fd)
+            np.savez(tmp, **arrays)
+            os.replace(tmp, side)
         text = json.dumps(self.to_dict(), indent=1)
         fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=".plan-", suffix=".json")
         with os.fdopen(fd, "w") as f:
@@ -127,7 +148,37 @@ class Plan:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
-        return cls.from_dict(data, source=str(path))
+        plan = cls.from_dict(data, source=str(path))
+        keys = plan.map_keys()
+        if keys:
+            plan._load_maps(plan.maps_path(path), keys)
+        return plan
+
+    @staticmethod
+    def _load_maps(side: Path, keys) -> None:
+        """Read and register the learned feature maps the plan's hedgehog forms name (no pickle)."""
+        import numpy as np
+
+        from attnforge.runtime.linear import FeatureMaps, register_maps
+
+        if not side.exists():
+            raise PlanError(f"the plan has hedgehog heads whose learned feature maps belong in {side}, which "
+                            "does not exist: keep plan.maps.npz next to plan.json (both are written by "
+                            "`attnforge search`)")
+        try:
+            with np.load(side, allow_pickle=False) as z:
+                for k in keys:
+                    m = FeatureMaps(z[f"{k}/wq"], z[f"{k}/wk"], float(z[f"{k}/gain"]))
+                    if m.key() != k:
+                        raise PlanError(f"{side}: the maps stored under {k} hash to {m.key()}: the file was "
+                                        "altered or belongs to another plan")
+                    register_maps(m)
+        except PlanError:
+            raise
+        except KeyError as e:
+            raise PlanError(f"{side} lacks the feature maps {e}; it belongs to another plan") from e
+        except (OSError, ValueError) as e:
+            raise PlanError(f"{side} is not a readable feature-map file ({e})") from e
 
     @classmethod
     def from_dict(cls, data, source: str = "plan") -> Plan:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnforge.runtime.profiling import SINK, SPANS, ProfileCollector, collecting
+from attnforge.runtime.profiling import (LINEAR_CANDIDATES, SINK, SPANS, ProfileCollector, capturing,
+                                         collecting)
 
 from .api import _first_tensor, find_attention
 from .backend import Backend
@@ -30,8 +31,9 @@ from .plan import fingerprint, resolve_site
 
 __all__ = ["Profile", "profile_model", "ProfileError"]
 
-PROFILE_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)     # version 1 lacks the window measurements, 2 the KV-eviction ones
+PROFILE_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # version 1 lacks the window measurements, 2 the KV-eviction ones,
+                                  # 3 the linear forms (4 has them when profiled with linear=True)
 
 
 class ProfileError(ValueError):
@@ -48,6 +50,11 @@ class Profile:
     stats: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
     spans: tuple[int, ...] = SPANS                      # window spans measured (sink `sink` + window w)
     sink: int = SINK
+    # linear forms (profile_model(linear=True)): site -> {window: [FeatureMaps per KV group]} distilled
+    # hedgehog maps, and site -> {window: {"before": [Hkv], "after": [Hkv]}} held-out relative output errors
+    linear_maps: dict = field(default_factory=dict)
+    distill: dict = field(default_factory=dict)
+    linear_candidates: tuple = ()
 
     @property
     def lengths(self) -> list[int]:
@@ -84,13 +91,31 @@ class Profile:
         tokens = st["rows"] / (site_row["num_heads"] // site_row["num_kv_heads"])
         return st[stat] / max(float(tokens), 1.0)
 
+    def linear_error(self, site: str, n: int, stat: str = "linear_abs") -> np.ndarray | None:
+        """[Hkv, len(linear_candidates)]: a measured linear-hybrid statistic per query token, like
+        window_error; None where the profile did not measure it."""
+        st = self.stats.get((site, n), {})
+        if stat not in st or not self.linear_candidates:
+            return None
+        site_row = next(s for s in self.sites if s["id"] == site)
+        tokens = st["rows"] / (site_row["num_heads"] // site_row["num_kv_heads"])
+        return st[stat] / max(float(tokens), 1.0)
+
     def save(self, path) -> None:
         path = Path(path)
         meta = {"version": PROFILE_VERSION, "model": self.model, "fingerprint": self.fingerprint,
                 "block": self.block, "sites": self.sites, "samples": {str(k): v for k, v in self.samples.items()},
-                "spans": list(self.spans), "sink": self.sink}
+                "spans": list(self.spans), "sink": self.sink,
+                "linear": {"candidates": [list(c) for c in self.linear_candidates],
+                           "distill": {sid: {str(w): {k: [float(x) for x in v] for k, v in e.items() if k in ("before", "after")}
+                                             for w, e in per.items()} for sid, per in self.distill.items()}}}
         arrays = {"meta": np.array(json.dumps(meta))}
         index = {s["id"]: i for i, s in enumerate(self.sites)}
+        for sid, per in self.linear_maps.items():
+            for w, groups in per.items():
+                for g, m in enumerate(groups):
+                    for name, a in m.arrays().items():
+                        arrays[f"maps/{index[sid]}/{w}/{g}/{name}"] = a
         for (site, n), st in self.stats.items():
             for name, value in st.items():
                 arrays[f"{index[site]}/{n}/{name}"] = np.asarray(value)
@@ -110,14 +135,28 @@ class Profile:
         if meta.get("version") not in READABLE_VERSIONS:
             raise ProfileError(f"{path} has profile version {meta.get('version')}; this attnforge reads "
                                f"versions {list(READABLE_VERSIONS)} — profile again")
+        from attnforge.runtime.linear import FeatureMaps
+
         sites = meta["sites"]
         stats: dict = {}
+        raw_maps: dict = {}
         for key, value in arrays.items():
+            if key.startswith("maps/"):
+                _, i, w, g, name = key.split("/")
+                raw_maps.setdefault((sites[int(i)]["id"], int(w), int(g)), {})[name] = value
+                continue
             i, n, name = key.split("/")
             stats.setdefault((sites[int(i)]["id"], int(n)), {})[name] = value
+        linear_maps: dict = {}
+        for (sid, w, g), a in sorted(raw_maps.items()):
+            linear_maps.setdefault(sid, {}).setdefault(w, []).append(FeatureMaps(a["wq"], a["wk"], float(a["gain"])))
+        lin = meta.get("linear", {})
+        distill = {sid: {int(w): {k: np.asarray(v) for k, v in e.items()} for w, e in per.items()}
+                   for sid, per in lin.get("distill", {}).items()}
         return cls(meta["model"], meta["fingerprint"], meta["block"], sites,
                    {int(k): v for k, v in meta["samples"].items()}, stats,
-                   tuple(meta.get("spans", SPANS)), int(meta.get("sink", SINK)))
+                   tuple(meta.get("spans", SPANS)), int(meta.get("sink", SINK)), linear_maps, distill,
+                   tuple(tuple(c) for c in lin.get("candidates", [])))
 
 
 def _site_rows(sites) -> list[dict]:
@@ -126,8 +165,14 @@ def _site_rows(sites) -> list[dict]:
 
 
 def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor]], *, model_name: str,
-                  block: int = 64, out=None, progress: bool = True) -> Profile:
-    """Profile `model` on token batches per length (each [1, L] input ids). See the module docstring."""
+                  block: int = 64, out=None, progress: bool = True, linear: bool = False,
+                  distill_samples: list[torch.Tensor] | None = None, distill_steps: int = 200) -> Profile:
+    """Profile `model` on token batches per length (each [1, L] input ids). See the module docstring.
+
+    linear=True also measures the linear hybrids of LINEAR_CANDIDATES: first the hedgehog feature maps
+    of every KV group are distilled (runtime.linear.distill) on the activations of `distill_samples`
+    (default: the first two samples of the shortest length; the last one held out to report the error),
+    then every profiled sample measures each candidate's exact output change and loss effect."""
     lengths = sorted(samples)
     first = samples[lengths[0]][0]
     sites = find_attention(model, (first,))
@@ -141,6 +186,8 @@ def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor]]
                                "remove it or choose another output file")
     if prof is None:
         prof = Profile(model_name, fingerprint(sites), block, _site_rows(sites))
+    if linear and not prof.linear_candidates and any(prof.samples.values()):
+        raise ProfileError(f"{out} was profiled without the linear forms; profile with them into another file")
     todo = [(n, j, ids) for n in lengths for j, ids in enumerate(samples[n]) if j >= prof.samples.get(n, 0)]
 
     # Gradients are needed through the activations only: freeze every weight but the input embedding
@@ -155,10 +202,21 @@ def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor]]
     model.eval()
     backend = Backend(compiler="eager", profile_block=block)
     compiled = torch.compile(model, backend=backend, dynamic=False)
+    lookup = None
     try:
+        if linear:
+            if not prof.linear_maps:
+                _distill_all(prof, compiled, distill_samples or samples[lengths[0]][:2], distill_steps, progress)
+                if out is not None:
+                    prof.save(out)
+            known = [s["id"] for s in prof.sites]
+
+            def lookup(sid):
+                rid = resolve_site(sid, known)
+                return prof.linear_maps.get(rid) if rid is not None else None
         bar = _progress(progress, len(todo))
         for n, j, ids in todo:
-            collector = ProfileCollector(block)
+            collector = ProfileCollector(block, linear_maps=lookup)
             with collecting(collector), torch.enable_grad():
                 logits = _first_tensor(compiled(ids)).float()
                 labels = logits.argmax(-1).detach()
@@ -187,19 +245,46 @@ def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor]]
     return prof
 
 
-def _progress(enabled: bool, total: int):
+def _distill_all(prof: Profile, compiled, ids_list, steps: int, progress: bool) -> None:
+    """Capture every causal site's q, k, v on `ids_list` and distill hedgehog maps per KV group for each
+    window of LINEAR_CANDIDATES (runtime.linear.distill), into prof.linear_maps / prof.distill."""
+    from attnforge.runtime.linear import distill
+
+    store: dict = {}
+    with capturing(store), torch.no_grad():
+        for ids in ids_list:
+            compiled(ids)
+    known = [s["id"] for s in prof.sites]
+    windows = sorted({w for fm, w in LINEAR_CANDIDATES if fm == "hedgehog"})
+    bar = _progress(progress, len(store) * len(windows), "distilling hedgehog maps")
+    for sid, acts in store.items():
+        site_id = resolve_site(sid, known)
+        if site_id is None:
+            raise ProfileError(f"captured site {sid} is not among the model's sites")
+        qs, ks, vs, scales = zip(*acts)
+        scale = scales[0]
+        for w in windows:
+            maps, errs = distill(list(qs), list(ks), list(vs), w, prof.sink, scale, steps=steps,
+                                 hold_out=1 if len(qs) > 1 else 0)
+            prof.linear_maps.setdefault(site_id, {})[w] = maps
+            prof.distill.setdefault(site_id, {})[w] = errs
+            bar(f"{site_id}, window {w}")
+    prof.linear_candidates = LINEAR_CANDIDATES
+
+
+def _progress(enabled: bool, total: int, title: str = "profiling"):
     if not enabled or total == 0:
         return lambda what: None
     from rich.progress import Progress
 
     progress = Progress(transient=False)
     progress.start()
-    task = progress.add_task("profiling", total=total)
+    task = progress.add_task(title, total=total)
     done = [0]
 
     def step(what):
         done[0] += 1
-        progress.update(task, advance=1, description=f"profiling ({what})")
+        progress.update(task, advance=1, description=f"{title} ({what})")
         if done[0] == total:
             progress.stop()
     return step

@@ -88,7 +88,7 @@ def build_report(plan: Plan | None = None, profile: Profile | None = None, *, le
                 if dense is not None:
                     summary[f"dense {key}"] = round(dense, 4)
         for (sp, g, f) in groups:
-            w = f.window_at(n)
+            w = f.window_at(n) or getattr(f, "window", None)
             rep["heads"].append({"site": sp.site, "group": g, "form": f.kind, "span": w,
                                  "kept": round(kept_pairs(f, n) / causal_pairs(n), 4),
                                  "kv": round(kv_tokens(f, n) / n, 4), "params": f.to_dict()})
@@ -97,6 +97,7 @@ def build_report(plan: Plan | None = None, profile: Profile | None = None, *, le
     if profile is not None:
         summary["profiled lengths"] = ", ".join(f"{k} ({v} samples)" for k, v in sorted(profile.samples.items()))
         rep["profile_heads"] = _profile_heads(profile, n)
+        rep["distillation"] = _distillation_rows(profile, n)
         rep["thumbnails"] = _pick_thumbnails(profile, plan, n)
         from .search import SearchError, _plannable, pareto, tables_for
 
@@ -107,6 +108,24 @@ def build_report(plan: Plan | None = None, profile: Profile | None = None, *, le
             except SearchError as e:
                 rep["pareto"] = {"error": str(e)}
     return rep
+
+
+def _distillation_rows(profile: Profile, n: int) -> list[dict]:
+    """Per site, KV group and window: the hedgehog maps' held-out relative output error before (identity
+    maps) and after distillation, and every linear candidate's measured loss at length n (fisher)."""
+    rows = []
+    for sid, per in profile.distill.items():
+        err = profile.linear_error(sid, n, "linear_sq")
+        for w, e in sorted(per.items()):
+            for g in range(len(e["before"])):
+                row = {"site": sid, "group": g, "window": w, "error before": round(float(e["before"][g]), 4),
+                       "error after": round(float(e["after"][g]), 4)}
+                if err is not None:
+                    for ci, (fm, cw) in enumerate(profile.linear_candidates):
+                        if cw == w:
+                            row[f"{fm} loss@{n}"] = float(f"{err[g, ci]:.3g}")
+                rows.append(row)
+    return rows
 
 
 def _measured_front(bench: dict) -> list[dict]:
@@ -406,6 +425,8 @@ def write_report(rep: dict, out, profile: Profile | None = None, plan: Plan | No
                   _table([{k: v for k, v in h.items() if k != "params"} for h in rep["heads"]], "heads")]
     if rep.get("profile_heads"):
         parts += ["<h2>Per KV group: profile</h2>", _table(rep["profile_heads"], "profile-heads")]
+    if rep.get("distillation"):
+        parts += ["<h2>Linear heads: distillation</h2>", _table(rep["distillation"], "distillation")]
     if rep.get("measured_front"):
         parts += ["<h2>Measured: searched vs uniform</h2>", _table(rep["measured_front"], "measured-front")]
     if rep.get("latency"):
@@ -430,6 +451,8 @@ def write_report(rep: dict, out, profile: Profile | None = None, plan: Plan | No
                                                     for h in rep["heads"]])]
     if rep.get("profile_heads"):
         md += ["## Per KV group: profile\n", _md_table(rep["profile_heads"])]
+    if rep.get("distillation"):
+        md += ["## Linear heads: distillation\n", _md_table(rep["distillation"])]
     if rep.get("measured_front"):
         md += ["## Measured: searched vs uniform\n", _md_table(rep["measured_front"])]
     if rep.get("latency"):

@@ -45,6 +45,7 @@ __all__ = ["Budget", "search", "pareto", "streaming_baseline", "candidate_forms"
 
 WINDOW_STATS = {"fisher": "window_sq", "first_order": "window_abs", "output": "window_out"}
 EVICT_STATS = {"fisher": "evict_sq", "first_order": "evict_abs", "output": "evict_out"}
+LINEAR_STATS = {"fisher": "linear_sq", "first_order": "linear_abs", "output": "linear_out"}
 METRICS = ("auto", *WINDOW_STATS, "influence")
 WINDOWS = (64, 128, 256, 512, 1024, 2048)
 ALPHAS = (0, 64, 128, 256, 512)
@@ -196,7 +197,7 @@ def _plannable(site: dict) -> bool:
     return bool(site["causal"]) and site.get("mask") in ("causal", None)   # plain causal attention only
 
 
-def _tables(profile: Profile, metric: str = "auto") -> _Tables:
+def _tables(profile: Profile, metric: str = "auto", linear: bool = True) -> _Tables:
     lengths = profile.lengths
     if not lengths:
         raise SearchError("the profile holds no samples; run the profile step first")
@@ -224,7 +225,9 @@ def _tables(profile: Profile, metric: str = "auto") -> _Tables:
                                       lengths)
             if metric != "influence":
                 forms, loss = _with_evict(profile, site["id"], g, lengths, metric, forms, loss)
-            kept = np.array([[kept_pairs(f, n) for n in lengths] for f in forms], dtype=np.float64)
+                if linear:
+                    forms, loss = _with_linear(profile, site["id"], g, lengths, metric, forms, loss)
+            kept = np.array([[kept_pairs(f, n, site["head_dim"]) for n in lengths] for f in forms], dtype=np.float64)
             groups.append((si, g))
             cands.append(forms)
             losses.append(loss)
@@ -249,6 +252,25 @@ def _with_evict(profile: Profile, site: str, g: int, lengths, metric: str, forms
         for bi, b in enumerate(EVICT_BUDGETS):
             extra.append(evict_form(pol, b))
             rows.append([float(errs[n][g, pi, bi]) for n in lengths])
+    return forms + extra, np.concatenate([loss, np.array(rows)])
+
+
+def _with_linear(profile: Profile, site: str, g: int, lengths, metric: str, forms: list, loss: np.ndarray):
+    """Append the linear hybrids (runtime.linear) with their measured losses, when the profile measured
+    them at every length; hedgehog candidates carry the group's distilled maps (registered here)."""
+    from attnforge.runtime.linear import register_maps
+    from attnforge.runtime.profiling import linear_form
+
+    errs = {n: profile.linear_error(site, n, LINEAR_STATS[metric]) for n in lengths}
+    if any(e is None for e in errs.values()):
+        return forms, loss
+    extra, rows = [], []
+    for ci, (fm, w) in enumerate(profile.linear_candidates):
+        key = ""
+        if fm == "hedgehog":
+            key = register_maps(profile.linear_maps[site][w][g])[0]
+        extra.append(linear_form(fm, w, key))
+        rows.append([float(errs[n][g, ci]) for n in lengths])
     return forms + extra, np.concatenate([loss, np.array(rows)])
 
 
@@ -326,11 +348,13 @@ def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_lim
 
 
 def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None = None,
-           time_limit: float = 60.0, tables: _Tables | None = None, metric: str = "auto") -> Plan:
+           time_limit: float = 60.0, tables: _Tables | None = None, metric: str = "auto",
+           linear: bool = True) -> Plan:
     """The plan minimizing total predicted loss under `budget` at every profiled length.
-    `tables` (from `tables_for(profile, metric)`) can be shared between several searches of one profile."""
+    `tables` (from `tables_for(profile, metric)`) can be shared between several searches of one profile.
+    linear=False leaves out the linear hybrids even where the profile measured them."""
     t0 = time.perf_counter()
-    t = tables or _tables(profile, metric)
+    t = tables or _tables(profile, metric, linear)
     if budget.lengths is not None and not set(budget.lengths) <= set(t.lengths):
         raise SearchError(f"budget lengths {list(budget.lengths)} are not all profiled ({t.lengths})")
     t1 = time.perf_counter()
@@ -367,9 +391,9 @@ def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None 
     return Plan(plan.fingerprint, plan.model, plan.sites, plan.budget, plan.lengths, predicted)
 
 
-def tables_for(profile: Profile, metric: str = "auto") -> _Tables:
+def tables_for(profile: Profile, metric: str = "auto", linear: bool = True) -> _Tables:
     """Candidates and their predicted loss / kept pairs for every group (the costly part of a search)."""
-    return _tables(profile, metric)
+    return _tables(profile, metric, linear)
 
 
 def pareto(profile: Profile, densities=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0),

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .forms import BlockSparse, Dense, ElasticWindow, SinkWindow, forms_from_json, prefill_form
+from .forms import BlockSparse, Dense, ElasticWindow, Linear, SinkWindow, forms_from_json, prefill_form
 
 __all__ = ["BlockMeta", "block_meta", "block_reason"]
 
@@ -61,6 +61,8 @@ def _group_blocks(form, qb: torch.Tensor, kb: torch.Tensor, n: int, s: int, bm: 
     form = prefill_form(form)
     if isinstance(form, Dense):
         return causal
+    if isinstance(form, Linear):                                # the tiles of its exact (softmax) part
+        form = SinkWindow(form.sink, form.window)
     if isinstance(form, (SinkWindow, ElasticWindow)):
         # row i keeps window keys pos_i - w < j <= min(i, pos_i): a band of width w - max(0, S - N), so
         # over the block the union runs from pos(first row) - w + 1 up to the causal limit

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-__all__ = ["Dense", "SinkWindow", "ElasticWindow", "BlockSparse", "KVEvict", "EVICT_POLICIES", "prefill_form", "Form", "FORM_KINDS", "form_from_dict",
+__all__ = ["Dense", "SinkWindow", "ElasticWindow", "BlockSparse", "KVEvict", "Linear", "EVICT_POLICIES", "prefill_form", "Form", "FORM_KINDS", "form_from_dict",
            "forms_to_json", "forms_from_json", "keep_mask", "kept_pairs", "kv_tokens", "kv_read", "causal_pairs", "FormError"]
 
 
@@ -146,8 +146,38 @@ class KVEvict:
         return {"kind": self.kind, **asdict(self)}
 
 
-Form = Dense | SinkWindow | ElasticWindow | BlockSparse | KVEvict
-FORM_KINDS = {cls.kind: cls for cls in (Dense, SinkWindow, ElasticWindow, BlockSparse, KVEvict)}
+LINEAR_MAPS = ("taylor2", "hedgehog")
+LINEAR_BAND = 64          # keys next to the window that the chunked kernel weighs tile by tile
+
+
+@dataclass(frozen=True, slots=True)
+class Linear:
+    """Softmax over `sink` + `window` keys, linear attention over the keys in between, one normalizer
+    (attnforge.runtime.linear has the formula). feature_map "taylor2" (parameter-free) or "hedgehog"
+    (learned per KV group; `maps` is the key of its FeatureMaps, saved beside the plan)."""
+    feature_map: str
+    window: int
+    sink: int = 0
+    maps: str = ""
+    kind = "linear"
+
+    def __post_init__(self):
+        if self.feature_map not in LINEAR_MAPS:
+            raise FormError(f"linear feature_map must be one of {LINEAR_MAPS}, got {self.feature_map!r}")
+        if self.window < 1 or self.sink < 0:
+            raise FormError(f"linear needs window >= 1 and sink >= 0, got {self.window}, {self.sink}")
+        if (self.feature_map == "hedgehog") != bool(self.maps) and self.maps != "":
+            raise FormError("linear: only hedgehog forms carry learned maps")
+
+    def window_at(self, s: int):
+        return None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+Form = Dense | SinkWindow | ElasticWindow | BlockSparse | KVEvict | Linear
+FORM_KINDS = {cls.kind: cls for cls in (Dense, SinkWindow, ElasticWindow, BlockSparse, KVEvict, Linear)}
 
 
 def prefill_form(form):
@@ -183,6 +213,8 @@ def forms_from_json(text: str) -> tuple:
 def _keep_one(form: Form, rows, cols, s: int) -> torch.Tensor:
     form = prefill_form(form)
     causal = cols <= rows
+    if isinstance(form, Linear):        # every causal key is weighed (the window exactly, the rest linearly)
+        return causal
     if isinstance(form, Dense):
         return causal
     if isinstance(form, (SinkWindow, ElasticWindow)):
@@ -209,9 +241,18 @@ def causal_pairs(n: int) -> int:
     return n * (n + 1) // 2
 
 
-def kept_pairs(form: Form, n: int) -> int:
-    """Number of (i, j) pairs a form keeps for a square length n (exact)."""
+def kept_pairs(form: Form, n: int, head_dim: int = 64) -> int:
+    """Number of (i, j) pairs a form keeps for a square length n (exact). For Linear forms, its cost in
+    pair-equivalents: the exact part's pairs, plus per token LINEAR_BAND pairs (the band next to the
+    window weighed tile by tile) and F pair-equivalents of state update and read-out (F feature dims,
+    each F * Dv multiply-adds against a pair's 2 * D; Dv = D), never more than the causal pairs' worth
+    of a dense kernel plus that overhead: taylor2 (F = 1 + d + d^2) wins only at long lengths."""
     form = prefill_form(form)
+    if isinstance(form, Linear):
+        from .linear import feature_dim
+
+        exact = kept_pairs(SinkWindow(form.sink, form.window), n)
+        return exact + min(causal_pairs(n) - exact, n * LINEAR_BAND) + n * feature_dim(form.feature_map, head_dim) // 2
     if isinstance(form, Dense):
         return causal_pairs(n)
     if isinstance(form, (SinkWindow, ElasticWindow)):
@@ -230,6 +271,8 @@ def kv_tokens(form: Form, n: int, max_length: int | None = None) -> int:
     ring of the last (max distance + 1) blocks, which is also every key a later query can still read."""
     if isinstance(form, Dense):
         return n
+    if isinstance(form, Linear):         # sink + window keys; the state is counted in kv_bytes
+        return min(n, form.sink + form.window)
     if isinstance(form, KVEvict):        # the kept prompt keys; h2o / a2sf one slot more (evicted after
         extra = {"snapkv": (max_length or n) - n, "streaming": 0}.get(form.policy, 1)   # each step), snapkv
         return min(max_length or n, form.kept(n) + extra)                              # the new tokens too

@@ -57,6 +57,8 @@ def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel
     if _planned(forms):
         if not causal or mask is not None or window:
             return "per-head forms on a site with its own mask or window run in the reference"
+        if any(f.kind == "linear" for f in _forms(forms)):
+            return "linear forms run in their own kernel (attnforge.runtime.linear), not the plan kernel"
         reason = block_reason(_forms(forms), q.shape[2], k.shape[2], PLAN_TILE, PLAN_TILE)
         if reason:
             return reason
@@ -150,6 +152,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: b
               scale: float, impl: str, kernel: str, forms: str = "") -> Tensor:
     _check_args(q, k, v, mask, impl)
     head_forms = _forms(forms)
+    if impl != "reference" and any(f.kind == "linear" for f in head_forms):
+        return _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_forms)
     if impl == "reference":
         counters["reference"] += 1
         return attention_reference(q, k, v, mask, causal, scale, window, head_forms)
@@ -173,6 +177,54 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: b
     return attention_reference(q, k, v, mask, causal, scale, window, head_forms)
 
 
+def _linear_reason(q: Tensor, k: Tensor, mask, causal: bool, window: int) -> Optional[str]:
+    """None if the linear kernel (runtime.linear.linear_triton) can run this call, else why not."""
+    if not causal or mask is not None or window:
+        return "linear forms need plain causal attention (no mask, no window)"
+    if q.shape[2] != k.shape[2]:
+        return "the linear kernel runs causal self-attention (as many queries as keys); decoding uses LinearState"
+    if not kernels.triton_available():
+        return kernels.NO_TRITON
+    if q.device.type == "cpu" and not kernels.interpreter_enabled():
+        return "the tensors are on the CPU, where Triton runs only through its interpreter (TRITON_INTERPRET=1)"
+    if q.device.type not in ("cuda", "cpu"):
+        return f"Triton kernels run on CUDA (or the CPU interpreter), not {q.device.type}"
+    if q.dtype not in KERNEL_DTYPES or not (q.dtype == k.dtype):
+        return f"dtype {q.dtype} is not supported by the kernel (use float16, bfloat16 or float32)"
+    if q.shape[-1] > 128:
+        return f"head dim {q.shape[-1]} exceeds the linear kernel's 128"
+    return None
+
+
+def _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_forms):
+    """A site with Linear groups: the other groups through the plan kernel (or the reference), the Linear
+    groups through the chunked linear kernel; the reference for everything where the kernel cannot run."""
+    from .forms import Linear, SinkWindow, forms_to_json
+    from .linear import linear_triton
+
+    reason = _linear_reason(q, k, mask, causal, window)
+    if reason is None and (impl == "triton" or _accelerated(q)):
+        # linear groups' slots are filled by the linear kernel; give them a cheap exact form meanwhile
+        rest = tuple(SinkWindow(f.sink, f.window) if isinstance(f, Linear) else f for f in head_forms)
+        rest_json = forms_to_json(rest)
+        if triton_check(q, k, v, None, kernel, rest_json, True, 0) is None:
+            out = _run_triton(q, k, v, None, True, 0, scale, kernel, rest_json)
+        else:
+            counters["reference"] += 1
+            out = attention_reference(q, k, v, None, True, scale, 0, rest)
+        linear_triton(q, k, v, head_forms, scale, out=out)
+        counters["triton_linear"] += 1
+        return out
+    if impl == "triton":
+        raise KernelUnavailable(f"impl='triton' was asked for but {reason or 'the tensors are not on a GPU'}; "
+                                "use impl='auto' or impl='reference'")
+    if _accelerated(q):
+        fallbacks[("linear", reason)] += 1
+        warnings.warn(f"attnforge: running the reference attention because {reason}", RuntimeWarning, stacklevel=3)
+    counters["reference"] += 1
+    return attention_reference(q, k, v, mask, causal, scale, window, head_forms)
+
+
 @attention.register_fake
 def _(q, k, v, mask, causal, window, scale, impl, kernel, forms=""):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
@@ -190,6 +242,8 @@ def _plan_backward_kernel(ctx, q, k, v, mask):
     choice the forward made (impl='triton', or 'auto' on CUDA) for a planned call it can run."""
     if ctx.impl == "reference" or not _planned(ctx.forms) or (ctx.impl == "auto" and not _accelerated(q)):
         return None
+    if any(f.kind == "linear" for f in _forms(ctx.forms)):
+        return None                  # linear hybrids: gradients by autograd through their reference
     reason = triton_check(q, k, v, mask, ctx.kernel, ctx.forms, ctx.causal, ctx.window)
     if reason:
         if ctx.impl == "triton":

@@ -37,8 +37,9 @@ from torch import Tensor
 from . import ops as _ops  # noqa: F401  (the attention op is registered first)
 from .reference import _grouped, _probs, _scores, attention_reference
 
-__all__ = ["ProfileCollector", "collecting", "attention_profile", "CHUNK", "SINK", "SPANS", "EVICT_POLICIES",
-           "EVICT_BUDGETS", "EVICT_PARAMS", "EVICT_FRACTION", "evict_form"]
+__all__ = ["ProfileCollector", "collecting", "capturing", "attention_profile", "CHUNK", "SINK", "SPANS",
+           "EVICT_POLICIES", "EVICT_BUDGETS", "EVICT_PARAMS", "EVICT_FRACTION", "evict_form", "LINEAR_CANDIDATES",
+           "linear_form"]
 
 CHUNK = 256
 SINK = 64                                              # sink tokens of every measured window form
@@ -58,16 +59,27 @@ def evict_form(policy: str, budget: float):
 
     return KVEvict(policy, budget, **EVICT_PARAMS)
 SPANS = tuple(int(round(16 * 2 ** (k / 2))) for k in range(21))      # 16 .. 16384, steps of sqrt(2)
+# Linear hybrids (forms.Linear, sink SINK) measured when the collector carries feature maps: per
+# candidate, the exact output change of every row and its loss effect, as for the windows.
+LINEAR_CANDIDATES = (("taylor2", 64), ("hedgehog", 64), ("taylor2", 256), ("hedgehog", 256))
+
+
+def linear_form(feature_map: str, window: int, maps: str = ""):
+    from .forms import Linear
+
+    return Linear(feature_map, window, SINK, maps)
 _active = threading.local()
 
 
 class ProfileCollector:
     """Accumulates per-(site, length) statistics as float64 numpy arrays."""
 
-    def __init__(self, block: int = 64):
+    def __init__(self, block: int = 64, linear_maps=None):
         self.block = block
         self.stats: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         self.calls = 0
+        # site string -> {window: [FeatureMaps per KV group]} (None: the site's linear forms are not measured)
+        self.linear_maps = linear_maps
 
     def add(self, site: str, n: int, **arrays):
         entry = self.stats.setdefault((site, n), {})
@@ -75,6 +87,18 @@ class ProfileCollector:
             value = value.detach().double().cpu().numpy()
             entry[name] = entry[name] + value if name in entry else value
         self.calls += 1
+
+
+@contextlib.contextmanager
+def capturing(store: dict):
+    """While active, the profiling op's forward appends (q, k, v, scale) (float32, detached) to store[site]:
+    the activations the linear forms' feature maps are distilled on."""
+    prev = getattr(_active, "capture", None)
+    _active.capture = store
+    try:
+        yield store
+    finally:
+        _active.capture = prev
 
 
 @contextlib.contextmanager
@@ -98,6 +122,9 @@ def _block_sum(x: Tensor, block: int, rows_total: int) -> Tensor:
 @torch.library.custom_op("attnforge::attention_profile", mutates_args=())
 def attention_profile(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, window: int,
                       scale: float, site: str, block: int) -> Tensor:
+    store = getattr(_active, "capture", None)
+    if store is not None and causal and mask is None and not window:
+        store.setdefault(site, []).append(tuple(t.detach().float().cpu() for t in (q, k, v)) + (float(scale),))
     if mask is None and not window and k.shape[-2] > 0 and q.shape[1] % k.shape[1] == 0 and (not causal or q.shape[-2] <= k.shape[-2]):
         # The forward only feeds the next layers: PyTorch's fused SDPA (flash on the CPU too) is exact
         # enough and far faster than materializing [B, H, N, S]; the statistics come from the backward.
@@ -246,6 +273,34 @@ class _EvictStats:
         self.acc["evict_out"] += d_o.square().sum((0, 2, 3, 5)).double().view(shape)
 
 
+def _measure_linear(qg: Tensor, kh: Tensor, vh: Tensor, out: Tensor, g: Tensor, pos0: int, scale: float,
+                    maps: dict, acc: dict) -> None:
+    """Add one chunk's linear-hybrid statistics: per candidate of LINEAR_CANDIDATES and group, the exact
+    output change dO = O_linear - O of rows pos0 .. (qg [B, Hkv, G, c, D], kh/vh [B, Hkv, 1, hi, D]) and
+    its loss effect g . dO, as `_measure_windows` does for the windows."""
+    from .linear import linear_group_reference
+
+    hkv = qg.shape[1]
+    for ci, (fm, w) in enumerate(LINEAR_CANDIDATES):
+        if fm == "hedgehog" and w not in maps:
+            raise RuntimeError(f"no distilled hedgehog maps for window {w}: a candidate left unmeasured "
+                               "would read as lossless")
+        form = linear_form(fm, w)
+        if pos0 + qg.shape[-2] - 1 < form.sink + form.window:
+            continue                                     # every row of the chunk is exact
+        for gi in range(hkv):
+            m = None
+            if fm == "hedgehog":
+                fmaps = maps[w][gi]
+                m = (fmaps.wq.to(qg), fmaps.wk.to(qg), fmaps.gain)
+            hyb = linear_group_reference(qg[:, gi], kh[:, gi, 0], vh[:, gi, 0], form, scale, pos0, m)
+            d_o = hyb - out[:, gi]                                      # [B, G, c, Dv]
+            lin = (g[:, gi] * d_o).sum(-1)
+            acc["linear_abs"][gi, ci] += lin.abs().sum().double()
+            acc["linear_sq"][gi, ci] += lin.square().sum().double()
+            acc["linear_out"][gi, ci] += d_o.square().sum().double()
+
+
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
     causal, window, scale, site, block = ctx.args
@@ -267,6 +322,9 @@ def _backward(ctx, grad_out):
     evict = _EvictStats(hkv, n, s, q.device) if measure and n == s and n >= 2 * EVICT_FRACTION else None
     win = {name: torch.zeros(hkv, len(SPANS), dtype=torch.float64, device=q.device)
            for name in ("window_abs", "window_sq", "window_out")}
+    lin_maps = collector.linear_maps(site) if measure and n == s and collector.linear_maps is not None else None
+    lin = ({name: torch.zeros(hkv, len(LINEAR_CANDIDATES), dtype=torch.float64, device=q.device)
+            for name in ("linear_abs", "linear_sq", "linear_out")} if lin_maps is not None else None)
     chunk = max(block, CHUNK // block * block)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
@@ -295,10 +353,12 @@ def _backward(ctx, grad_out):
         if evict is not None:
             evict.prompt_rows(p, r0)
             evict.decode_rows(p, vh, out, g, r0)
+        if lin is not None:
+            _measure_linear(qg[:, :, :, r0:r1], kh, vh, out, g, r0 + s - n, scale, lin_maps, lin)
     if collector is not None:
         collector.add(site, n, influence=infl, mass=mass, entropy=entropy,
                       rows=torch.tensor(float(b * (hq // hkv) * n)), **(win if measure else {}),
-                      **(evict.acc if evict is not None else {}))
+                      **(evict.acc if evict is not None else {}), **(lin or {}))
     dmask = None
     return (dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None, None)
 

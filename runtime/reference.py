@@ -84,9 +84,26 @@ def attention_reference(q, k, v, mask=None, causal=False, scale=None, window=0, 
     query heads see (on top of causal / window / mask); forms place the queries at the last N of the S
     key positions, so a decoding step (N = 1) sees what the same position saw in prefill."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    linear = _linear_groups(forms, mask, causal, window)
     p = _probs(_scores(q, k, mask, causal, scale, window, forms))                # [B, Hkv, G, N, S]
     out = torch.matmul(p, v.to(p.dtype).unsqueeze(2))             # [B, Hkv, G, N, Dv]
-    return out.flatten(1, 2).to(q.dtype)
+    out = out.flatten(1, 2).to(q.dtype)
+    if linear:
+        from .linear import linear_reference
+
+        out = linear_reference(q, k, v, forms, scale, out=out)
+    return out
+
+
+def _linear_groups(forms, mask, causal, window) -> bool:
+    """True if some form is Linear (runtime.linear computes those groups); only on plain causal sites."""
+    if not any(getattr(f, "kind", "") == "linear" for f in forms):
+        return False
+    if not causal or mask is not None or window:
+        raise ValueError("linear forms are planned for plain causal attention only (no mask, no window); "
+                         "this call has " + ("a mask" if mask is not None else "a window" if window else
+                                             "causal=False"))
+    return True
 
 
 def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -107,6 +124,12 @@ def attention_reference_backward(grad_out, q, k, v, mask=None, causal=False, sca
     floating (an additive bias), where it equals dS reduced to the mask's shape.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if _linear_groups(forms, mask, causal, window):      # the hybrid's gradients, by autograd on its reference
+        with torch.enable_grad():
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            out = attention_reference(qq, kk, vv, None, causal, scale, 0, forms)
+            dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), grad_out)
+        return dq, dk, dv, None
     hkv = k.shape[1]
     p = _probs(_scores(q, k, mask, causal, scale, window, forms))                # [B, Hkv, G, N, S]
     ct = p.dtype

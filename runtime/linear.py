@@ -1,0 +1,366 @@
+"""Linear-attention forms: a softmax window plus linear attention over the rest, one normalizer (LoLCATs).
+
+For a KV group with form `Linear(feature_map, window, sink, maps)`, query row i at position p sees
+
+    exact keys  E_p = { j <= p : j < sink  or  j > p - window }    weight  exp(s_pj - m_p)
+    linear keys L_p = { sink <= j <= p - window }                    weight  c_p * kappa(q_p, k_j)
+
+with s = q.k * scale, m_p = max_{j in E_p} s_pj (finite: E_p holds the query's own key), and
+    out_p = sum_j weight_pj v_j / sum_j weight_pj.
+Feature maps:
+    taylor2   kappa = 1 + s + s^2 / 2  (parameter-free, > 0 everywhere); c_p = exp(-m_p), so the linear
+              weights approximate the same exp(s) the window uses (the form is softmax with exp replaced
+              by its 2nd-order Taylor expansion outside the window). Feature dim 1 + d + d^2.
+    hedgehog  kappa = gain * phi_q(q) . phi_k(k), phi(x) = softmax([x W, -x W]) over 2d features, one
+              W_q, W_k (d x d, initialized to the identity) and gain per KV group, distilled so the
+              hybrid's output matches dense attention (`distill`); c_p = 1 (LoLCATs: the window's
+              exp(s - m) and the maps learn one scale). Feature dim 2d.
+The learned maps live in a `FeatureMaps` store keyed by a content hash (the form's `maps` field), saved
+beside the plan as .npz (no pickle) and registered with `register_maps` before a plan with hedgehog
+heads runs.
+
+`linear_reference` is the float64-capable oracle (quadratic, chunked over query rows); the Triton kernels
+(codegen/templates/linear_fwd.py.j2) compute the same thing chunk by chunk with a running state.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["FEATURE_MAPS", "FeatureMaps", "register_maps", "maps_for", "feature_dim", "phi", "linear_reference",
+           "linear_group_reference", "distill", "LinearMapError", "ROW_CHUNK", "decode_step_reference",
+           "LinearState", "linear_triton", "set_kernel_factory", "kernel_key"]
+
+FEATURE_MAPS = ("taylor2", "hedgehog")
+ROW_CHUNK = 512
+
+
+class LinearMapError(KeyError):
+    """A hedgehog form whose learned feature maps are not loaded."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
+def feature_dim(feature_map: str, head_dim: int) -> int:
+    return 1 + head_dim + head_dim * head_dim if feature_map == "taylor2" else 2 * head_dim
+
+
+class FeatureMaps:
+    """Learned hedgehog maps of one KV group: wq, wk [D, D] and a scalar gain, float32 tensors."""
+
+    __slots__ = ("wq", "wk", "gain")
+
+    def __init__(self, wq, wk, gain):
+        self.wq = torch.as_tensor(np.asarray(wq, dtype=np.float32))
+        self.wk = torch.as_tensor(np.asarray(wk, dtype=np.float32))
+        self.gain = float(gain)
+        d = self.wq.shape[0]
+        if self.wq.shape != (d, d) or self.wk.shape != (d, d):
+            raise ValueError(f"feature maps must be square [D, D], got {tuple(self.wq.shape)}, {tuple(self.wk.shape)}")
+
+    def key(self) -> str:
+        h = hashlib.sha256()
+        for t in (self.wq, self.wk):
+            h.update(t.numpy().astype(np.float32).tobytes())
+        h.update(np.float64(self.gain).tobytes())
+        return "hh-" + h.hexdigest()[:20]
+
+    def arrays(self) -> dict:
+        return {"wq": self.wq.numpy(), "wk": self.wk.numpy(), "gain": np.array(self.gain, dtype=np.float64)}
+
+
+_store: dict[str, FeatureMaps] = {}
+_lock = threading.Lock()
+
+
+def register_maps(maps) -> list[str]:
+    """Register FeatureMaps (one, a list, or a {key: FeatureMaps} dict); returns their keys."""
+    items = maps.values() if isinstance(maps, dict) else (maps if isinstance(maps, (list, tuple)) else [maps])
+    keys = []
+    with _lock:
+        for m in items:
+            k = m.key()
+            _store[k] = m
+            keys.append(k)
+    return keys
+
+
+def maps_for(key: str) -> FeatureMaps:
+    try:
+        return _store[key]
+    except KeyError:
+        raise LinearMapError(f"the hedgehog feature maps {key!r} are not loaded: load the plan with its "
+                             "sidecar file (plan.maps.npz next to plan.json, written by `attnforge search`), "
+                             "or register them with attnforge.runtime.linear.register_maps") from None
+
+
+def phi(x: Tensor, w: Tensor) -> Tensor:
+    """Hedgehog feature map: softmax([x W, -x W]) over the last dim ([..., D] -> [..., 2D])."""
+    y = torch.matmul(x, w.to(x.dtype))
+    return torch.softmax(torch.cat([y, -y], -1), -1)
+
+
+def _form_maps(form, device, dtype):
+    if form.feature_map != "hedgehog":
+        return None
+    m = maps_for(form.maps)
+    return m.wq.to(device, dtype), m.wk.to(device, dtype), m.gain
+
+
+def linear_group_reference(qg: Tensor, kg: Tensor, vg: Tensor, form, scale: float, row0: int | Tensor = 0,
+                           maps=None) -> Tensor:
+    """One KV group: qg [B, G, n, D] at positions row0 .. row0 + n - 1 (or at the sorted positions of a
+    tensor `row0`), kg [B, S, D], vg [B, S, Dv] -> [B, G, n, Dv], in qg's dtype (use float64 inputs for an
+    oracle). `maps` overrides the form's registered maps: (wq, wk, gain) tensors (distillation passes its
+    parameters here)."""
+    n, s = qg.shape[-2], kg.shape[-2]
+    if maps is None:
+        maps = _form_maps(form, qg.device, qg.dtype)
+    rows = row0[:, None] if isinstance(row0, Tensor) else torch.arange(row0, row0 + n, device=qg.device)[:, None]
+    cols = torch.arange(s, device=qg.device)[None, :]
+    causal = cols <= rows
+    exact = causal & ((cols < form.sink) | (cols > rows - form.window))
+    lin = causal & ~exact
+    sc = torch.matmul(qg, kg.unsqueeze(1).transpose(-1, -2)) * scale                 # [B, G, n, S]
+    m = sc.masked_fill(~exact, float("-inf")).amax(-1, keepdim=True)
+    w_exact = torch.exp(sc - m).masked_fill(~exact, 0.0)
+    if form.feature_map == "taylor2":
+        kappa = (1 + sc + 0.5 * sc * sc) * torch.exp(-m)
+    else:
+        wq, wk, gain = maps
+        kappa = torch.matmul(phi(qg, wq), phi(kg, wk).unsqueeze(1).transpose(-1, -2)) * gain
+    w = w_exact + kappa.masked_fill(~lin, 0.0)
+    return torch.matmul(w, vg.unsqueeze(1)) / w.sum(-1, keepdim=True)
+
+
+def linear_reference(q: Tensor, k: Tensor, v: Tensor, forms, scale: float | None = None,
+                     out: Tensor | None = None) -> Tensor:
+    """Fill the output of every Linear group of `forms` (queries at the last N of S positions), chunked
+    over query rows so memory stays O(ROW_CHUNK * S). Groups that are not Linear are left as in `out`
+    (zeros when `out` is None). Math in float64 for float64 inputs, else float32."""
+    from .forms import Linear
+
+    b, hq, n, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if out is None:
+        out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+    for gi, form in enumerate(forms):
+        if not isinstance(form, Linear):
+            continue
+        maps = _form_maps(form, q.device, ct)
+        qg = q[:, gi * g:(gi + 1) * g].to(ct)
+        kg, vg = k[:, gi].to(ct), v[:, gi].to(ct)
+        for r0 in range(0, n, ROW_CHUNK):
+            r1 = min(n, r0 + ROW_CHUNK)
+            hi = s - n + r1                                   # keys a row of this chunk can see
+            o = linear_group_reference(qg[:, :, r0:r1], kg[:, :hi], vg[:, :hi], form, scale, s - n + r0, maps)
+            out[:, gi * g:(gi + 1) * g, r0:r1] = o.to(out.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------- decoding
+class LinearState:
+    """Constant-size decoding state of one Linear KV group: the exact part's keys (sink + a ring of the
+    last `window`) and the linear part's running sums over the keys that left the window,
+        S = sum_j phi_k(k_j)^T v_j   [F, Dv]      z = sum_j phi_k(k_j)   [F]
+    (taylor2: phi(k) = [1, k * sqrt(scale), (k (x) k) * scale / sqrt(2)], so that phi(q).phi(k) = 1 + s + s^2/2).
+    Memory does not grow with the sequence: (sink + window) * (D + Dv) + F * (Dv + 1) numbers per group."""
+
+    def __init__(self, form, head_dim: int, value_dim: int, scale: float, device=None, dtype=torch.float32):
+        self.form, self.scale = form, scale
+        self.maps = _form_maps(form, device, dtype)
+        f = feature_dim(form.feature_map, head_dim)
+        self.S = torch.zeros(f, value_dim, device=device, dtype=dtype)
+        self.z = torch.zeros(f, device=device, dtype=dtype)
+        self.keys: list[tuple[int, Tensor, Tensor]] = []          # (position, k, v) of the exact part
+        self.length = 0
+
+    def features(self, x: Tensor, query: bool) -> Tensor:
+        if self.form.feature_map == "taylor2":
+            r = math.sqrt(self.scale)
+            outer = (x[..., :, None] * x[..., None, :]).flatten(-2) * (self.scale / math.sqrt(2))
+            return torch.cat([torch.ones_like(x[..., :1]), x * r, outer], -1)
+        wq, wk, gain = self.maps
+        return phi(x, wq) * gain if query else phi(x, wk)
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Add the key/value of position `length`; a key leaving the window moves into the sums."""
+        p = self.length
+        self.keys.append((p, k, v))
+        self.length += 1
+        keep = []
+        for pos, kk, vv in self.keys:
+            if pos < self.form.sink or pos > self.length - 1 - self.form.window:
+                keep.append((pos, kk, vv))
+            else:                                  # j <= p_next - window for every later query
+                fk = self.features(kk, query=False)
+                self.S += fk[:, None] * vv[None, :]
+                self.z += fk
+        self.keys = keep
+
+    def attend(self, q: Tensor) -> Tensor:
+        """q [G, D] for the newest position (length - 1) -> [G, Dv]."""
+        kk = torch.stack([k for _, k, _ in self.keys])
+        vv = torch.stack([v for _, _, v in self.keys])
+        sc = q @ kk.T * self.scale                                  # [G, E]
+        m = sc.amax(-1, keepdim=True)
+        w = torch.exp(sc - m)
+        fq = self.features(q, query=True)                           # [G, F]
+        c = torch.exp(-m) if self.form.feature_map == "taylor2" else torch.ones_like(m)
+        num = w @ vv + c * (fq @ self.S)
+        den = w.sum(-1, keepdim=True) + c * (fq @ self.z)[:, None]
+        return num / den
+
+
+def decode_step_reference(states, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """One decoding step for a site's Linear groups: q [Hq, D], k, v [Hkv, D] of the new token."""
+    hkv = len(states)
+    g = q.shape[0] // hkv
+    outs = []
+    for gi, st in enumerate(states):
+        st.append(k[gi], v[gi])
+        outs.append(st.attend(q[gi * g:(gi + 1) * g]))
+    return torch.cat(outs)
+
+
+# ------------------------------------------------------------------------------------ distillation
+def distill(q: list[Tensor], k: list[Tensor], v: list[Tensor], window: int, sink: int, scale: float, *,
+            steps: int = 200, rows: int = 128, lr: float = 1e-2, seed: int = 0, hold_out: int = 1):
+    """Learn hedgehog maps for every KV group of one site so that the hybrid's output matches dense
+    attention on calibration activations (q [1, Hq, N, D], k, v [1, Hkv, N, D] per sample, causal, N = S).
+
+    Each step takes `rows` random query rows of one training sample (all their keys) and minimizes the
+    mean squared difference to the dense output, all groups at once (their parameters are separate).
+    The last `hold_out` samples are not trained on; the relative output error ||O_lin - O|| / ||O||
+    on them is reported before (identity maps) and after; a group whose held-out error the training
+    made worse keeps the identity maps. Returns ([FeatureMaps per group],
+    {"before": [Hkv], "after": [Hkv], "steps": steps, "identity": [Hkv] bool})."""
+    from .forms import Linear
+
+    torch.manual_seed(seed)
+    hkv, d = k[0].shape[1], k[0].shape[-1]
+    g = q[0].shape[1] // hkv
+    train = list(range(len(q) - hold_out)) or [0]
+    held = list(range(len(q) - hold_out, len(q))) or [0]
+    form = Linear("hedgehog", window, sink, "")
+    eye = torch.eye(d).expand(hkv, d, d)
+    wq = torch.nn.Parameter(eye.clone())
+    wk = torch.nn.Parameter(eye.clone())
+    log_gain = torch.nn.Parameter(torch.zeros(hkv))
+    opt = torch.optim.Adam([wq, wk, log_gain], lr=lr)
+
+    def dense_rows(qq, kk, vv, r):            # [Hkv, G, len(r), Dv]
+        qg = qq[0].float().unflatten(0, (hkv, g))[:, :, r]
+        sc = torch.matmul(qg, kk[0].float().unsqueeze(1).transpose(-1, -2)) * scale
+        sc = sc.masked_fill(torch.arange(kk.shape[2])[None, :] > r[:, None], float("-inf"))
+        return torch.matmul(torch.softmax(sc, -1), vv[0].float().unsqueeze(1))
+
+    def hybrid_rows(qq, kk, vv, r, params):
+        outs = []
+        hi = int(r.max()) + 1
+        for gi in range(hkv):
+            qg = qq[0, gi * g:(gi + 1) * g].float()[None, :, r]
+            sub = linear_group_reference(qg, kk[0, gi, :hi].float()[None], vv[0, gi, :hi].float()[None], form, scale, r,
+                                        (params[0][gi], params[1][gi], params[2][gi]))
+            outs.append(sub[0])
+        return torch.stack(outs)
+
+    def rel_error(params, samples):
+        num = den = 0.0
+        with torch.no_grad():
+            for i in samples:
+                n = q[i].shape[2]
+                r = torch.arange(min(n, sink + window), n)
+                r = r[torch.linspace(0, len(r) - 1, min(len(r), 4 * rows)).long()]
+                ref = dense_rows(q[i], k[i], v[i], r)
+                out = hybrid_rows(q[i], k[i], v[i], r, params)
+                num = num + (out - ref).square().sum((1, 2, 3))
+                den = den + ref.square().sum((1, 2, 3))
+        return (num / den).sqrt()
+
+    before = rel_error((eye, eye, torch.ones(hkv)), held)
+    for step in range(steps):
+        i = train[step % len(train)]
+        n = q[i].shape[2]
+        lo = min(n - 1, sink + window)
+        r = torch.sort(torch.randint(lo, n, (min(rows, n - lo),)))[0]
+        with torch.no_grad():
+            ref = dense_rows(q[i], k[i], v[i], r)
+        out = hybrid_rows(q[i], k[i], v[i], r, (wq, wk, log_gain.exp()))
+        loss = (out - ref).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    params = (wq.detach(), wk.detach(), log_gain.detach().exp())
+    after = rel_error(params, held)
+    worse = after > before
+    params = (torch.where(worse[:, None, None], eye, params[0]), torch.where(worse[:, None, None], eye, params[1]),
+              torch.where(worse, torch.ones(hkv), params[2]))
+    after = torch.minimum(after, before)
+    maps = [FeatureMaps(params[0][gi].numpy(), params[1][gi].numpy(), float(params[2][gi])) for gi in range(hkv)]
+    return maps, {"before": before.numpy(), "after": after.numpy(), "steps": steps, "identity": worse.numpy()}
+
+
+
+# ------------------------------------------------------------------------------------ Triton kernel
+_kernel_key: str | None = None
+_kernel_factory = None
+
+
+def set_kernel_factory(factory) -> None:
+    """`factory()` renders and registers the linear kernel source and returns its key (the compiler sets
+    it to codegen.render_linear + kernels.register_source; the runtime never imports the code generator).
+    Called once, on first use."""
+    global _kernel_factory, _kernel_key
+    _kernel_factory, _kernel_key = factory, None
+
+
+def kernel_key() -> str | None:
+    global _kernel_key
+    if _kernel_key is None and _kernel_factory is not None:
+        _kernel_key = _kernel_factory()
+    return _kernel_key
+
+
+def linear_triton(q: Tensor, k: Tensor, v: Tensor, forms, scale: float | None = None,
+                  out: Tensor | None = None) -> Tensor:
+    """The Linear groups of `forms` through the chunked Triton kernel (CUDA, or Triton's interpreter on
+    the CPU); causal self-attention (N = S). Other groups are left as in `out`."""
+    from . import kernels
+    from .forms import Linear
+
+    key = kernel_key()
+    if key is None:
+        raise kernels.KernelUnavailable("the linear kernel was not generated: import attnforge (its compiler "
+                                        "registers the source) before running linear forms through Triton")
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    if k.shape[2] != n:
+        raise ValueError(f"the linear kernel runs causal self-attention (N = S), got N={n}, S={k.shape[2]}")
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    loaded = kernels.load_kernel(key, q.device)
+    if out is None:
+        out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+    for gi, form in enumerate(forms):
+        if not isinstance(form, Linear):
+            continue
+        hh = form.feature_map == "hedgehog"
+        wq = wk = None
+        gain = 1.0
+        if hh:
+            m = maps_for(form.maps)
+            wq, wk, gain = m.wq, m.wk, m.gain
+        loaded.module.launch(loaded.kernel, q[:, gi * g:(gi + 1) * g], k[:, gi], v[:, gi],
+                             out[:, gi * g:(gi + 1) * g], scale, form.window, form.sink, hh, wq, wk, gain,
+                             interpreted=loaded.interpreted)
+    return out

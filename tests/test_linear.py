@@ -1,0 +1,174 @@
+"""Linear-hybrid forms (runtime.linear): the formula, decoding state, the chunked Triton kernel, the
+distillation, and the profile -> search -> plan -> run path."""
+import math
+
+import pytest
+import torch
+
+import attnforge as af
+from attnforge.runtime import ops
+from attnforge.runtime.forms import Dense, FormError, Linear, SinkWindow, form_from_dict, kept_pairs, kv_tokens
+from attnforge.runtime.linear import (FeatureMaps, LinearState, distill, linear_triton, maps_for, register_maps)
+from attnforge.runtime.reference import attention_reference
+
+from attnforge.runtime import kernels
+
+needs_interpreter = pytest.mark.skipif(not kernels.interpreter_enabled(), reason="needs TRITON_INTERPRET=1")
+
+
+def _qkv(b, hq, hkv, n, d, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, hq, n, d, generator=g, dtype=dtype), torch.randn(b, hkv, n, d, generator=g, dtype=dtype),
+            torch.randn(b, hkv, n, d, generator=g, dtype=dtype))
+
+
+def _maps(d, seed=1, gain=0.8):
+    g = torch.Generator().manual_seed(seed)
+    m = FeatureMaps(torch.eye(d) + 0.3 * torch.randn(d, d, generator=g), torch.eye(d) + 0.3 * torch.randn(d, d, generator=g),
+                    gain)
+    return register_maps(m)[0]
+
+
+def _naive(q, k, v, form, scale, gi, g):
+    """Row by row, straight from the definition in runtime/linear.py (float64)."""
+    out = torch.zeros(q.shape[0], g, q.shape[2], v.shape[-1], dtype=torch.float64)
+    m = maps_for(form.maps) if form.feature_map == "hedgehog" else None
+
+    def phi(x, w):
+        y = x @ w.double()
+        return torch.softmax(torch.cat([y, -y]), 0)
+
+    for b in range(q.shape[0]):
+        for h in range(g):
+            for i in range(q.shape[2]):
+                qi = q[b, gi * g + h, i]
+                exact = [j for j in range(i + 1) if j < form.sink or j > i - form.window]
+                lin = [j for j in range(i + 1) if j not in exact]
+                s = {j: float(qi @ k[b, gi, j]) * scale for j in range(i + 1)}
+                mx = max(s[j] for j in exact)
+                w = {j: math.exp(s[j] - mx) for j in exact}
+                for j in lin:
+                    if form.feature_map == "taylor2":
+                        w[j] = (1 + s[j] + s[j] ** 2 / 2) * math.exp(-mx)
+                    else:
+                        w[j] = m.gain * float(phi(qi, m.wq) @ phi(k[b, gi, j], m.wk))
+                den = sum(w.values())
+                out[b, h, i] = sum(w[j] * v[b, gi, j] for j in w) / den
+    return out
+
+
+def test_form_fields_and_costs():
+    f = Linear("taylor2", 64, 64)
+    assert form_from_dict(f.to_dict()) == f
+    with pytest.raises(FormError, match="feature_map"):
+        Linear("elu", 64)
+    with pytest.raises(FormError, match="window"):
+        Linear("taylor2", 0)
+    with pytest.raises(FormError, match="hedgehog"):
+        Linear("taylor2", 8, 0, "hh-abc")
+    # cost in pair-equivalents: more than its exact part; taylor2 (F = 1 + d + d^2) costs more than dense
+    # at 4k for d = 64 and wins only at long lengths, hedgehog (F = 2d) wins early
+    exact = kept_pairs(SinkWindow(64, 64), 4096)
+    assert kept_pairs(Linear("hedgehog", 64, 64, "x"), 4096) > exact
+    assert kept_pairs(Linear("taylor2", 64, 64), 4096) > kept_pairs(Dense(), 4096)
+    assert kept_pairs(Linear("taylor2", 64, 64), 65536) < kept_pairs(Dense(), 65536)
+    assert kept_pairs(Linear("hedgehog", 64, 64, "x"), 4096) < 0.2 * kept_pairs(Dense(), 4096)
+    assert kv_tokens(Linear("hedgehog", 64, 64, "x"), 4096) == 128
+
+
+@pytest.mark.parametrize("fmap", ["taylor2", "hedgehog"])
+def test_reference_matches_definition(fmap):
+    q, k, v = _qkv(1, 4, 2, 23, 8)
+    key = _maps(8) if fmap == "hedgehog" else ""
+    form = Linear(fmap, 5, 2, key)
+    scale = 1 / math.sqrt(8)
+    out = attention_reference(q, k, v, None, True, scale, 0, (form, Dense()))
+    torch.testing.assert_close(out[:, :2], _naive(q, k, v, form, scale, 0, 2), rtol=1e-10, atol=1e-12)
+    dense = attention_reference(q, k, v, None, True, scale)
+    torch.testing.assert_close(out[:, 2:], dense[:, 2:], rtol=0, atol=0)      # the dense group untouched
+    assert (out[:, :2, 10:] - dense[:, :2, 10:]).abs().max() > 1e-3            # the linear part is really used
+
+
+def test_taylor2_with_a_window_covering_everything_is_dense():
+    q, k, v = _qkv(2, 4, 2, 40, 8)
+    out = attention_reference(q, k, v, None, True, None, 0, (Linear("taylor2", 40),) * 2)
+    torch.testing.assert_close(out, attention_reference(q, k, v, None, True), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fmap", ["taylor2", "hedgehog"])
+def test_decoding_state_equals_prefill(fmap):
+    q, k, v = _qkv(1, 4, 2, 50, 8)
+    key = _maps(8, seed=3) if fmap == "hedgehog" else ""
+    form = Linear(fmap, 7, 3, key)
+    scale = 1 / math.sqrt(8)
+    ref = attention_reference(q, k, v, None, True, scale, 0, (form, form))
+    st = LinearState(form, 8, 8, scale, dtype=torch.float64)
+    rows = []
+    for t in range(50):
+        st.append(k[0, 1, t], v[0, 1, t])
+        rows.append(st.attend(q[0, 2:, t]))
+        assert len(st.keys) <= form.sink + form.window                     # constant size
+    torch.testing.assert_close(torch.stack(rows, 1), ref[0, 2:], rtol=1e-10, atol=1e-12)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n,d,sink,window,dtype", [
+    (45, 16, 4, 16, torch.float32),       # N not a multiple of the chunk, window = chunk
+    (40, 16, 0, 1, torch.float32),        # no sink, window of one key: almost all linear
+    (37, 16, 20, 9, torch.float16),       # sink over a chunk boundary
+    (33, 16, 2, 40, torch.bfloat16),      # window longer than the sequence: all exact
+])
+def test_triton_kernel_matches_float64_reference(n, d, sink, window, dtype):
+    q, k, v = _qkv(1, 4, 2, n, d, torch.float32, seed=n)
+    forms = (Linear("taylor2", window, sink), Linear("hedgehog", window, sink, _maps(d, seed=n)))
+    ref = attention_reference(q.double(), k.double(), v.double(), None, True, None, 0, forms)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    ops.reset_counters()
+    out = torch.ops.attnforge.attention(q, k, v, None, True, 0, 1 / math.sqrt(d), "triton", "",
+                                        af.runtime.forms.forms_to_json(forms))
+    assert ops.counters["triton_linear"] == 1 and ops.counters["reference"] == 1     # the other groups: none here
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+@needs_interpreter
+def test_triton_kernel_next_to_other_forms():
+    q, k, v = _qkv(1, 6, 3, 36, 16, torch.float32, seed=5)
+    forms = (Dense(), Linear("taylor2", 8, 4), SinkWindow(4, 8))
+    ref = attention_reference(q.double(), k.double(), v.double(), None, True, None, 0, forms)
+    out = linear_triton(q, k, v, forms, out=attention_reference(q, k, v, None, True, None, 0, forms))
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_gradients_through_the_op_match_autograd_of_the_reference():
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 1, 12, 4))
+    forms = af.runtime.forms.forms_to_json((Linear("taylor2", 3, 1),))
+    assert torch.autograd.gradcheck(lambda a, b, c: torch.ops.attnforge.attention(a, b, c, None, True, 0, 0.5, "reference",
+                                                                                  "", forms), (q, k, v))
+
+
+def test_distillation_lowers_the_held_out_error():
+    # attention with a smooth structure (low-rank keys) that a learned feature map can fit better than identity
+    g = torch.Generator().manual_seed(0)
+    n, d = 160, 8
+    base = torch.randn(1, 1, n, 2, generator=g)
+    k = torch.cat([base, 0.1 * torch.randn(1, 1, n, d - 2, generator=g)], -1) * 2
+    qs = [k.repeat(1, 2, 1, 1) + 0.3 * torch.randn(1, 2, n, d, generator=g) for _ in range(2)]
+    vs = [torch.randn(1, 1, n, d, generator=g) for _ in range(2)]
+    maps, errs = distill(qs, [k, k], vs, window=4, sink=1, scale=1 / math.sqrt(d), steps=150, rows=64, lr=0.1)
+    assert len(maps) == 1 and maps[0].wq.shape == (d, d)
+    assert errs["after"][0] < 0.9 * errs["before"][0], errs
+
+
+def test_plan_with_hedgehog_heads_keeps_its_maps_beside_it(tmp_path):
+    from attnforge.compiler.plan import Plan, PlanError, SitePlan
+
+    key = _maps(16, seed=9)
+    plan = Plan("fp", "toy", (SitePlan("s#0", 4, 2, (Linear("hedgehog", 8, 4, key), Dense())),), {"density": 0.5}, (64,))
+    plan.save(tmp_path / "plan.json")
+    assert (tmp_path / "plan.maps.npz").exists()
+    back = Plan.load(tmp_path / "plan.json")
+    assert back.sites[0].forms[0].maps == key and maps_for(key).wq.shape == (16, 16)
+    (tmp_path / "plan.maps.npz").unlink()
+    with pytest.raises(PlanError, match="plan.maps.npz"):
+        Plan.load(tmp_path / "plan.json")
