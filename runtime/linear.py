@@ -170,54 +170,79 @@ def linear_reference(q: Tensor, k: Tensor, v: Tensor, forms, scale: float | None
 # --------------------------------------------------------------------------------------- decoding
 class LinearState:
     """Constant-size decoding state of one Linear KV group: the exact part's keys (sink + a ring of the
-    last `window`) and the linear part's running sums over the keys that left the window,
-        S = sum_j phi_k(k_j)^T v_j   [F, Dv]      z = sum_j phi_k(k_j)   [F]
-    (taylor2: phi(k) = [1, k * sqrt(scale), (k (x) k) * scale / sqrt(2)], so that phi(q).phi(k) = 1 + s + s^2/2).
-    Memory does not grow with the sequence: (sink + window) * (D + Dv) + F * (Dv + 1) numbers per group."""
+    last `window`) and the linear part's running sums over the keys that left the window, kept in the
+    Triton kernel's part layout (parts of [D, Dv]):
+        S[a] = sum_j phi_a(k_j)^T v_j   [A, BD, BDV]     z[a] = sum_j phi_a(k_j)   [A, BD]
+        S0 = sum_j phi_0(k_j) v_j       [BDV]            z0 = sum_j phi_0(k_j)
+    taylor2: phi_a(k) = k * k_a * scale / sqrt(2) (a < D), phi_D(k) = k * sqrt(scale), phi_0 = 1, so that
+    phi(q).phi(k) = 1 + s + s^2 / 2; hedgehog: the two softmax halves, phi_0 = 0.
+    Memory does not grow with the sequence: (sink + window) * (D + Dv) + A * D * (Dv + 1) numbers per group.
+    `attend(q, impl="triton")` reads it with the decode kernel (CUDA, or the interpreter on the CPU)."""
 
     def __init__(self, form, head_dim: int, value_dim: int, scale: float, device=None, dtype=torch.float32):
-        self.form, self.scale = form, scale
+        self.form, self.scale, self.d, self.dv = form, scale, head_dim, value_dim
         self.maps = _form_maps(form, device, dtype)
-        f = feature_dim(form.feature_map, head_dim)
-        self.S = torch.zeros(f, value_dim, device=device, dtype=dtype)
-        self.z = torch.zeros(f, device=device, dtype=dtype)
+        self.parts = 2 if form.feature_map == "hedgehog" else head_dim + 1
+        bd = max(16, 1 << (head_dim - 1).bit_length())
+        bdv = max(16, 1 << (value_dim - 1).bit_length())
+        self.S = torch.zeros(self.parts, bd, bdv, device=device, dtype=dtype)
+        self.z = torch.zeros(self.parts, bd, device=device, dtype=dtype)
+        self.S0 = torch.zeros(bdv, device=device, dtype=dtype)
+        self.z0 = torch.zeros(1, device=device, dtype=dtype)
         self.keys: list[tuple[int, Tensor, Tensor]] = []          # (position, k, v) of the exact part
         self.length = 0
 
-    def features(self, x: Tensor, query: bool) -> Tensor:
+    def features(self, x: Tensor, query: bool) -> tuple[Tensor, float]:
+        """(phi_a(x) [..., A, D], phi_0)"""
         if self.form.feature_map == "taylor2":
-            r = math.sqrt(self.scale)
-            outer = (x[..., :, None] * x[..., None, :]).flatten(-2) * (self.scale / math.sqrt(2))
-            return torch.cat([torch.ones_like(x[..., :1]), x * r, outer], -1)
+            outer = x[..., None, :] * x[..., :, None] * (self.scale / math.sqrt(2))       # [..., D(a), D]
+            return torch.cat([outer, (x * math.sqrt(self.scale))[..., None, :]], -2), 1.0
         wq, wk, gain = self.maps
-        return phi(x, wq) * gain if query else phi(x, wk)
+        f = phi(x, wq) * gain if query else phi(x, wk)
+        return torch.stack([f[..., :self.d], f[..., self.d:]], -2), 0.0
 
     def append(self, k: Tensor, v: Tensor) -> None:
         """Add the key/value of position `length`; a key leaving the window moves into the sums."""
-        p = self.length
-        self.keys.append((p, k, v))
+        self.keys.append((self.length, k, v))
         self.length += 1
         keep = []
         for pos, kk, vv in self.keys:
             if pos < self.form.sink or pos > self.length - 1 - self.form.window:
                 keep.append((pos, kk, vv))
             else:                                  # j <= p_next - window for every later query
-                fk = self.features(kk, query=False)
-                self.S += fk[:, None] * vv[None, :]
-                self.z += fk
+                f, f0 = self.features(kk.to(self.S.dtype), query=False)
+                self.S[:, :self.d, :self.dv] += f[:, :, None] * vv.to(self.S.dtype)[None, None, :]
+                self.z[:, :self.d] += f
+                self.S0[:self.dv] += f0 * vv.to(self.S.dtype)
+                self.z0 += f0
         self.keys = keep
 
-    def attend(self, q: Tensor) -> Tensor:
+    def attend(self, q: Tensor, impl: str = "reference") -> Tensor:
         """q [G, D] for the newest position (length - 1) -> [G, Dv]."""
         kk = torch.stack([k for _, k, _ in self.keys])
         vv = torch.stack([v for _, _, v in self.keys])
+        if impl == "triton":
+            from . import kernels, ops
+
+            key = kernel_key()
+            if key is None:
+                raise kernels.KernelUnavailable("the linear kernel was not generated: import attnforge first")
+            loaded = kernels.load_kernel(key, q.device)
+            wq, gain = (maps_for(self.form.maps).wq, maps_for(self.form.maps).gain) if self.maps else (None, 1.0)
+            ops.counters["triton_linear_decode"] += 1
+            return loaded.module.decode(q.float(), kk.float(), vv.float(), self.S.float(), self.S0.float(),
+                                        self.z.float(), self.z0.float(), self.scale,
+                                        self.form.feature_map == "hedgehog", wq, gain,
+                                        interpreted=loaded.interpreted).to(q.dtype)
         sc = q @ kk.T * self.scale                                  # [G, E]
         m = sc.amax(-1, keepdim=True)
         w = torch.exp(sc - m)
-        fq = self.features(q, query=True)                           # [G, F]
+        f, f0 = self.features(q.to(self.S.dtype), query=True)       # [G, A, D]
+        num_l = torch.einsum("gad,adv->gv", f, self.S[:, :self.d, :self.dv]) + f0 * self.S0[:self.dv]
+        den_l = torch.einsum("gad,ad->g", f, self.z[:, :self.d]) + f0 * self.z0
         c = torch.exp(-m) if self.form.feature_map == "taylor2" else torch.ones_like(m)
-        num = w @ vv + c * (fq @ self.S)
-        den = w.sum(-1, keepdim=True) + c * (fq @ self.z)[:, None]
+        num = w @ vv + c * num_l
+        den = w.sum(-1, keepdim=True) + c * den_l[:, None]
         return num / den
 
 
@@ -287,6 +312,13 @@ def distill(q: list[Tensor], k: list[Tensor], v: list[Tensor], window: int, sink
                 den = den + ref.square().sum((1, 2, 3))
         return (num / den).sqrt()
 
+    if all(q[i].shape[2] <= sink + window for i in range(len(q))):
+        # the window covers these samples whole: nothing is weighed linearly, nothing to learn
+        zero = np.zeros(hkv, dtype=np.float32)
+        return ([FeatureMaps(np.eye(d), np.eye(d), 1.0) for _ in range(hkv)],
+                {"before": zero, "after": zero, "steps": 0, "identity": np.ones(hkv, dtype=bool)})
+    train = [i for i in train if q[i].shape[2] > sink + window] or [i for i in held if q[i].shape[2] > sink + window]
+    held = [i for i in held if q[i].shape[2] > sink + window] or train
     before = rel_error((eye, eye, torch.ones(hkv)), held)
     for step in range(steps):
         i = train[step % len(train)]
