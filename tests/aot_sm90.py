@@ -61,6 +61,26 @@ def compile_decode_sm90(dtype="bf16", head_dim=64, rows=16):
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 2})
 
 
+def compile_linear_sm90(part: str, hedgehog: bool, dtype="bf16", head_dim=64):
+    """The linear-hybrid kernels: the query-chunk kernel (part ""), "_state" and "_decode"."""
+    src = codegen.render_linear().source
+    module = kernels._module_from_source(kernels.source_key(src), src)
+    obj = getattr(module, module.KERNEL + part)
+    fn = obj if isinstance(obj, triton.runtime.JITFunction) else triton.jit(obj)
+    names = list(inspect.signature(fn.fn).parameters)
+    io = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "OUT": f"*{dtype}"}
+    if part == "_decode":
+        io = {n: "*fp32" for n in ("Q", "KE", "VE", "OUT")}
+    f32 = {n: "*fp32" for n in ("P", "P0", "Z", "Z0", "WQ", "WK")}
+    consts = {"HEDGEHOG": hedgehog, "C": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim,
+              "A": 2 if hedgehog else head_dim + 1, "PRECISION": "tf32", "UPCAST": False, "BLOCK_R": 16,
+              "BLOCK_E": 64}
+    sig = {n: io.get(n) or f32.get(n) or ("fp32" if n in ("sm_scale", "gain") else
+                                         "constexpr" if n in consts else "i32") for n in names}
+    ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items() if k in names})
+    return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 2})
+
+
 def main():
     cases = [(codegen.KernelSpec(causal=c, mask=m), "bf16", 64) for c in (False, True)
              for m in (None, "bool", "additive")]
@@ -78,6 +98,12 @@ def main():
         c = compile_decode_sm90(dtype)
         results.append({"kernel": codegen.render.DECODE_NAME, "dtype": dtype, "head_dim": 64,
                         "cubin_bytes": len(c.asm["cubin"]), "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
+    for part in ("", "_state", "_decode"):
+        for hedgehog in (False, True):
+            c = compile_linear_sm90(part, hedgehog)
+            results.append({"kernel": codegen.render.LINEAR_NAME + part + ("[hedgehog]" if hedgehog else "[taylor2]"),
+                            "dtype": "bf16" if part != "_decode" else "fp32", "head_dim": 64,
+                            "cubin_bytes": len(c.asm["cubin"]), "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
     json.dump(results, sys.stdout)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from attnforge.codegen import KernelSpec, render_attention, render_decode
+from attnforge.codegen import KernelSpec, render_attention, render_decode, render_linear
 
 GOLDEN = Path(__file__).parent / "golden"
 _spec = importlib.util.spec_from_file_location("regen", GOLDEN / "regen.py")
@@ -21,6 +21,11 @@ def test_source_matches_golden(spec):
 def test_decode_source_matches_golden():
     expected = (GOLDEN / "attnforge_decode_splitkv.py.txt").read_text()
     assert render_decode().source == expected, "emitted kernel changed: run tests/golden/regen.py"
+
+
+def test_linear_source_matches_golden():
+    expected = (GOLDEN / "attnforge_linear_hybrid.py.txt").read_text()
+    assert render_linear().source == expected, "emitted kernel changed: run tests/golden/regen.py"
 
 
 def test_source_is_valid_python_with_kernel_and_launcher():

@@ -22,8 +22,9 @@ def test_every_kernel_compiles_for_sm90_and_bf16_uses_wgmma():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout)
-    assert len(results) == 15
+    assert len(results) == 21
     for r in results:
         assert r["cubin_bytes"] > 0, r
-        if r["dtype"] in ("bf16", "fp16") and "decode" not in r["kernel"]:   # decode tiles are 16 rows: mma
+        # decode tiles are 16 rows (mma); the linear state kernel multiplies in fp32 (its sums stay exact)
+        if r["dtype"] in ("bf16", "fp16") and "decode" not in r["kernel"] and "_state" not in r["kernel"]:
             assert r["wgmma"], f"{r['kernel']} ({r['dtype']}) does not use Hopper's wgmma"
