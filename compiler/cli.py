@@ -384,11 +384,7 @@ def _cmd_optimize(args) -> int:
         write_report(build_report(plan, prof, command=plan.provenance["command"]),
                      os.path.join(args.out, "report.html"), profile=prof, plan=plan)
     exported = None
-    linear = plan.form_counts().get("linear", 0)
-    if linear and not args.no_onnx:
-        print(f"  model.onnx skipped: the plan has {linear} linear-hybrid heads, which have no ONNX "
-              "decomposition yet (search without --linear for an exportable plan)")
-    elif not args.no_onnx:
+    if not args.no_onnx:
         with stages("ONNX export"):
             exported = export_onnx(model, (first,), os.path.join(args.out, "model.onnx"), plan=plan)
         files.append("model.onnx")

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindow, forms_from_json, prefill_form
+from attnforge.runtime.forms import (BlockSparse, Dense, ElasticWindow, Linear, SinkWindow, forms_from_json,
+                                     prefill_form)
 
 __all__ = ["export_onnx", "ExportError", "ExportResult", "DOMAIN", "OPSET"]
 
@@ -269,6 +270,55 @@ def _block_keep(b: _Body, form: BlockSparse, jrow, pcol) -> str:
     return b.op("Or", vert, slash)
 
 
+def _linear_groups(b: _Body, cfg: _SiteConfig, forms, jrow: str, pcol: str, causal: str) -> None:
+    """Y = the Attention output "YA" with every Linear group's heads replaced by the hybrid, written out
+    exactly as runtime.linear's reference (quadratic in the length; the window/linear split from
+    positions, so the length stays dynamic):
+        m = max over exact keys of s;  w = exp(s - m) on exact keys, c * kappa on the linear ones
+        taylor2: kappa = 1 + s + s^2 / 2, c = exp(-m);  hedgehog: kappa = gain * phi_q(q) . phi_k(k)
+        Y_g = (w V) / sum(w)"""
+    from attnforge.runtime.linear import maps_for
+
+    r = cfg.heads // cfg.kv_heads
+    axis1 = b.const([1], np.int64)
+    last = b.const([-1], np.int64)
+    neg_inf, zero_f = b.const(-np.inf, np.float32), b.const(0.0, np.float32)
+    parts = []
+    for gi, form in enumerate(forms):
+        ya = b.op("Slice", "YA", b.const([gi * r], np.int64), b.const([(gi + 1) * r], np.int64), axis1)
+        if not isinstance(form, Linear):
+            parts.append(ya)
+            continue
+        qg = b.op("Cast", b.op("Slice", "Q", b.const([gi * r], np.int64), b.const([(gi + 1) * r], np.int64), axis1), to=1)
+        kg = b.op("Cast", b.op("Slice", "K", b.const([gi], np.int64), b.const([gi + 1], np.int64), axis1), to=1)
+        vg = b.op("Cast", b.op("Slice", "V", b.const([gi], np.int64), b.const([gi + 1], np.int64), axis1), to=1)
+        sc = b.op("Mul", b.op("MatMul", qg, b.op("Transpose", kg, perm=[0, 1, 3, 2])),
+                  b.const(cfg.scale, np.float32))                                   # [B, r, N, S]
+        inwin = b.op("Or", b.op("Less", jrow, b.const(form.sink, np.int64)),
+                     b.op("Greater", jrow, b.op("Sub", pcol, b.const(form.window, np.int64))))
+        exact = b.op("And", causal, inwin)                                          # [N, S]
+        lin = b.op("And", causal, b.op("Not", inwin))
+        m = b.op("ReduceMax", b.op("Where", exact, sc, neg_inf), last, keepdims=1)
+        w_exact = b.op("Where", exact, b.op("Exp", b.op("Sub", sc, m)), zero_f)
+        if form.feature_map == "taylor2":
+            poly = b.op("Add", b.op("Add", b.const(1.0, np.float32), sc),
+                        b.op("Mul", b.const(0.5, np.float32), b.op("Mul", sc, sc)))
+            kappa = b.op("Mul", poly, b.op("Exp", b.op("Neg", m)))
+        else:
+            fm = maps_for(form.maps)
+
+            def phi(x, w):
+                y = b.op("MatMul", x, b.const(w.numpy().astype(np.float32), np.float32))
+                return b.op("Softmax", b.op("Concat", y, b.op("Neg", y), axis=-1), axis=-1)
+
+            kappa = b.op("Mul", b.op("MatMul", phi(qg, fm.wq), b.op("Transpose", phi(kg, fm.wk), perm=[0, 1, 3, 2])),
+                         b.const(fm.gain, np.float32))
+        w = b.op("Add", w_exact, b.op("Where", lin, kappa, zero_f))
+        yg = b.op("Div", b.op("MatMul", w, vg), b.op("ReduceSum", w, last, keepdims=1))
+        parts.append(b.op("CastLike", yg, ya))
+    b.nodes.append(b.helper.make_node("Concat", parts, ["Y"], axis=1))
+
+
 def _function(cfg: _SiteConfig, name: str):
     from onnx import helper
 
@@ -301,6 +351,8 @@ def _function(cfg: _SiteConfig, name: str):
                     g = b.op("And", causal, _window_keep(b, form, jrow, pcol, s))
                 elif isinstance(form, BlockSparse):
                     g = b.op("And", causal, _block_keep(b, form, jrow, pcol))
+                elif isinstance(form, Linear):
+                    g = causal                  # replaced below by the hybrid's own decomposition
                 else:
                     raise ExportError(f"form {form.kind!r} has no ONNX decomposition yet; export a plan "
                                       "without it (search with that candidate off)")
@@ -317,8 +369,11 @@ def _function(cfg: _SiteConfig, name: str):
     elif cfg.mask == "float":
         mask = "M" if keep is None else b.op("Where", keep, "M",
                                               b.op("CastLike", b.const(-np.inf, np.float32), "M"))
-    b.nodes.append(helper.make_node("Attention", ["Q", "K", "V"] + ([mask] if mask else []), ["Y"],
-                                    scale=cfg.scale))
+    linear = [gi for gi, f in enumerate(forms) if isinstance(f, Linear)]
+    b.nodes.append(helper.make_node("Attention", ["Q", "K", "V"] + ([mask] if mask else []),
+                                    ["YA" if linear else "Y"], scale=cfg.scale))
+    if linear:
+        _linear_groups(b, cfg, forms, jrow, pcol, causal)
     return helper.make_function(DOMAIN, name, inputs, ["Y"], b.nodes,
                                 [helper.make_opsetid("", OPSET)], [],
                                 doc_string=f"attnforge site function: {cfg.forms or 'dense'}; causal={cfg.causal}, "

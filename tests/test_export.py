@@ -77,6 +77,33 @@ def test_mixed_plan_runs_in_onnxruntime_at_two_lengths_and_matches_pytorch(tmp_p
     _check_no_square_constants(m, {40, 77})
 
 
+def test_linear_hybrid_heads_export_exactly(tmp_path):
+    """Linear groups (taylor2, hedgehog with learned maps) decompose into plain ONNX ops next to the
+    Attention node of the other groups; ONNX Runtime matches the PyTorch run of the plan at two lengths."""
+    from attnforge.runtime.forms import Linear
+    from attnforge.runtime.linear import FeatureMaps, register_maps
+
+    model = _llama()
+    g = torch.Generator().manual_seed(3)
+    key = register_maps(FeatureMaps(torch.eye(16) + 0.3 * torch.randn(16, 16, generator=g), torch.eye(16), 0.6))[0]
+    sites = af.find_attention(model, (_ids(40),))
+    plan = Plan(fingerprint(sites), "tiny-llama",
+                (SitePlan(sites[0].id, 4, 2, (Linear("taylor2", 6, 2), af.SinkWindow(2, 8))),
+                 SitePlan(sites[1].id, 4, 2, (af.Dense(), Linear("hedgehog", 5, 1, key)))), {"density": 0.5}, (40,))
+    export_onnx(model, (_ids(40),), tmp_path / "l.onnx", plan=plan)
+    for n in (40, 77):
+        ids = _ids(n, seed=n)
+        ours = _run(tmp_path / "l.onnx", ids)
+        want = _torch_plan(model, plan, ids).numpy()
+        with torch.no_grad():
+            dense = model(ids).logits.numpy()
+        assert np.abs(ours - want).max() < 1e-4
+        assert np.abs(ours - dense).max() > 1e-2
+    m = onnx.load(str(tmp_path / "l.onnx"))
+    onnx.checker.check_model(m, full_check=True)
+    _check_no_square_constants(m, {40, 77})
+
+
 def test_dense_export_matches_the_model(tmp_path):
     model = _llama()
     res = export_onnx(model, (_ids(24),), tmp_path / "d.onnx")
