@@ -232,7 +232,8 @@ def _tables(profile: Profile, metric: str = "auto", linear: bool = True) -> _Tab
             cands.append(forms)
             losses.append(loss)
             kepts.append(kept)
-            kvs.append(np.array([[kv_tokens(f, n) for n in lengths] for f in forms], dtype=np.float64))
+            kvs.append(np.array([[kv_tokens(f, n, head_dim=site["head_dim"]) for n in lengths] for f in forms],
+                                dtype=np.float64))
             flops.append(4.0 * site["head_dim"] * (site["num_heads"] // site["num_kv_heads"]))
     if not groups:
         raise SearchError("no causal attention site in the profile to plan")

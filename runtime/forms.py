@@ -264,15 +264,19 @@ def kept_pairs(form: Form, n: int, head_dim: int = 64) -> int:
     return int(keep_mask([form], n, n).sum())
 
 
-def kv_tokens(form: Form, n: int, max_length: int | None = None) -> int:
+def kv_tokens(form: Form, n: int, max_length: int | None = None, head_dim: int = 64) -> int:
     """KV entries a decoder holds for one group at length n (exact; attnforge.runtime.kvcache allocates
     exactly this many slots): every key for Dense; sink + window (at most n) for the windows, the elastic
     span taken at `max_length` (default n); for BlockSparse the vertical blocks reached so far plus a
-    ring of the last (max distance + 1) blocks, which is also every key a later query can still read."""
+    ring of the last (max distance + 1) blocks, which is also every key a later query can still read;
+    for Linear the exact part's keys plus its constant-size state counted as K+V entries of `head_dim`."""
     if isinstance(form, Dense):
         return n
-    if isinstance(form, Linear):         # sink + window keys; the state is counted in kv_bytes
-        return min(n, form.sink + form.window)
+    if isinstance(form, Linear):         # sink + window keys, plus the running sums (A parts of D x (Dv + 1)
+        from .linear import feature_dim   # numbers) in key+value-entry equivalents (Dv = D assumed)
+
+        state = feature_dim(form.feature_map, head_dim) * (head_dim + 1)
+        return min(n, form.sink + form.window) + -(-state // (2 * head_dim))
     if isinstance(form, KVEvict):        # the kept prompt keys; h2o / a2sf one slot more (evicted after
         extra = {"snapkv": (max_length or n) - n, "streaming": 0}.get(form.policy, 1)   # each step), snapkv
         return min(max_length or n, form.kept(n) + extra)                              # the new tokens too

@@ -75,7 +75,9 @@ def test_form_fields_and_costs():
     assert kept_pairs(Linear("taylor2", 64, 64), 4096) > kept_pairs(Dense(), 4096)
     assert kept_pairs(Linear("taylor2", 64, 64), 65536) < kept_pairs(Dense(), 65536)
     assert kept_pairs(Linear("hedgehog", 64, 64, "x"), 4096) < 0.2 * kept_pairs(Dense(), 4096)
-    assert kv_tokens(Linear("hedgehog", 64, 64, "x"), 4096) == 128
+    # decoding holds sink + window keys and a constant state: hedgehog 2d x (d + 1) numbers = 65 K+V entries
+    assert kv_tokens(Linear("hedgehog", 64, 64, "x"), 4096) == 128 + 65
+    assert kv_tokens(Linear("hedgehog", 64, 64, "x"), 65536) == 128 + 65
 
 
 @pytest.mark.parametrize("fmap", ["taylor2", "hedgehog"])
