@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--budget-at-all-lengths", action="store_true",
                     help="hold the density at every profiled length, as MoA (default: at --eval-length)")
     ap.add_argument("--no-passkey", action="store_true")
+    ap.add_argument("--passkey-plans", nargs="+", default=None,
+                    help="run the passkey check for these rows only (e.g. dense searched@0.5 streaming@0.5)")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok, model = _smollm2("sdpa")
@@ -81,7 +83,7 @@ def main():
             row[f"ppl@{n}"] = perplexity(model, plan, samples)
             print(f"{name}: ppl@{n} = {row[f'ppl@{n}']:.3f} (density {row['density'][str(n)]:.3f}, "
                   f"{time.perf_counter() - t:.0f}s)", flush=True)
-        if not args.no_passkey:
+        if not args.no_passkey and (args.passkey_plans is None or name in args.passkey_plans):
             row["passkey"] = passkey_accuracy(model, plan, prompts)
             print(f"{name}: passkey {row['passkey']:.0%}", flush=True)
         rows[name] = row

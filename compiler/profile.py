@@ -275,6 +275,15 @@ def _distill_all(prof: Profile, compiled, ids_list, steps: int, progress: bool) 
 def _progress(enabled: bool, total: int, title: str = "profiling"):
     if not enabled or total == 0:
         return lambda what: None
+    import sys
+
+    if not sys.stderr.isatty():           # a log file: one plain line per step (a live bar shows nothing there)
+        done = [0]
+
+        def line(what):
+            done[0] += 1
+            print(f"{title}: {what} ({done[0]}/{total})", file=sys.stderr, flush=True)
+        return line
     from rich.progress import Progress
 
     progress = Progress(transient=False)
