@@ -26,7 +26,8 @@ _BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}
 _EINSUM = {torch.einsum, torch.functional.einsum}
 _MASKED_FILL = {torch.masked_fill, torch.Tensor.masked_fill}
 _WHERE = {torch.where}
-_DYNAMO_ROOT = re.compile(r"^([LG]\['[^']*'\]|self)\.?")
+# the traced root: L['self'], G['...'], or (transformers >= 5.24 wraps forward) L['args'][0]
+_DYNAMO_ROOT = re.compile(r"^([LG]\['[^']*'\](\[\d+\])*|self)\.?")
 _CASTS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
 
 
