@@ -71,35 +71,29 @@ class Profile:
         st = self.stats[(site, n)]
         return st["entropy"] / st["rows"]
 
-    def window_error(self, site: str, n: int, stat: str = "window_abs") -> np.ndarray | None:
-        """[Hkv, len(spans)]: a measured window statistic (runtime.profiling) per query token, summed over
-        the query heads of each group; None where the profile did not measure it."""
+    def _per_token(self, site: str, n: int, stat: str) -> np.ndarray | None:
+        """A measured statistic divided by the query tokens behind it (rows over the group's query heads)."""
         st = self.stats.get((site, n), {})
         if stat not in st:
             return None
         site_row = next(s for s in self.sites if s["id"] == site)
         tokens = st["rows"] / (site_row["num_heads"] // site_row["num_kv_heads"])
         return st[stat] / max(float(tokens), 1.0)
+
+    def window_error(self, site: str, n: int, stat: str = "window_abs") -> np.ndarray | None:
+        """[Hkv, len(spans)]: a measured window statistic (runtime.profiling) per query token, summed over
+        the query heads of each group; None where the profile did not measure it."""
+        return self._per_token(site, n, stat)
 
     def evict_error(self, site: str, n: int, stat: str = "evict_abs") -> np.ndarray | None:
         """[Hkv, len(EVICT_POLICIES), len(EVICT_BUDGETS)]: a measured KV-eviction statistic per query token
         (runtime.profiling), like window_error; None where the profile did not measure it."""
-        st = self.stats.get((site, n), {})
-        if stat not in st:
-            return None
-        site_row = next(s for s in self.sites if s["id"] == site)
-        tokens = st["rows"] / (site_row["num_heads"] // site_row["num_kv_heads"])
-        return st[stat] / max(float(tokens), 1.0)
+        return self._per_token(site, n, stat)
 
     def linear_error(self, site: str, n: int, stat: str = "linear_abs") -> np.ndarray | None:
         """[Hkv, len(linear_candidates)]: a measured linear-hybrid statistic per query token, like
         window_error; None where the profile did not measure it."""
-        st = self.stats.get((site, n), {})
-        if stat not in st or not self.linear_candidates:
-            return None
-        site_row = next(s for s in self.sites if s["id"] == site)
-        tokens = st["rows"] / (site_row["num_heads"] // site_row["num_kv_heads"])
-        return st[stat] / max(float(tokens), 1.0)
+        return self._per_token(site, n, stat) if self.linear_candidates else None
 
     def save(self, path) -> None:
         path = Path(path)

@@ -90,25 +90,24 @@ class ProfileCollector:
 
 
 @contextlib.contextmanager
+def _active_as(name: str, value):
+    """Set the thread's active `name` (collector or capture store) for the block, restoring the previous."""
+    prev = getattr(_active, name, None)
+    setattr(_active, name, value)
+    try:
+        yield value
+    finally:
+        setattr(_active, name, prev)
+
+
 def capturing(store: dict):
     """While active, the profiling op's forward appends (q, k, v, scale) (float32, detached) to store[site]:
     the activations the linear forms' feature maps are distilled on."""
-    prev = getattr(_active, "capture", None)
-    _active.capture = store
-    try:
-        yield store
-    finally:
-        _active.capture = prev
+    return _active_as("capture", store)
 
 
-@contextlib.contextmanager
 def collecting(collector: ProfileCollector):
-    prev = getattr(_active, "collector", None)
-    _active.collector = collector
-    try:
-        yield collector
-    finally:
-        _active.collector = prev
+    return _active_as("collector", collector)
 
 
 def _block_sum(x: Tensor, block: int, rows_total: int) -> Tensor:
