@@ -261,7 +261,20 @@ def kept_pairs(form: Form, n: int, head_dim: int = 64) -> int:
         m = n - w                                       # rows i >= w also see sink keys j < min(sink, i-w+1)
         extra = m * (m + 1) // 2 if m <= sink else sink * (sink + 1) // 2 + (m - sink) * sink
         return window + extra
-    return int(keep_mask([form], n, n).sum())
+    return _block_sparse_pairs(form, n)
+
+
+def _block_sparse_pairs(form: BlockSparse, n: int) -> int:
+    """kept_pairs of a BlockSparse form, block by block (no N x N mask): an off-diagonal kept block holds
+    rows(qb) * cols(kb) pairs, the diagonal block the causal triangle of its (possibly partial) size."""
+    nb = -(-n // form.block)
+    size = [min(form.block, n - b * form.block) for b in range(nb)]
+    verts, slashes = set(form.verticals), set(form.slashes)
+    total = 0
+    for qb in range(nb):
+        total += size[qb] * (size[qb] + 1) // 2                     # slash 0: always kept
+        total += size[qb] * sum(size[kb] for kb in range(qb) if kb in verts or qb - kb in slashes)
+    return total
 
 
 def kv_tokens(form: Form, n: int, max_length: int | None = None, head_dim: int = 64) -> int:
