@@ -5,7 +5,9 @@
 1. profile on calibration text (pydoc topics 0-39) at 1k/2k/4k: per length two plain windows and two
    long-range recall windows, interleaved (compiler.evaluate.calibration_windows), timed;
 2. search at densities 0.25 and 0.5 (held at the evaluation length; --budget-at-all-lengths for MoA's
-   rule), solver timed; the uniform sink(64)+window plan at the same density;
+   rule), solver timed, with the default retrieval tie-break (search's recall_slack; --least-loss D adds
+   the plain least-predicted-loss plan at density D as row "least-loss@D"); the uniform sink(64)+window
+   plan at the same density;
 3. perplexity on held-out text (topics 40-78, never profiled) at 4k, and at 8k (longer than any profiled length);
 4. passkey retrieval: a 5-digit key at 5 depths of 4k tokens of filler.
 Every plan runs through the attnforge backend (reference implementation: exact masks).
@@ -23,7 +25,7 @@ from attnforge.compiler.evaluate import (EVALUATION, calibration_windows, passke
                                         perplexity, text_tokens, windows)
 from attnforge.compiler.models import _smollm2
 from attnforge.compiler.profile import profile_model
-from attnforge.compiler.search import Budget, search, streaming_baseline, tables_for
+from attnforge.compiler.search import RECALL_SLACK, Budget, search, streaming_baseline, tables_for
 
 
 def main():
@@ -40,6 +42,12 @@ def main():
     ap.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--budget-at-all-lengths", action="store_true",
                     help="hold the density at every profiled length, as MoA (default: at --eval-length)")
+    ap.add_argument("--recall", type=float, default=None, help="recall floor of the search (default: none)")
+    ap.add_argument("--recall-slack", type=float, default=RECALL_SLACK, help="search's retrieval tie-break tolerance")
+    ap.add_argument("--least-loss", type=float, nargs="*", default=[],
+                    help="densities at which to add the least-predicted-loss plan (recall slack 0) as a row")
+    ap.add_argument("--long-plans", nargs="+", default=None,
+                    help="measure the longer-than-profiled perplexity for these rows only")
     ap.add_argument("--no-passkey", action="store_true")
     ap.add_argument("--passkey-plans", nargs="+", default=None,
                     help="run the passkey check for these rows only (e.g. dense searched@0.5 streaming@0.5)")
@@ -62,10 +70,12 @@ def main():
     results["tables_seconds"] = round(time.perf_counter() - t, 2)
     for d in args.densities:
         t = time.perf_counter()
-        plans[f"searched@{d}"] = search(prof, Budget(d, None if args.budget_at_all_lengths else (args.eval_length,)),
-                                        tables=tables)
+        budget = Budget(d, None if args.budget_at_all_lengths else (args.eval_length,))
+        plans[f"searched@{d}"] = search(prof, budget, tables=tables, recall=args.recall, recall_slack=args.recall_slack)
         results.setdefault("search_seconds", {})[str(d)] = round(time.perf_counter() - t, 2)
         plans[f"streaming@{d}"] = streaming_baseline(prof, d, args.eval_length)
+        if d in args.least_loss:
+            plans[f"least-loss@{d}"] = search(prof, budget, tables=tables, recall=args.recall, recall_slack=0)
     results["solver_seconds"] = {k: p.predicted["solver"]["seconds"] for k, p in plans.items()
                                  if p is not None and "solver" in p.predicted}
 
@@ -79,6 +89,8 @@ def main():
         row = {"forms": plan.form_counts() if plan else {"dense": None},
                "density": {str(n): (plan.density(n) if plan else 1.0) for n in evals}}
         for n, samples in evals.items():
+            if n != args.eval_length and args.long_plans is not None and name not in args.long_plans:
+                continue
             t = time.perf_counter()
             row[f"ppl@{n}"] = perplexity(model, plan, samples)
             print(f"{name}: ppl@{n} = {row[f'ppl@{n}']:.3f} (density {row['density'][str(n)]:.3f}, "
@@ -95,6 +107,7 @@ def main():
             plan.save(os.path.splitext(args.out)[0] + f".{name.replace('@', '_')}.plan.json")
     results["metric"] = tables.metric
     results["calibration"] = {"plain": args.samples, "recall": args.recall_samples, "lengths": args.lengths}
+    results["search"] = {"recall_floor": args.recall, "recall_slack": args.recall_slack}
     results["rows"] = rows
     dense = rows["dense"]
     for name, row in rows.items():

@@ -29,6 +29,12 @@ METRIC_HELP = ("predicted error of a candidate: fisher (measured windows, defaul
                "influence (MoA's block influence); see attnforge.compiler.search")
 
 
+RECALL_DEFAULT = 0.0
+RECALL_HELP = ("keep at least this fraction of the attention that copied rows pay to their source on the "
+               "profile's recall windows, a floor on long-range retrieval (0: none; default %(default)s)")
+RECALL_SLACK = 0.01   # attnforge.compiler.search.RECALL_SLACK
+SLACK_HELP = ("among plans within this fraction of the least predicted loss, take the one keeping the most "
+              "retrieval attention (profiles with recall windows; 0: the least-loss plan; default %(default)s)")
 BUDGET_HELP = ("what --density limits: kept attention pairs (density), KV entries read at decode (kv), or "
                "attention FLOPs (flops), as a fraction of dense")
 
@@ -86,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                     "same density (at the longest profiled length)")
     se.add_argument("--no-linear", action="store_true", help="leave out the linear-hybrid candidates even where "
                     "the profile measured them")
+    se.add_argument("--recall", type=float, default=RECALL_DEFAULT, help=RECALL_HELP)
+    se.add_argument("--recall-slack", type=float, default=RECALL_SLACK, help=SLACK_HELP)
     se.add_argument("-o", "--out", required=True, help="plan file to write (.json)")
     se.add_argument("--json", action="store_true", help="print the summary (and Pareto front) as JSON")
 
@@ -111,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="profiled lengths where the density must hold (default: every profiled length)")
     op.add_argument("--metric", choices=METRICS, default="auto", help=METRIC_HELP)
     op.add_argument("--budget", choices=("density", "kv", "flops"), default="density", help=BUDGET_HELP)
+    op.add_argument("--recall", type=float, default=RECALL_DEFAULT, help=RECALL_HELP)
+    op.add_argument("--recall-slack", type=float, default=RECALL_SLACK, help=SLACK_HELP)
     op.add_argument("--no-onnx", action="store_true", help="skip OUT/model.onnx")
     op.add_argument("-o", "--out", required=True, help="output folder")
     op.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -246,6 +256,17 @@ def _plan_summary(plan) -> dict:
             "predicted": plan.predicted}
 
 
+def _recall_floor(prof, recall: float) -> float | None:
+    """The recall floor to search with: none (0) or a profile without recall windows searches without one."""
+    if not recall:
+        return None
+    if not any(prof.recall_mass(s["id"], n) is not None for s in prof.sites for n in prof.lengths):
+        print(f"note: {recall:.0%} recall floor not applied: the profile has no recall windows "
+              "(profile with --recall-samples >= 1)", file=sys.stderr)
+        return None
+    return recall
+
+
 def _cmd_search(args) -> int:
     from .profile import Profile
     from .search import Budget, pareto, search, streaming_baseline, tables_for
@@ -256,9 +277,11 @@ def _cmd_search(args) -> int:
         front = None
     else:
         tables = tables_for(prof, args.metric, linear=not args.no_linear)
+        recall = _recall_floor(prof, args.recall)
         plan = search(prof, Budget(args.density, args.at, args.budget),
-                      max_forms_per_layer=args.max_forms_per_layer, tables=tables)
-        front = pareto(prof, tables=tables, at=args.at)
+                      max_forms_per_layer=args.max_forms_per_layer, tables=tables, recall=recall,
+                      recall_slack=args.recall_slack)
+        front = pareto(prof, tables=tables, at=args.at, recall=recall)
     plan.save(args.out)
     summary = {**_plan_summary(plan), "pareto": front, "plan": args.out}
     if args.json:
@@ -370,12 +393,14 @@ def _cmd_optimize(args) -> int:
                              out=os.path.join(args.out, "profile.npz"), linear=args.linear)
     with stages("search"):
         plan = search(prof, Budget(args.density, args.at, args.budget), max_forms_per_layer=args.max_forms_per_layer,
-                      metric=args.metric)
+                      metric=args.metric, recall=_recall_floor(prof, args.recall), recall_slack=args.recall_slack)
         plan = type(plan)(plan.fingerprint, plan.model, plan.sites, plan.budget, plan.lengths, plan.predicted,
                           plan.measured, {"command": "attnforge " + " ".join(sys.argv[1:]) if sys.argv else "",
                                           "versions": _versions()})
         plan.save(os.path.join(args.out, "plan.json"))
-    first = samples[min(samples)][0]
+    from .profile import _ids
+
+    first = _ids(samples[min(samples)][0])
     with stages("kernels"):
         _write_kernels(model, first, plan, os.path.join(args.out, "kernels"))
     with stages("report"):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .api import _first_tensor
 from .backend import Backend
 from .data import _topics
+from .profile import RecallWindow
 
 __all__ = ["text_tokens", "windows", "recall_windows", "calibration_windows", "perplexity", "passkey_prompts", "passkey_accuracy", "CALIBRATION", "EVALUATION"]
 
@@ -36,22 +37,24 @@ def windows(tokens: torch.Tensor, length: int, count: int) -> list[torch.Tensor]
 
 
 def recall_windows(tokens: torch.Tensor, length: int, count: int, copy: float = 0.125,
-                   offset: int = 0) -> list[torch.Tensor]:
+                   offset: int = 0) -> list[RecallWindow]:
     """`count` [1, length] windows of long-range recall (DuoAttention-style synthetic calibration): the
     last `copy` of each window repeats a segment from its first half, so predicting it needs attention
     to keys thousands of tokens back. Plain text alone rarely does, and a plan profiled only on it
-    starves the heads that retrieve. Windows start after `offset` windows of `tokens`."""
+    starves the heads that retrieve. Windows start after `offset` windows of `tokens`. Each is a
+    RecallWindow (ids and where the copy comes from), so the profile also records the retrieval mass."""
     out = []
     tail = max(1, int(length * copy))
     for w in windows(tokens, length, offset + count)[offset:]:
         ids = w.clone()
         src = length // 8                                  # far back: the copy sits ~3/4 of the window away
         ids[0, length - tail:] = w[0, src:src + tail]
-        out.append(ids)
+        out.append(RecallWindow(ids, src, length - tail, tail))
     return out
 
 
-def calibration_windows(tokens: torch.Tensor, length: int, plain: int = 2, recall: int = 2) -> list[torch.Tensor]:
+def calibration_windows(tokens: torch.Tensor, length: int, plain: int = 2,
+                        recall: int = 2) -> list[torch.Tensor | RecallWindow]:
     """The calibration set at one length: `plain` text windows and `recall` long-range recall windows,
     interleaved over consecutive windows of `tokens` (plain, recall, plain, recall, ...), so both kinds
     cover the same spread of topics. With one sample per kind the profile is noisy enough to move the

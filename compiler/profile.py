@@ -29,11 +29,33 @@ from .api import _first_tensor, find_attention
 from .backend import Backend
 from .plan import fingerprint, resolve_site
 
-__all__ = ["Profile", "profile_model", "ProfileError"]
+__all__ = ["Profile", "profile_model", "ProfileError", "RecallWindow"]
 
-PROFILE_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)  # version 1 lacks the window measurements, 2 the KV-eviction ones,
-                                  # 3 the linear forms (4 has them when profiled with linear=True)
+PROFILE_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # version 1 lacks the window measurements, 2 the KV-eviction ones,
+                                     # 3 the linear forms (4 has them when profiled with linear=True),
+                                     # 4 the retrieval mass of recall windows
+
+
+@dataclass(frozen=True)
+class RecallWindow:
+    """A calibration sample whose rows target .. target + length - 1 repeat the tokens at source ..
+    source + length - 1 (compiler.evaluate.recall_windows): besides the usual statistics, the profile
+    records how much attention those rows pay to the segment they copy (Profile.recall_mass)."""
+    ids: torch.Tensor
+    source: int
+    target: int
+    length: int
+
+    def __post_init__(self):
+        n = self.ids.shape[-1]
+        if not (0 <= self.source and self.source + self.length <= self.target and self.target + self.length <= n):
+            raise ProfileError(f"recall window: source {self.source} / target {self.target} / length "
+                               f"{self.length} do not fit a copy that comes later in {n} tokens")
+
+
+def _ids(sample) -> torch.Tensor:
+    return sample.ids if isinstance(sample, RecallWindow) else sample
 
 
 class ProfileError(ValueError):
@@ -66,6 +88,13 @@ class Profile:
 
     def mass(self, site: str, n: int) -> np.ndarray:
         return self.stats[(site, n)]["mass"] / max(1, self.samples[n])
+
+    def recall_mass(self, site: str, n: int) -> np.ndarray | None:
+        """[Hkv, nb, nb] attention mass of the recall windows' copied rows onto the segment they copy
+        (summed over samples and query heads; block tiles as `mass`): what a head spends on long-range
+        retrieval. None where the profile has no recall window at this length."""
+        st = self.stats.get((site, n), {})
+        return st.get("recall_mass")
 
     def entropy(self, site: str, n: int) -> np.ndarray:
         st = self.stats[(site, n)]
@@ -158,17 +187,18 @@ def _site_rows(sites) -> list[dict]:
              "causal": bool(s.causal), "mask": s.mask} for s in sites]
 
 
-def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor]], *, model_name: str,
+def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor | RecallWindow]], *, model_name: str,
                   block: int = 64, out=None, progress: bool = True, linear: bool = False,
                   distill_samples: list[torch.Tensor] | None = None, distill_steps: int = 200) -> Profile:
-    """Profile `model` on token batches per length (each [1, L] input ids). See the module docstring.
+    """Profile `model` on token batches per length (each [1, L] input ids, or a RecallWindow, whose
+    copied rows' attention onto their source is also recorded). See the module docstring.
 
     linear=True also measures the linear hybrids of LINEAR_CANDIDATES: first the hedgehog feature maps
     of every KV group are distilled (runtime.linear.distill) on the activations of `distill_samples`
     (default: the first two samples of the shortest length; the last one held out to report the error),
     then every profiled sample measures each candidate's exact output change and loss effect."""
     lengths = sorted(samples)
-    first = samples[lengths[0]][0]
+    first = _ids(samples[lengths[0]][0])
     sites = find_attention(model, (first,))
     if not sites:
         raise ProfileError(f"{model_name}: no attention found to profile")
@@ -182,7 +212,7 @@ def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor]]
         prof = Profile(model_name, fingerprint(sites), block, _site_rows(sites))
     if linear and not prof.linear_candidates and any(prof.samples.values()):
         raise ProfileError(f"{out} was profiled without the linear forms; profile with them into another file")
-    todo = [(n, j, ids) for n in lengths for j, ids in enumerate(samples[n]) if j >= prof.samples.get(n, 0)]
+    todo = [(n, j, x) for n in lengths for j, x in enumerate(samples[n]) if j >= prof.samples.get(n, 0)]
 
     # Gradients are needed through the activations only: freeze every weight but the input embedding
     # (a hook making activations require grad would break the graph in two).
@@ -200,7 +230,8 @@ def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor]]
     try:
         if linear:
             if not prof.linear_maps:
-                _distill_all(prof, compiled, distill_samples or samples[lengths[0]][:2], distill_steps, progress)
+                _distill_all(prof, compiled, [_ids(x) for x in distill_samples or samples[lengths[0]][:2]],
+                             distill_steps, progress)
                 if out is not None:
                     prof.save(out)
             known = [s["id"] for s in prof.sites]
@@ -209,8 +240,10 @@ def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor]]
                 rid = resolve_site(sid, known)
                 return prof.linear_maps.get(rid) if rid is not None else None
         bar = _progress(progress, len(todo))
-        for n, j, ids in todo:
-            collector = ProfileCollector(block, linear_maps=lookup)
+        for n, j, sample in todo:
+            ids = _ids(sample)
+            recall = (sample.source, sample.target, sample.length) if isinstance(sample, RecallWindow) else None
+            collector = ProfileCollector(block, linear_maps=lookup, recall=recall)
             with collecting(collector), torch.enable_grad():
                 logits = _first_tensor(compiled(ids)).float()
                 labels = logits.argmax(-1).detach()

@@ -58,6 +58,7 @@ class SearchError(ValueError):
 
 
 BUDGET_KINDS = ("density", "kv", "flops")
+RECALL_SLACK = 0.01        # search(): predicted-loss tolerance within which retrieval attention is maximized
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,8 @@ class _Tables:
     metric: str = "influence"
     kv: list[np.ndarray] = field(default_factory=list)       # per group: [C, L] kv_tokens
     flops: list[float] = field(default_factory=list)         # per group: FLOPs per kept pair
+    recall: list[np.ndarray] = field(default_factory=list)   # per group: [C, L] retrieval mass kept (0: not profiled)
+    recall_total: np.ndarray | None = None                   # [L] retrieval mass of all-dense
 
     def cost(self, kind: str, li: int) -> tuple[np.ndarray, float]:
         """(cost of every candidate of every group at length index li, the same for all-dense)."""
@@ -204,7 +207,7 @@ def _tables(profile: Profile, metric: str = "auto", linear: bool = True) -> _Tab
     metric = _resolve_metric(profile, metric)
     block, nb_max = profile.block, -(-max(lengths) // profile.block)
     spans = np.asarray(profile.spans, dtype=np.float64)
-    groups, cands, losses, kepts, kvs, flops = [], [], [], [], [], []
+    groups, cands, losses, kepts, kvs, flops, recalls = [], [], [], [], [], [], []
     for si, site in enumerate(profile.sites):
         if not _plannable(site):
             continue
@@ -235,9 +238,29 @@ def _tables(profile: Profile, metric: str = "auto", linear: bool = True) -> _Tab
             kvs.append(np.array([[kv_tokens(f, n, head_dim=site["head_dim"]) for n in lengths] for f in forms],
                                 dtype=np.float64))
             flops.append(4.0 * site["head_dim"] * (site["num_heads"] // site["num_kv_heads"]))
+            recalls.append(_recall_kept(profile, site["id"], g, forms, lengths))
     if not groups:
         raise SearchError("no causal attention site in the profile to plan")
-    return _Tables(groups, cands, losses, kepts, lengths, metric, kvs, flops)
+    total = np.sum([r[0] for r in recalls], axis=0)     # Dense is candidate 0 of every group
+    return _Tables(groups, cands, losses, kepts, lengths, metric, kvs, flops, recalls, total)
+
+
+def _recall_kept(profile: Profile, site: str, g: int, forms: list, lengths) -> np.ndarray:
+    """[C, L]: the retrieval attention mass (Profile.recall_mass: copied rows onto their source, on the
+    recall windows) each candidate keeps, block by block through the same keep fractions as the influence
+    loss; 0 where the profile has none. Prefill forms count: a KV-evicting form keeps it all (its prefill
+    is dense), a linear hybrid only its exact sink + window (the rest it weighs approximately)."""
+    from attnforge.runtime.forms import Linear, prefill_form
+
+    out = np.zeros((len(forms), len(lengths)))
+    for li, n in enumerate(lengths):
+        r = profile.recall_mass(site, n)
+        if r is None or not r[g].any():
+            continue
+        for ci, f in enumerate(forms):
+            f = SinkWindow(f.sink, f.window) if isinstance(f, Linear) else prefill_form(f)
+            out[ci, li] = float((r[g] * _keep_frac(f, n, profile.block)).sum())
+    return out
 
 
 def _with_evict(profile: Profile, site: str, g: int, lengths, metric: str, forms: list, loss: np.ndarray):
@@ -293,7 +316,10 @@ def _measured_loss(forms, influence_loss: np.ndarray, curves: dict, spans, sink:
 
 
 def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_limit: float, at=None,
-           kind: str = "density"):
+           kind: str = "density", recall: float | None = None, slack: float = 0.0):
+    """(choice per group, the MILP result) of the least predicted loss under the budget (and recall floor).
+    slack > 0 and a profile with retrieval mass: a second MILP then keeps the most retrieval attention
+    (summed over lengths, each as a fraction of dense) among plans within (1 + slack) of that least loss."""
     sizes = [len(c) for c in t.cands]
     offs = np.concatenate([[0], np.cumsum(sizes)])
     nx = int(offs[-1])
@@ -312,6 +338,11 @@ def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_lim
         cost, full = t.cost(kind, li)
         rows.append(cost)
         lb.append(-np.inf), ub.append(density * full)
+    if recall:                 # keep at least `recall` of the retrieval mass, at every length that measured it
+        for li in range(len(t.lengths)):
+            if t.recall_total is not None and t.recall_total[li] > 0:
+                rows.append(np.concatenate([r[:, li] for r in t.recall]))
+                lb.append(recall * t.recall_total[li]), ub.append(np.inf)
     integrality = np.ones(nx)
     n_vars = nx
     if max_forms_per_layer:
@@ -341,8 +372,17 @@ def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_lim
     res = milp(c, constraints=LinearConstraint(np.array(rows), lb, ub), integrality=integrality,
                bounds=Bounds(0, 1), options={"time_limit": time_limit})
     if res.x is None:
-        raise SearchError(f"no plan meets the {kind} budget {density}: even the sparsest candidates cost "
-                          f"more ({res.message})")
+        also = f" while keeping {recall:.0%} of the retrieval attention" if recall else ""
+        raise SearchError(f"no plan meets the {kind} budget {density}{also}: even the sparsest candidates cost "
+                          f"more ({res.message}); raise the budget{' or lower the recall floor' if recall else ''}")
+    if slack > 0 and t.recall_total is not None and t.recall_total.any():
+        keep = np.concatenate([(r[:, t.recall_total > 0] / t.recall_total[t.recall_total > 0]).sum(1) for r in t.recall])
+        keep = np.concatenate([keep, np.zeros(n_vars - nx)])
+        rows.append(c), lb.append(-np.inf), ub.append(res.fun + slack * abs(res.fun) + 1e-12)
+        second = milp(-keep + 1e-9 * c, constraints=LinearConstraint(np.array(rows), lb, ub), integrality=integrality,
+                      bounds=Bounds(0, 1), options={"time_limit": time_limit})
+        if second.x is not None:            # (the least-loss plan is feasible for it, so this always holds)
+            res = second
     x = res.x[:nx]
     choice = [int(np.argmax(x[offs[gi]:offs[gi + 1]])) for gi in range(len(t.groups))]
     return choice, res
@@ -350,16 +390,29 @@ def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_lim
 
 def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None = None,
            time_limit: float = 60.0, tables: _Tables | None = None, metric: str = "auto",
-           linear: bool = True) -> Plan:
+           linear: bool = True, recall: float | None = None, recall_slack: float = RECALL_SLACK) -> Plan:
     """The plan minimizing total predicted loss under `budget` at every profiled length.
     `tables` (from `tables_for(profile, metric)`) can be shared between several searches of one profile.
-    linear=False leaves out the linear hybrids even where the profile measured them."""
+    linear=False leaves out the linear hybrids even where the profile measured them.
+    recall: keep at least this fraction of the retrieval attention the profile measured on its recall
+    windows (Profile.recall_mass), at every length that has some; None: no such floor.
+    recall_slack: among plans whose predicted loss is within (1 + recall_slack) of the least, take the one
+    keeping the most retrieval attention (a second MILP; 0: the least-loss plan). The predicted loss comes
+    from a few calibration windows and is not known to 1%, so plans that close are ties by its measure;
+    the tie is broken toward the heads that copy from far back, which perplexity on plain text rarely
+    needs and passkey-style retrieval does."""
+    if recall is not None and not 0 <= recall <= 1:
+        raise SearchError(f"the recall floor is a fraction in [0, 1], got {recall}")
     t0 = time.perf_counter()
     t = tables or _tables(profile, metric, linear)
     if budget.lengths is not None and not set(budget.lengths) <= set(t.lengths):
         raise SearchError(f"budget lengths {list(budget.lengths)} are not all profiled ({t.lengths})")
     t1 = time.perf_counter()
-    choice, res = _solve(t, budget.density, max_forms_per_layer, time_limit, budget.lengths, budget.kind)
+    if recall and (t.recall_total is None or not t.recall_total.any()):
+        raise SearchError("a recall floor needs a profile with recall windows (attnforge profile "
+                          "--recall-samples N, N >= 1, with this version); profile again or drop the floor")
+    choice, res = _solve(t, budget.density, max_forms_per_layer, time_limit, budget.lengths, budget.kind, recall,
+                         recall_slack)
     t2 = time.perf_counter()
     per_site: dict[int, dict[int, object]] = {}
     for gi, (si, g) in enumerate(t.groups):
@@ -374,20 +427,25 @@ def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None 
     plan = Plan(fingerprint=profile.fingerprint, model=profile.model, sites=tuple(sites),
                 budget={"density" if budget.kind == "density" else budget.kind: budget.density,
                         **({"at_lengths": list(budget.lengths)} if budget.lengths else {}),
-                        **({"max_forms_per_layer": max_forms_per_layer} if max_forms_per_layer else {})},
+                        **({"max_forms_per_layer": max_forms_per_layer} if max_forms_per_layer else {}),
+                        **({"recall": recall} if recall else {})},
                 lengths=tuple(t.lengths))
     density = {str(n): plan.density(n) for n in t.lengths}
     kv = {str(n): float(sum(t.kv[gi][choice[gi], li] for gi in range(len(t.groups))) / (len(t.groups) * n))
           for li, n in enumerate(t.lengths)}
     cost = {str(n): {"plan": plan_cost(profile.sites, [sp.forms for sp in plan.sites], n),
                      "dense": plan_cost(profile.sites, None, n)} for n in t.lengths}
+    retrieval = ({str(n): float(sum(t.recall[gi][choice[gi], li] for gi in range(len(t.groups))) / t.recall_total[li])
+                  for li, n in enumerate(t.lengths) if t.recall_total[li] > 0}
+                 if t.recall_total is not None else {})
     predicted = {"loss": loss, "metric": t.metric, "density": density, "kv_fraction": kv,
+                 **({"retrieval_kept": retrieval} if retrieval else {}),
                  "attention_flops": {n: c["plan"]["flops"] for n, c in cost.items()},
                  "dense_attention_flops": {n: c["dense"]["flops"] for n, c in cost.items()},
                  "cost_model": "analytic: 4 * head_dim FLOPs per kept (query, key) pair and query head",
                  "cost": cost,
                  "groups": len(t.groups), "candidates": int(sum(len(c) for c in t.cands)),
-                 "solver": {"status": int(res.status), "seconds": round(t2 - t1, 3),
+                 "solver": {"status": int(res.status), "seconds": round(t2 - t1, 3), "recall_slack": recall_slack,
                             "tables_seconds": round(t1 - t0, 3)}}
     return Plan(plan.fingerprint, plan.model, plan.sites, plan.budget, plan.lengths, predicted)
 
@@ -398,14 +456,16 @@ def tables_for(profile: Profile, metric: str = "auto", linear: bool = True) -> _
 
 
 def pareto(profile: Profile, densities=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0),
-           time_limit: float = 30.0, tables: _Tables | None = None, at=None) -> list[dict]:
+           time_limit: float = 30.0, tables: _Tables | None = None, at=None,
+           recall: float | None = None) -> list[dict]:
     """Predicted loss of the best plan at each density (the Pareto front the search sees), the density
-    held at the lengths `at` (None: every profiled length), as `Budget.lengths`."""
+    held at the lengths `at` (None: every profiled length), as `Budget.lengths`, under the same recall
+    floor as `search` (densities where it cannot hold are left out)."""
     t = tables or _tables(profile)
     front = []
     for d in densities:
         try:
-            choice, _ = _solve(t, d, None, time_limit, at)
+            choice, _ = _solve(t, d, None, time_limit, at, recall=recall)
         except SearchError:
             continue
         loss = float(sum(t.loss[gi][choice[gi]].sum() for gi in range(len(t.groups))))

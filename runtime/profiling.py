@@ -74,8 +74,11 @@ _active = threading.local()
 class ProfileCollector:
     """Accumulates per-(site, length) statistics as float64 numpy arrays."""
 
-    def __init__(self, block: int = 64, linear_maps=None):
+    def __init__(self, block: int = 64, linear_maps=None, recall: tuple[int, int, int] | None = None):
         self.block = block
+        # (source, target, length) of a recall sample: rows target.. copy keys source..; their attention
+        # mass on that source goes to the "recall_mass" statistic
+        self.recall = recall
         self.stats: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         self.calls = 0
         # site string -> {window: [FeatureMaps per KV group]} (None: the site's linear forms are not measured)
@@ -300,6 +303,23 @@ def _measure_linear(qg: Tensor, kh: Tensor, vh: Tensor, out: Tensor, g: Tensor, 
             acc["linear_out"][gi, ci] += d_o.square().sum().double()
 
 
+def _measure_recall(p: Tensor, r0: int, recall: tuple[int, int, int], block: int, acc: Tensor) -> None:
+    """Add to acc [Hkv, nbq, nbk] the block-summed attention mass of this chunk's copied rows (absolute
+    rows target .. target + length - 1; queries = keys) on the keys they copy (source .. source + length - 1)."""
+    source, target, length = recall
+    a, b = max(r0, target), min(r0 + p.shape[-2], target + length)
+    if a >= b:
+        return
+    hi = min(p.shape[-1], source + length)
+    sub = p[..., a - r0:b - r0, source:hi].sum((0, 2)).double()              # [Hkv, rows, keys]
+    # place the rectangle at its absolute offsets, then sum into tiles
+    qa, ka = a // block * block, source // block * block
+    tile = torch.zeros(sub.shape[0], b - qa, hi - ka, dtype=torch.float64, device=p.device)
+    tile[:, a - qa:, source - ka:] = sub
+    t = _block_sum(tile, block, 0)
+    acc[:, qa // block:qa // block + t.shape[1], ka // block:ka // block + t.shape[2]] += t
+
+
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
     causal, window, scale, site, block = ctx.args
@@ -324,6 +344,8 @@ def _backward(ctx, grad_out):
     lin_maps = collector.linear_maps(site) if measure and n == s and collector.linear_maps is not None else None
     lin = ({name: torch.zeros(hkv, len(LINEAR_CANDIDATES), dtype=torch.float64, device=q.device)
             for name in ("linear_abs", "linear_sq", "linear_out")} if lin_maps is not None else None)
+    recall = collector.recall if measure and n == s else None
+    recall_mass = torch.zeros_like(infl) if recall is not None else None
     chunk = max(block, CHUNK // block * block)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
@@ -352,12 +374,15 @@ def _backward(ctx, grad_out):
         if evict is not None:
             evict.prompt_rows(p, r0)
             evict.decode_rows(p, vh, out, g, r0)
+        if recall is not None:
+            _measure_recall(p, r0, recall, block, recall_mass)
         if lin is not None:
             _measure_linear(qg[:, :, :, r0:r1], kh, vh, out, g, r0 + s - n, scale, lin_maps, lin)
     if collector is not None:
         collector.add(site, n, influence=infl, mass=mass, entropy=entropy,
                       rows=torch.tensor(float(b * (hq // hkv) * n)), **(win if measure else {}),
-                      **(evict.acc if evict is not None else {}), **(lin or {}))
+                      **(evict.acc if evict is not None else {}), **(lin or {}),
+                      **({"recall_mass": recall_mass} if recall is not None else {}))
     dmask = None
     return (dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None, None)
 

@@ -235,6 +235,7 @@ def test_cli_metric_choices_are_the_search_metrics():
     from attnforge.compiler.search import METRICS
 
     assert cli.METRICS == METRICS       # the CLI keeps a copy so that `--help` needs no scipy import
+    assert cli.RECALL_SLACK == attnforge.compiler.search.RECALL_SLACK
 
 
 def test_measured_metric_reads_the_window_measurements(tiny_profile):
@@ -262,10 +263,65 @@ def test_recall_windows_repeat_a_far_segment():
     from attnforge.compiler.evaluate import recall_windows, windows
 
     tokens = torch.arange(10_000)[None]
-    (w,) = recall_windows(tokens, 1024, 1, offset=2)
+    (rw,) = recall_windows(tokens, 1024, 1, offset=2)
     (plain,) = windows(tokens, 1024, 3)[2:]
+    w = rw.ids
     assert w.shape == (1, 1024) and torch.equal(w[0, :896], plain[0, :896])
     assert torch.equal(w[0, 896:], plain[0, 128:256])          # the tail copies tokens 768 positions back
+    assert (rw.source, rw.target, rw.length) == (128, 896, 128)
+    assert torch.equal(w[0, rw.target:rw.target + rw.length], w[0, rw.source:rw.source + rw.length])
+
+
+def test_recall_mass_is_the_copied_rows_attention_on_their_source():
+    """recall_mass against the probabilities themselves: rows 200..299 copy keys 40..139 (several query
+    chunks, tiles not aligned with the rectangle, 3 query heads per KV head)."""
+    g = torch.Generator().manual_seed(3)
+    n = 300
+    q = torch.randn(1, 6, n, 8, generator=g, dtype=torch.float64).requires_grad_()
+    k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    col = profiling.ProfileCollector(32, recall=(40, 200, 100))
+    with profiling.collecting(col):
+        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.4, "s", 32)
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    keep = torch.ones(n, n, dtype=torch.bool).tril()
+    a = torch.softmax((q @ k.repeat_interleave(3, 1).transpose(-1, -2) * 0.4).masked_fill(~keep, -torch.inf), -1)
+    rect = torch.zeros(2, n, n, dtype=torch.float64)
+    rect[:, 200:300, 40:140] = a.detach().view(2, 3, n, n).sum(1)[:, 200:300, 40:140]
+    blocks = torch.nn.functional.pad(rect, (0, 20, 0, 20)).view(2, 10, 32, 10, 32).sum((2, 4)).numpy()
+    np.testing.assert_allclose(col.stats[("s", n)]["recall_mass"], blocks, rtol=1e-9, atol=1e-12)
+    assert blocks.sum() > 0
+    plain = profiling.ProfileCollector(32)                     # a plain sample records none
+    with profiling.collecting(plain):
+        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.4, "s", 32)
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert "recall_mass" not in plain.stats[("s", n)]
+
+
+def test_recall_floor_keeps_the_retrieval_attention(tiny_profile, tmp_path):
+    from attnforge.compiler.profile import RecallWindow
+
+    model, ids, plain_prof, _ = tiny_profile
+    copy = ids.clone()
+    copy[0, 160:192] = ids[0, 16:48]
+    prof = profile_model(model, {192: [ids, RecallWindow(copy, 16, 160, 32)]}, model_name="tiny", block=16,
+                         out=tmp_path / "r.npz", progress=False)
+    assert Profile.load(tmp_path / "r.npz").recall_mass("attn.0#0", 192).sum() > 0
+    t = _tables(prof)
+    free = search(prof, af.Budget(0.5), tables=t, recall_slack=0)
+    floored = search(prof, af.Budget(0.5), tables=t, recall=0.7, recall_slack=0)
+    assert floored.predicted["retrieval_kept"]["192"] >= 0.7 - 1e-9
+    assert free.predicted["retrieval_kept"]["192"] < 0.7          # the floor changed the plan
+    assert floored.budget["recall"] == 0.7 and floored.density(192) <= 0.5 + 1e-9
+    assert sum(floored.predicted["loss"].values()) >= sum(free.predicted["loss"].values())
+    # the slack: within 10% of the least predicted loss, the most retrieval attention
+    tied = search(prof, af.Budget(0.5), tables=t, recall_slack=0.1)
+    assert sum(tied.predicted["loss"].values()) <= 1.1 * sum(free.predicted["loss"].values()) + 1e-9
+    assert tied.predicted["retrieval_kept"]["192"] >= free.predicted["retrieval_kept"]["192"] - 1e-12
+    assert tied.density(192) <= 0.5 + 1e-9 and tied.predicted["solver"]["recall_slack"] == 0.1
+    with pytest.raises(attnforge.compiler.search.SearchError, match="lower the recall floor"):
+        search(prof, af.Budget(0.5), tables=t, recall=1.0)
+    with pytest.raises(attnforge.compiler.search.SearchError, match="recall windows"):
+        search(plain_prof, af.Budget(0.3), recall=0.5)
 
 
 @pytest.mark.parametrize("kind", ["kv", "flops"])
