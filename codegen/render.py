@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import jinja2
 
-__all__ = ["KernelSpec", "RenderedKernel", "render_attention", "render_decode", "render_linear"]
+__all__ = ["KernelSpec", "RenderedKernel", "render_attention", "render_decode", "render_decode_quant", "render_linear"]
 
 MASK_STYLES = (None, "bool", "additive")
 PLAN_BLOCK = 64          # tile of the plan kernel = the block of the block-sparse forms the search makes
@@ -98,6 +98,17 @@ def render_decode() -> RenderedKernel:
     """Source of the split-KV decode kernel over attnforge's per-head KV cache (runtime/kvcache.py)."""
     template = "decode.py.j2"
     source = _env().get_template(template).render(template=template, name=DECODE_NAME)
+    return RenderedKernel(KernelSpec(), template, source)
+
+
+DECODE_QUANT_NAME = "attnforge_decode_quant"
+
+
+def render_decode_quant() -> RenderedKernel:
+    """Source of the split-KV decode kernel over KIVI-quantized KV groups (runtime/kvquant.py), which
+    unpacks and dequantizes keys and values in registers."""
+    template = "decode_quant.py.j2"
+    source = _env().get_template(template).render(template=template, name=DECODE_QUANT_NAME)
     return RenderedKernel(KernelSpec(), template, source)
 
 

@@ -25,7 +25,7 @@ from .profile import Profile
 __all__ = ["build_report", "write_report", "measure_latency"]
 
 FORM_COLORS = {"dense": "#4c72b0", "sink_window": "#dd8452", "elastic_window": "#55a868",
-               "block_sparse": "#c44e52", "kv_evict": "#8172b3", "none": "#dddddd"}
+               "block_sparse": "#c44e52", "kv_evict": "#8172b3", "kv_quant": "#937860", "none": "#dddddd"}
 
 
 # ------------------------------------------------------------------------------------------ content

@@ -248,9 +248,10 @@ def _tables(profile: Profile, metric: str = "auto", linear: bool = True) -> _Tab
 def _recall_kept(profile: Profile, site: str, g: int, forms: list, lengths) -> np.ndarray:
     """[C, L]: the retrieval attention mass (Profile.recall_mass: copied rows onto their source, on the
     recall windows) each candidate keeps, block by block through the same keep fractions as the influence
-    loss; 0 where the profile has none. Prefill forms count: a KV-evicting form keeps it all (its prefill
-    is dense), a linear hybrid only its exact sink + window (the rest it weighs approximately)."""
-    from attnforge.runtime.forms import Linear, prefill_form
+    loss; 0 where the profile has none. A linear hybrid counts its exact sink + window only (the rest it
+    weighs approximately); a KV-evicting form none (which far keys survive decoding depends on the prompt,
+    and counting its dense prefill would credit it with what the decoding steps lose)."""
+    from attnforge.runtime.forms import KVEvict, Linear
 
     out = np.zeros((len(forms), len(lengths)))
     for li, n in enumerate(lengths):
@@ -258,7 +259,9 @@ def _recall_kept(profile: Profile, site: str, g: int, forms: list, lengths) -> n
         if r is None or not r[g].any():
             continue
         for ci, f in enumerate(forms):
-            f = SinkWindow(f.sink, f.window) if isinstance(f, Linear) else prefill_form(f)
+            if isinstance(f, KVEvict):
+                continue
+            f = SinkWindow(f.sink, f.window) if isinstance(f, Linear) else f
             out[ci, li] = float((r[g] * _keep_frac(f, n, profile.block)).sum())
     return out
 

@@ -12,6 +12,10 @@ query i sits at position p = S - N + i (the last N positions, as in a KV cache; 
         key block kb kept for query block qb = p // block if kb in verticals, or (qb - kb) in slashes;
         slash 0 (the diagonal block) is always kept, so every query sees itself. Defined for any length.
 
+and two KV-compressed forms whose prefill is Dense and which act on the decoding cache: KVEvict (a
+policy's share of the prompt's keys) and KVQuant (KIVI: keys and values as 2/4/8-bit codes, the newest
+tokens in full precision); plus Linear (softmax window + feature-map kernel over the rest).
+
 `keep_mask(forms, n, s)` builds the [G, N, S] boolean mask of several groups' forms (the reference
 uses it); `kept_pairs(form, n)` counts kept (i, j) pairs in closed form for costs and densities;
 `kv_tokens(form, n)` counts the KV entries a decoder holds at length n (what the per-head KV cache
@@ -26,7 +30,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-__all__ = ["Dense", "SinkWindow", "ElasticWindow", "BlockSparse", "KVEvict", "Linear", "EVICT_POLICIES", "prefill_form", "Form", "FORM_KINDS", "form_from_dict",
+__all__ = ["Dense", "SinkWindow", "ElasticWindow", "BlockSparse", "KVEvict", "KVQuant", "Linear", "EVICT_POLICIES", "prefill_form", "Form", "FORM_KINDS", "form_from_dict",
            "forms_to_json", "forms_from_json", "keep_mask", "kept_pairs", "kv_tokens", "kv_read", "causal_pairs", "FormError"]
 
 
@@ -146,6 +150,30 @@ class KVEvict:
         return {"kind": self.kind, **asdict(self)}
 
 
+@dataclass(frozen=True, slots=True)
+class KVQuant:
+    """KV-compressed decoding, KIVI style: the prompt runs dense; the cache holds the group's keys and
+    values as `bits`-bit codes (keys per channel over `group` tokens, values per token over min(group, D)
+    channels, float16 scale and minimum), the newest `residual` .. `residual + group - 1` tokens in full
+    precision (attnforge.runtime.kvquant). Prefill masks, kernels and costs treat it as Dense."""
+    bits: int
+    group: int = 32
+    residual: int = 128
+    kind = "kv_quant"
+
+    def __post_init__(self):
+        if self.bits not in (2, 4, 8):
+            raise FormError(f"kv_quant bits must be 2, 4 or 8, got {self.bits}")
+        if self.group < 1 or self.residual < 0:
+            raise FormError(f"kv_quant needs group >= 1 and residual >= 0, got {self.group}, {self.residual}")
+
+    def window_at(self, s: int):
+        return None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
 LINEAR_MAPS = ("taylor2", "hedgehog")
 LINEAR_BAND = 64          # keys next to the window that the chunked kernel weighs tile by tile
 
@@ -176,13 +204,13 @@ class Linear:
         return {"kind": self.kind, **asdict(self)}
 
 
-Form = Dense | SinkWindow | ElasticWindow | BlockSparse | KVEvict | Linear
-FORM_KINDS = {cls.kind: cls for cls in (Dense, SinkWindow, ElasticWindow, BlockSparse, KVEvict, Linear)}
+Form = Dense | SinkWindow | ElasticWindow | BlockSparse | KVEvict | KVQuant | Linear
+FORM_KINDS = {cls.kind: cls for cls in (Dense, SinkWindow, ElasticWindow, BlockSparse, KVEvict, KVQuant, Linear)}
 
 
 def prefill_form(form):
     """The form that prefill attention runs: Dense for KV-compressed forms (they act on decoding)."""
-    return Dense() if isinstance(form, KVEvict) else form
+    return Dense() if isinstance(form, (KVEvict, KVQuant)) else form
 
 
 def form_from_dict(d: dict) -> Form:
@@ -290,6 +318,10 @@ def kv_tokens(form: Form, n: int, max_length: int | None = None, head_dim: int =
 
         state = feature_dim(form.feature_map, head_dim) * (head_dim + 1)
         return min(n, form.sink + form.window) + -(-state // (2 * head_dim))
+    if isinstance(form, KVQuant):        # the bytes of its codes, statistics and residual, in float16
+        from .kvquant import quant_bytes  # K+V entries (4 * head_dim bytes), rounded up
+
+        return -(-quant_bytes(n, form.bits, form.group, form.residual, head_dim) // (4 * head_dim))
     if isinstance(form, KVEvict):        # the kept prompt keys; h2o / a2sf one slot more (evicted after
         extra = {"snapkv": (max_length or n) - n, "streaming": 0}.get(form.policy, 1)   # each step), snapkv
         return min(max_length or n, form.kept(n) + extra)                              # the new tokens too

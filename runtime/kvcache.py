@@ -127,6 +127,10 @@ def layout_for(form, max_length: int) -> GroupLayout:
     if isinstance(form, BlockSparse):
         return GroupLayout("blocks", ring=(max(form.slashes) + 1) * form.block, block=form.block,
                            verticals=form.verticals, slashes=form.slashes)
+    if getattr(form, "kind", None) == "kv_quant":
+        raise KVCacheError("KVQuant groups are held by runtime.kvquant.QuantKV, which this cache does not "
+                           "plug into generate() yet: decode such a plan with QuantKV directly, or search "
+                           "without KVQuant candidates")
     raise KVCacheError(f"no KV cache layout for form {getattr(form, 'kind', form)!r}")
 
 

@@ -61,6 +61,21 @@ def compile_decode_sm90(dtype="bf16", head_dim=64, rows=16):
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 2})
 
 
+def compile_decode_quant_sm90(dtype="bf16", head_dim=64, rows=16):
+    """The decode kernel over KIVI-quantized groups (codes unpacked and dequantized in registers)."""
+    src = codegen.render_decode_quant().source
+    module = kernels._module_from_source(kernels.source_key(src), src)
+    fn = triton.jit(getattr(module, module.KERNEL))
+    names = list(inspect.signature(fn.fn).parameters)
+    ptr = {"Q": f"*{dtype}", "KQ": "*u8", "VQ": "*u8", "KS": "*fp16", "KZ": "*fp16", "VS": "*fp16", "VZ": "*fp16",
+           "KR": f"*{dtype}", "VR": f"*{dtype}", "META": "*i32", "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC": "*fp32",
+           "sm_scale": "fp32"}
+    consts = {"BLOCK_R": rows, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim, "PRECISION": "tf32"}
+    sig = {n: ptr.get(n, "constexpr" if n in consts else "i32") for n in names}
+    ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 2})
+
+
 def compile_linear_sm90(part: str, hedgehog: bool, dtype="bf16", head_dim=64):
     """The linear-hybrid kernels: the query-chunk kernel (part ""), "_state" and "_decode"."""
     src = codegen.render_linear().source
@@ -97,6 +112,10 @@ def main():
     for dtype in ("bf16", "fp16"):
         c = compile_decode_sm90(dtype)
         results.append({"kernel": codegen.render.DECODE_NAME, "dtype": dtype, "head_dim": 64,
+                        "cubin_bytes": len(c.asm["cubin"]), "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
+    for dtype in ("bf16", "fp16"):
+        c = compile_decode_quant_sm90(dtype)
+        results.append({"kernel": codegen.render.DECODE_QUANT_NAME, "dtype": dtype, "head_dim": 64,
                         "cubin_bytes": len(c.asm["cubin"]), "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
     for part in ("", "_state", "_decode"):
         for hedgehog in (False, True):

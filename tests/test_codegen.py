@@ -23,6 +23,13 @@ def test_decode_source_matches_golden():
     assert render_decode().source == expected, "emitted kernel changed: run tests/golden/regen.py"
 
 
+def test_decode_quant_source_matches_golden():
+    from attnforge.codegen import render_decode_quant
+
+    expected = (GOLDEN / "attnforge_decode_quant.py.txt").read_text()
+    assert render_decode_quant().source == expected, "emitted kernel changed: run tests/golden/regen.py"
+
+
 def test_linear_source_matches_golden():
     expected = (GOLDEN / "attnforge_linear_hybrid.py.txt").read_text()
     assert render_linear().source == expected, "emitted kernel changed: run tests/golden/regen.py"
