@@ -143,6 +143,8 @@ def _profile_args(p):
     p.add_argument("--samples", type=int, default=2, help="plain text windows per length")
     p.add_argument("--recall-samples", type=int, default=2,
                    help="long-range recall windows per length (text models; a far segment repeated at the end)")
+    p.add_argument("--no-kv-quant", action="store_true",
+                   help="do not measure the KVQuant (KIVI 2/4/8-bit KV cache) candidates")
     p.add_argument("--block", type=int, default=64, help="profile block size")
     p.add_argument("--linear", action="store_true",
                    help="also distill hedgehog feature maps per KV group and measure the linear-hybrid forms "
@@ -246,7 +248,7 @@ def _cmd_profile(args) -> int:
 
     model, samples = _calibration(args)
     prof = profile_model(model, samples, model_name=args.model, block=args.block, out=args.out,
-                         linear=args.linear)
+                         linear=args.linear, kv_quant=not args.no_kv_quant)
     print(f"profiled {len(prof.sites)} sites at lengths {prof.lengths} -> {args.out}")
     return 0
 
@@ -390,7 +392,7 @@ def _cmd_optimize(args) -> int:
         model, samples = _calibration(args)
     with stages("profile"):
         prof = profile_model(model, samples, model_name=args.model, block=args.block,
-                             out=os.path.join(args.out, "profile.npz"), linear=args.linear)
+                             out=os.path.join(args.out, "profile.npz"), linear=args.linear, kv_quant=not args.no_kv_quant)
     with stages("search"):
         plan = search(prof, Budget(args.density, args.at, args.budget), max_forms_per_layer=args.max_forms_per_layer,
                       metric=args.metric, recall=_recall_floor(prof, args.recall), recall_slack=args.recall_slack)

@@ -10,9 +10,9 @@ or, by hand:
         model.generate(ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
 
 Each decoder layer's cache is an attnforge.runtime.kvcache.SiteKVCache laid out by the plan's forms for
-that layer (one layout per KV group: full, sink + ring window, kept blocks, or a KVEvict policy's kept
-set: StreamingLLM, H2O, A2SF, SnapKV), so a window head really holds sink + window keys and an evicting
-head its budget. The model's attention calls go to `attnforge_attention` (registered with
+that layer (one layout per KV group: full, sink + ring window, kept blocks, a KVEvict policy's kept
+set: StreamingLLM, H2O, A2SF, SnapKV, or KVQuant's 2/4/8-bit codes with a full-precision residual), so a
+window head really holds sink + window keys, an evicting head its budget and a quantized head its codes. The model's attention calls go to `attnforge_attention` (registered with
 transformers' AttentionInterface under the name "attnforge"): the prefill runs the plan's forms through
 torch.ops.attnforge.attention (exact masks, the plan kernel on CUDA) while the cache keeps only what
 each group will read again; every decoding step reads the cache through the split-KV Triton kernel
@@ -43,6 +43,16 @@ def _decode_kernel(device):
     if _decode_key is None:
         _decode_key = runtime.kernels.register_source(codegen.render_decode().source)
     return runtime.kernels.load_kernel(_decode_key, device)
+
+
+_decode_quant_key: str | None = None
+
+
+def _decode_quant_kernel(device):
+    global _decode_quant_key
+    if _decode_quant_key is None:
+        _decode_quant_key = runtime.kernels.register_source(codegen.render_decode_quant().source)
+    return runtime.kernels.load_kernel(_decode_quant_key, device)
 
 
 def _layer_forms(model, plan, kv_heads: int) -> dict[int, tuple]:
@@ -194,7 +204,8 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
         raise KVCacheError(f"decoding takes one query token per step, got {query.shape[2]}")
     q = query[:, :, 0]
     if _use_kernel(layer.impl, q):
-        out, _ = layer.site.decode(q, scale, _decode_kernel(q.device))
+        quant = _decode_quant_kernel(q.device) if layer.site.quant is not None else None
+        out, _ = layer.site.decode(q, scale, _decode_kernel(q.device), loaded_quant=quant)
         runtime.counters["kvcache_decode_triton"] = runtime.counters.get("kvcache_decode_triton", 0) + 1
     else:
         out = layer.site.decode_reference(q, scale)

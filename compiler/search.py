@@ -45,6 +45,7 @@ __all__ = ["Budget", "search", "pareto", "streaming_baseline", "candidate_forms"
 
 WINDOW_STATS = {"fisher": "window_sq", "first_order": "window_abs", "output": "window_out"}
 EVICT_STATS = {"fisher": "evict_sq", "first_order": "evict_abs", "output": "evict_out"}
+QUANT_STATS = {"fisher": "quant_sq", "first_order": "quant_abs", "output": "quant_out"}
 LINEAR_STATS = {"fisher": "linear_sq", "first_order": "linear_abs", "output": "linear_out"}
 METRICS = ("auto", *WINDOW_STATS, "influence")
 WINDOWS = (64, 128, 256, 512, 1024, 2048)
@@ -228,6 +229,7 @@ def _tables(profile: Profile, metric: str = "auto", linear: bool = True) -> _Tab
                                       lengths)
             if metric != "influence":
                 forms, loss = _with_evict(profile, site["id"], g, lengths, metric, forms, loss)
+                forms, loss = _with_quant(profile, site["id"], g, lengths, metric, forms, loss)
                 if linear:
                     forms, loss = _with_linear(profile, site["id"], g, lengths, metric, forms, loss)
             kept = np.array([[kept_pairs(f, n, site["head_dim"]) for n in lengths] for f in forms], dtype=np.float64)
@@ -264,6 +266,18 @@ def _recall_kept(profile: Profile, site: str, g: int, forms: list, lengths) -> n
             f = SinkWindow(f.sink, f.window) if isinstance(f, Linear) else f
             out[ci, li] = float((r[g] * _keep_frac(f, n, profile.block)).sum())
     return out
+
+
+def _with_quant(profile: Profile, site: str, g: int, lengths, metric: str, forms: list, loss: np.ndarray):
+    """Append the KVQuant candidates (dense prefill, KIVI codes while decoding) with their measured
+    losses, when the profile measured them at every length."""
+    from attnforge.runtime.profiling import QUANT_BITS, quant_form
+
+    errs = {n: profile.quant_error(site, n, QUANT_STATS[metric]) for n in lengths}
+    if any(e is None for e in errs.values()):
+        return forms, loss
+    rows = [[float(errs[n][g, bi]) for n in lengths] for bi in range(len(QUANT_BITS))]
+    return forms + [quant_form(b) for b in QUANT_BITS], np.concatenate([loss, np.array(rows)])
 
 
 def _with_evict(profile: Profile, site: str, g: int, lengths, metric: str, forms: list, loss: np.ndarray):

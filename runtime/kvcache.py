@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .forms import BlockSparse, Dense, ElasticWindow, KVEvict, SinkWindow, kv_tokens
+from .forms import BlockSparse, Dense, ElasticWindow, KVEvict, KVQuant, SinkWindow, kv_tokens
+from .kvquant import QuantKV
 
 __all__ = ["GroupLayout", "SiteKVCache", "layout_for", "policy_scores", "policy_keep", "KVCacheError"]
 
@@ -36,7 +37,8 @@ class KVCacheError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class GroupLayout:
-    """Where one KV group keeps its keys. kind: 'full' | 'window' | 'blocks'."""
+    """Where one KV group keeps its keys. kind: 'full' | 'window' | 'blocks' | 'evict' | 'quant' (no
+    slots in the flat buffer: the site's QuantKV holds it)."""
     kind: str
     sink: int = 0
     ring: int = 0                   # ring slots (window: the span; blocks: (max distance + 1) * block)
@@ -53,6 +55,8 @@ class GroupLayout:
             raise KVCacheError("an evicting group's capacity depends on its prompt (see SiteKVCache.append)")
         if self.kind == "full":
             return length
+        if self.kind == "quant":
+            return 0
         if self.kind == "window":
             return min(length, self.sink + self.ring)
         reached = sum(1 for v in self.verticals if v * self.block < length)     # sorted: slots 0.. in use
@@ -127,10 +131,8 @@ def layout_for(form, max_length: int) -> GroupLayout:
     if isinstance(form, BlockSparse):
         return GroupLayout("blocks", ring=(max(form.slashes) + 1) * form.block, block=form.block,
                            verticals=form.verticals, slashes=form.slashes)
-    if getattr(form, "kind", None) == "kv_quant":
-        raise KVCacheError("KVQuant groups are held by runtime.kvquant.QuantKV, which this cache does not "
-                           "plug into generate() yet: decode such a plan with QuantKV directly, or search "
-                           "without KVQuant candidates")
+    if isinstance(form, KVQuant):
+        return GroupLayout("quant", form=form)
     raise KVCacheError(f"no KV cache layout for form {getattr(form, 'kind', form)!r}")
 
 
@@ -149,6 +151,14 @@ class SiteKVCache:
         self._off_t = self._cap_t = None
         self._dynamic = any(lay.dynamic for lay in self.layouts)
         self._evict = [gi for gi, lay in enumerate(self.layouts) if lay.kind == "evict"]
+        self._quant = [gi for gi, lay in enumerate(self.layouts) if lay.kind == "quant"]
+        self.quant = None                     # QuantKV of the KVQuant groups (runtime.kvquant)
+        if self._quant:
+            shapes = {(self.layouts[gi].form.group, self.layouts[gi].form.residual) for gi in self._quant}
+            if len(shapes) > 1:
+                raise KVCacheError(f"KVQuant groups of one site must share group and residual sizes, got {sorted(shapes)}")
+            (qg, qr), = shapes
+            self.quant = QuantKV([(gi, self.layouts[gi].form.bits) for gi in self._quant], qg, qr, max_length)
         self.prompt = 0                       # prompt length (evicting groups size their regions by it)
         self.scores = None                    # [T] float32: accumulated attention per slot (h2o / a2sf)
         self._pending = None                  # prompt K/V of evicting groups until select() chooses
@@ -212,12 +222,15 @@ class SiteKVCache:
             grow = [max(c, 2 * have) if lay.kind == "full" else c
                     for c, have, lay in zip(need, self._caps or [0] * g, self.layouts)]
             self._allocate(k, v, grow)
+        if self.quant is not None:
+            self.quant.append(k[:, self._quant], v[:, self._quant])
         if n == 1 and self.length > 0:   # a decoding step: every group's slot in Python, one scatter for all
             p = self.length
-            idx = torch.tensor([o + (self._evict_slot(gi, p) if lay.kind == "evict" else lay.slot(p))
-                                for gi, (o, lay) in enumerate(zip(self._offs, self.layouts))], device=k.device)
-            self.k[:, idx] = k[:, :, 0].to(self.k.dtype)
-            self.v[:, idx] = v[:, :, 0].to(self.v.dtype)
+            rest = [gi for gi, lay in enumerate(self.layouts) if lay.kind != "quant"]
+            idx = torch.tensor([self._offs[gi] + (self._evict_slot(gi, p) if self.layouts[gi].kind == "evict"
+                                                   else self.layouts[gi].slot(p)) for gi in rest], device=k.device)
+            self.k[:, idx] = k[:, rest, 0].to(self.k.dtype)
+            self.v[:, idx] = v[:, rest, 0].to(self.v.dtype)
             self.pos[idx] = p
             self._flags[idx] = 1
             self.scores[idx] = 0
@@ -227,7 +240,7 @@ class SiteKVCache:
         if self._evict:
             self._pending = (k, v)
         for gi, lay in enumerate(self.layouts):
-            if lay.kind == "evict":
+            if lay.kind in ("evict", "quant"):
                 continue
             stored, slot = lay.slots(pos, new_len)
             idx = self._offs[gi] + slot[stored]
@@ -348,29 +361,51 @@ class SiteKVCache:
             else:
                 p = torch.zeros_like(s)
             outs.append(torch.einsum("brn,bnd->brd", p, v.to(ct)))
-        return torch.cat(outs, 1).to(q.dtype)
+        out = torch.cat(outs, 1)
+        if self.quant is not None:
+            heads = self._quant_heads(r, q.device)
+            out[:, heads] = self.quant.decode_reference(q[:, heads], scale).to(ct)
+        return out.to(q.dtype)
 
-    def decode(self, q: torch.Tensor, scale: float, loaded, splits: int | None = None):
+    def _quant_heads(self, r: int, device) -> torch.Tensor:
+        """Query-head indices of the KVQuant groups, group-major (QuantKV's order)."""
+        return torch.tensor([gi * r + i for gi in self._quant for i in range(r)], device=device)
+
+    def decode(self, q: torch.Tensor, scale: float, loaded, splits: int | None = None, loaded_quant=None):
         """The same through the split-KV Triton kernel `loaded` (runtime.kernels.LoadedKernel of
-        codegen.render_decode()). Returns (out [B, H, DV], splits used)."""
-        return loaded.launch(q, self.k, self.v, self.keep_flags(), self._off_t, self._cap_t, scale,
-                             max(self._caps), splits=splits)
+        codegen.render_decode()), and for KVQuant groups `loaded_quant` (codegen.render_decode_quant()),
+        which dequantizes in the kernel. Returns (out [B, H, DV], splits used by the first)."""
+        out, used = loaded.launch(q, self.k, self.v, self.keep_flags(), self._off_t, self._cap_t, scale,
+                                  max(self._caps), splits=splits)
+        if self.quant is not None:
+            if loaded_quant is None:
+                raise KVCacheError("this cache has KVQuant groups: pass loaded_quant (codegen.render_decode_quant())")
+            heads = self._quant_heads(q.shape[1] // len(self.layouts), q.device)
+            out[:, heads] = self.quant.decode(q[:, heads].contiguous(), scale, loaded_quant)[0].to(out.dtype)
+        return out, used
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
-        """Bytes held now (K, V and slot positions)."""
+        """Bytes held now (K, V and slot positions, and the KVQuant groups' buffers)."""
         if self.k is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
+        quant = self.quant.nbytes() if self.quant is not None else 0
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos)) + quant
 
     def kv_entries(self) -> int:
-        """Key slots in use summed over groups (what a per-group-exact cache must hold)."""
-        return 0 if self.pos is None else int((self.pos >= 0).sum())
+        """Key slots in use summed over groups (what a per-group-exact cache must hold); a KVQuant group
+        counts its bytes in float16 K+V entries (forms.kv_tokens)."""
+        if self.pos is None:
+            return 0
+        quant = sum(kv_tokens(self.layouts[gi].form, self.length, head_dim=self.k.shape[-1]) for gi in self._quant)
+        return int((self.pos >= 0).sum()) + quant
 
     @staticmethod
-    def predicted_entries(forms, length: int, max_length: int | None = None) -> int:
-        """Key slots the forms need at `length` tokens (per batch entry, summed over groups)."""
-        return sum(layout_for(f, max_length or length).capacity(length) for f in forms)
+    def predicted_entries(forms, length: int, max_length: int | None = None, head_dim: int = 64) -> int:
+        """Key slots the forms need at `length` tokens (per batch entry, summed over groups; KVQuant
+        groups in float16 K+V entry equivalents, as kv_entries)."""
+        return sum(kv_tokens(f, length, head_dim=head_dim) if isinstance(f, KVQuant)
+                   else layout_for(f, max_length or length).capacity(length) for f in forms)
 
 
 

@@ -39,7 +39,7 @@ from .reference import _grouped, _probs, _scores, attention_reference
 
 __all__ = ["ProfileCollector", "collecting", "capturing", "attention_profile", "CHUNK", "SINK", "SPANS",
            "EVICT_POLICIES", "EVICT_BUDGETS", "EVICT_PARAMS", "EVICT_FRACTION", "evict_form", "LINEAR_CANDIDATES",
-           "linear_form"]
+           "linear_form", "QUANT_BITS", "QUANT_GROUP", "QUANT_RESIDUAL", "quant_form"]
 
 CHUNK = 256
 SINK = 64                                              # sink tokens of every measured window form
@@ -59,6 +59,18 @@ def evict_form(policy: str, budget: float):
 
     return KVEvict(policy, budget, **EVICT_PARAMS)
 SPANS = tuple(int(round(16 * 2 ** (k / 2))) for k in range(21))      # 16 .. 16384, steps of sqrt(2)
+# KV quantization (forms.KVQuant) is measured on the same decode rows as eviction (collector quant=True):
+# per bit width, the exact output change when every key / value the cache would hold as codes at that
+# row (runtime.kvquant.quantized_tokens) is replaced by what its codes stand for, and its loss effect.
+QUANT_BITS = (2, 4, 8)
+QUANT_GROUP, QUANT_RESIDUAL = 32, 128
+
+
+def quant_form(bits: int):
+    """The KVQuant form the profile measures for `bits`."""
+    from .forms import KVQuant
+
+    return KVQuant(bits, QUANT_GROUP, QUANT_RESIDUAL)
 # Linear hybrids (forms.Linear, sink SINK) measured when the collector carries feature maps: per
 # candidate, the exact output change of every row and its loss effect, as for the windows.
 LINEAR_CANDIDATES = (("taylor2", 64), ("hedgehog", 64), ("taylor2", 256), ("hedgehog", 256))
@@ -74,8 +86,10 @@ _active = threading.local()
 class ProfileCollector:
     """Accumulates per-(site, length) statistics as float64 numpy arrays."""
 
-    def __init__(self, block: int = 64, linear_maps=None, recall: tuple[int, int, int] | None = None):
+    def __init__(self, block: int = 64, linear_maps=None, recall: tuple[int, int, int] | None = None,
+                 quant: bool = False):
         self.block = block
+        self.quant = quant                    # measure the KVQuant forms of QUANT_BITS
         # (source, target, length) of a recall sample: rows target.. copy keys source..; their attention
         # mass on that source goes to the "recall_mass" statistic
         self.recall = recall
@@ -275,6 +289,60 @@ class _EvictStats:
         self.acc["evict_out"] += d_o.square().sum((0, 2, 3, 5)).double().view(shape)
 
 
+class _QuantStats:
+    """KVQuant errors on the decode rows (positions >= prompt, as _EvictStats): row i reads the keys and
+    values of positions j < quantized_tokens(i + 1) from their codes, the newer ones exactly. A key
+    group's codes do not depend on when it is quantized, so every complete group is quantized once."""
+
+    def __init__(self, kk: Tensor, vv: Tensor, prompt: int):
+        from .kvquant import fake_quant
+
+        self.prompt = prompt
+        s = kk.shape[-2]
+        whole = s // QUANT_GROUP * QUANT_GROUP
+        self.dk, self.dv = {}, {}          # what the codes stand for, minus the exact keys / values
+        for bits in QUANT_BITS:            # residual 0: every complete group (rows mask what they cannot see)
+            kt, vt = fake_quant(kk[..., :whole, :], vv[..., :whole, :], bits, QUANT_GROUP, 0)
+            self.dk[bits] = kt.to(kk.dtype) - kk[..., :whole, :]
+            self.dv[bits] = vt.to(vv.dtype) - vv[..., :whole, :]
+        self.acc = {name: torch.zeros(kk.shape[1], len(QUANT_BITS), dtype=torch.float64, device=kk.device)
+                    for name in ("quant_abs", "quant_sq", "quant_out")}
+
+    def decode_rows(self, qg: Tensor, p: Tensor, kh: Tensor, vh: Tensor, out: Tensor, g: Tensor, r0: int,
+                    scale: float) -> None:
+        from .kvquant import quantized_tokens
+
+        d0 = max(0, self.prompt - r0)
+        if d0 >= p.shape[-2]:
+            return
+        rows = torch.arange(r0 + d0, r0 + p.shape[-2], device=p.device)
+        lim = torch.tensor([quantized_tokens(int(i) + 1, QUANT_GROUP, QUANT_RESIDUAL) for i in rows.tolist()],
+                           device=p.device)
+        qmax = int(lim.max())
+        if qmax == 0:
+            return
+        qd, o, gg, pd = qg[..., d0:, :], out[..., d0:, :], g[..., d0:, :], p[..., d0:, :]
+        hi = p.shape[-1]
+        cols = torch.arange(qmax, device=p.device)
+        coded = (cols[None, :] < lim[:, None])                                   # [cd, qmax]
+        causal = torch.arange(hi, device=p.device)[None, :] <= rows[:, None]
+        # the exact row's log-probabilities (= scores up to a per-row constant), masked past the row
+        tiny = torch.finfo(p.dtype).tiny
+        base = torch.where(causal, torch.log(pd.clamp_min(tiny)), torch.full((), float("-inf"), dtype=p.dtype,
+                                                                             device=p.device))
+        for bi, bits in enumerate(QUANT_BITS):
+            # swapping coded keys in changes row i's score of key j by scale * q_i . (k~_j - k_j)
+            delta = torch.matmul(qd, self.dk[bits][..., :qmax, :].transpose(-1, -2)) * scale
+            logit = base.clone()
+            logit[..., :qmax] += torch.where(coded, delta, torch.zeros((), dtype=p.dtype, device=p.device))
+            pq = torch.softmax(logit, -1)
+            d_o = torch.matmul(pq, vh) + torch.matmul(pq[..., :qmax] * coded, self.dv[bits][..., :qmax, :]) - o
+            lin = (gg * d_o).sum(-1)
+            self.acc["quant_abs"][:, bi] += lin.abs().sum((0, 2, 3)).double()
+            self.acc["quant_sq"][:, bi] += lin.square().sum((0, 2, 3)).double()
+            self.acc["quant_out"][:, bi] += d_o.square().sum((0, 2, 3, 4)).double()
+
+
 def _measure_linear(qg: Tensor, kh: Tensor, vh: Tensor, out: Tensor, g: Tensor, pos0: int, scale: float,
                     maps: dict, acc: dict) -> None:
     """Add one chunk's linear-hybrid statistics: per candidate of LINEAR_CANDIDATES and group, the exact
@@ -345,6 +413,7 @@ def _backward(ctx, grad_out):
     lin = ({name: torch.zeros(hkv, len(LINEAR_CANDIDATES), dtype=torch.float64, device=q.device)
             for name in ("linear_abs", "linear_sq", "linear_out")} if lin_maps is not None else None)
     recall = collector.recall if measure and n == s else None
+    quant = (_QuantStats(kk, vv, evict.prompt) if evict is not None and collector.quant else None)
     recall_mass = torch.zeros_like(infl) if recall is not None else None
     chunk = max(block, CHUNK // block * block)
     for r0 in range(0, n, chunk):
@@ -376,13 +445,16 @@ def _backward(ctx, grad_out):
             evict.decode_rows(p, vh, out, g, r0)
         if recall is not None:
             _measure_recall(p, r0, recall, block, recall_mass)
+        if quant is not None:
+            quant.decode_rows(qg[:, :, :, r0:r1], p, kh, vh, out, g, r0, scale)
         if lin is not None:
             _measure_linear(qg[:, :, :, r0:r1], kh, vh, out, g, r0 + s - n, scale, lin_maps, lin)
     if collector is not None:
         collector.add(site, n, influence=infl, mass=mass, entropy=entropy,
                       rows=torch.tensor(float(b * (hq // hkv) * n)), **(win if measure else {}),
                       **(evict.acc if evict is not None else {}), **(lin or {}),
-                      **({"recall_mass": recall_mass} if recall is not None else {}))
+                      **({"recall_mass": recall_mass} if recall is not None else {}),
+                      **(quant.acc if quant is not None else {}))
     dmask = None
     return (dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None, None)
 

@@ -279,3 +279,53 @@ def test_evicting_plan_inside_generate_prefills_densely_and_holds_its_budget():
     with af.plan_attention(model), torch.no_grad():
         model(out, past_key_values=dense)
     assert cache.nbytes() < dense.nbytes() / 2
+
+
+def _quant_plan(model, ids, forms_per_site):
+    from attnforge.compiler.plan import Plan, SitePlan, fingerprint
+
+    sites = af.find_attention(model, (ids,))
+    return Plan(fingerprint(sites), "t", tuple(SitePlan(s.id, 4, 2, f) for s, f in zip(sites, forms_per_site)),
+                {}, (ids.shape[1],))
+
+
+def _teacher_forced(model, plan, out, prompt, impl):
+    cache = af.PlanCache(model, plan, max_length=out.shape[1], impl=impl)
+    with af.plan_attention(model), torch.no_grad():
+        logits = [model(out[:, :prompt], past_key_values=cache).logits[:, -1]]
+        for t in range(prompt, out.shape[1] - 1):
+            logits.append(model(out[:, t:t + 1], past_key_values=cache).logits[:, -1])
+    return torch.stack(logits, 1), cache
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_quantized_groups_inside_generate(impl):
+    """KVQuant groups next to dense / window groups in one site: decoding reads their codes (the Triton
+    kernel dequantizes in registers), the residual path alone equals the dense plan exactly, 8-bit codes
+    stay close to it, and the quantized groups hold fewer bytes."""
+    from attnforge.runtime.forms import KVQuant
+    from attnforge.runtime.kvquant import quant_bytes
+
+    model = _llama()
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(5))
+    base = _quant_plan(model, ids, [(Dense(), Dense()), (SinkWindow(1, 5), Dense())])
+    quant = _quant_plan(model, ids, [(KVQuant(4, 8, 8), Dense()), (SinkWindow(1, 5), KVQuant(8, 8, 8))])
+    unquantized = _quant_plan(model, ids, [(KVQuant(4, 8, 64), Dense()), (SinkWindow(1, 5), KVQuant(8, 8, 64))])
+    runtime.reset_counters()
+    out, cache = af.generate(model, ids, quant, max_new_tokens=10, min_new_tokens=10, impl=impl)
+    assert runtime.counters[f"kvcache_decode_{impl}"] == 2 * 9
+    site = cache.layers[0].site
+    assert site.quant.length == 49 and site.quant.nq == 40          # (49 - 8) // 8 * 8 tokens as codes
+    want, _ = _teacher_forced(model, base, out, 40, "reference")
+    same, _ = _teacher_forced(model, unquantized, out, 40, impl)    # residual 64 > 50 tokens: nothing quantized
+    assert (same - want).abs().max() < 1e-4
+    got, qcache = _teacher_forced(model, quant, out, 40, impl)
+    assert torch.equal(got.argmax(-1), out[:, 40:])                 # generate() read the same cache
+    err = (got - want).abs().max()
+    assert 0 < err < 0.5                                            # quantized, and close (4 and 8 bits)
+    if impl == "triton":
+        ref, _ = _teacher_forced(model, quant, out, 40, "reference")
+        assert (got - ref).abs().max() < 1e-4
+    held = qcache.layers[0].site.quant.held_bytes()
+    residual_fp32 = (49 - 40) * (16 + 16) * 2                        # the residual in float32, not float16
+    assert held == quant_bytes(49, 4, 8, 8, 16) + residual_fp32 < 49 * (16 + 16) * 4   # under float32 K/V

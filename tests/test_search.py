@@ -98,6 +98,48 @@ def test_eviction_measurements_match_running_each_policy():
     assert (st["evict_sq"][:, :, 0] > st["evict_sq"][:, :, -1]).all()    # a smaller budget drops more
 
 
+def test_quantization_measurements_match_decoding_from_codes():
+    """quant_* against attending, row by row, over keys / values that are codes (runtime.kvquant) for
+    positions j < quantized_tokens(i + 1) and exact after, on the same decode rows as eviction."""
+    from attnforge.runtime.kvquant import fake_quant, quantized_tokens
+
+    g = torch.Generator().manual_seed(6)
+    n = 300
+    q = torch.randn(1, 6, n, 16, generator=g, dtype=torch.float64).requires_grad_()
+    k, v = (torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    col = profiling.ProfileCollector(32, quant=True)
+    with profiling.collecting(col):
+        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.4, "s", 32)
+        grad = torch.randn_like(out)
+        torch.autograd.grad(out, (q, k, v), grad)
+    st = col.stats[("s", n)]
+    prompt = n - n // profiling.EVICT_FRACTION
+    gr, res = profiling.QUANT_GROUP, profiling.QUANT_RESIDUAL
+    for bi, bits in enumerate(profiling.QUANT_BITS):
+        want = out.detach().clone()
+        for i in range(prompt, n):
+            nq = quantized_tokens(i + 1, gr, res)
+            kq, vq = fake_quant(k.detach()[..., :i + 1, :], v.detach()[..., :i + 1, :], bits, gr, i + 1 - nq)
+            kq, vq = kq.double(), vq.double()
+            kq[..., nq:, :], vq[..., nq:, :] = k.detach()[..., nq:i + 1, :], v.detach()[..., nq:i + 1, :]   # exact
+            kq, vq = kq.repeat_interleave(3, 1), vq.repeat_interleave(3, 1)
+            a = torch.softmax(q.detach()[..., i:i + 1, :] @ kq.transpose(-1, -2) * 0.4, -1)
+            want[..., i:i + 1, :] = a @ vq
+        d_o = want - out.detach()
+        assert d_o[..., :prompt, :].abs().max() == 0 and d_o.abs().max() > 0
+        lin = (grad * d_o).sum(-1).view(1, 2, 3, n)
+        np.testing.assert_allclose(st["quant_out"][:, bi], d_o.square().view(1, 2, 3, n, 16).sum((0, 2, 3, 4)),
+                                   rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(st["quant_sq"][:, bi], lin.square().sum((0, 2, 3)), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(st["quant_abs"][:, bi], lin.abs().sum((0, 2, 3)), rtol=1e-9, atol=1e-12)
+    assert (st["quant_out"][:, 0] > st["quant_out"][:, 1]).all() and (st["quant_out"][:, 1] > st["quant_out"][:, 2]).all()
+    plain = profiling.ProfileCollector(32)
+    with profiling.collecting(plain):
+        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.4, "s", 32)
+        torch.autograd.grad(out, (q, k, v), grad)
+    assert "quant_out" not in plain.stats[("s", n)]
+
+
 @pytest.fixture(scope="module")
 def tiny_profile(tmp_path_factory):
     model, (ids,) = tiny(192)
@@ -384,3 +426,28 @@ def test_kv_evicting_candidates_compete_under_a_kv_budget_only(tiny_profile):
                                   kv=[x[k] for x, k in zip(t.kv, keep)])
     no_evict = search(prof, af.Budget(0.3, kind="kv"), tables=without)
     assert sum(with_evict.predicted["loss"].values()) <= sum(no_evict.predicted["loss"].values()) + 1e-12
+
+
+def test_kv_quant_candidates_are_measured_and_compete_under_a_kv_budget(tiny_profile):
+    """The default profile measures KVQuant at 2/4/8 bits; the tables carry them with those losses (fewer
+    bits lose more, by the output metric), density budgets never pick them, kv budgets may."""
+    import dataclasses
+
+    from attnforge.runtime.forms import KVQuant
+
+    _, _, prof, _ = tiny_profile
+    assert prof.quant_error("attn.0#0", 192) is not None
+    t = _tables(prof, "output")
+    for forms, loss in zip(t.cands, t.loss):
+        qi = [i for i, f in enumerate(forms) if isinstance(f, KVQuant)]
+        assert [forms[i].bits for i in qi] == list(profiling.QUANT_BITS)
+        at192 = loss[qi, t.lengths.index(192)]
+        assert at192[0] >= at192[1] >= at192[2] >= 0 and at192[0] > 0
+    assert "kv_quant" not in search(prof, af.Budget(0.5), tables=t).form_counts()
+    keep = [[i for i, f in enumerate(forms) if not isinstance(f, KVQuant)] for forms in t.cands]
+    without = dataclasses.replace(t, cands=[[f[i] for i in k] for f, k in zip(t.cands, keep)],
+                                  loss=[l[k] for l, k in zip(t.loss, keep)], kept=[x[k] for x, k in zip(t.kept, keep)],
+                                  kv=[x[k] for x, k in zip(t.kv, keep)], recall=[x[k] for x, k in zip(t.recall, keep)])
+    with_quant = search(prof, af.Budget(0.6, kind="kv"), tables=t)
+    no_quant = search(prof, af.Budget(0.6, kind="kv"), tables=without)
+    assert sum(with_quant.predicted["loss"].values()) <= sum(no_quant.predicted["loss"].values()) + 1e-12
