@@ -7,9 +7,11 @@ time `--steps` greedy decoding steps (one token each, the model's full forward p
     hf          transformers DynamicCache, attn_implementation="sdpa"
     dense       attnforge PlanCache, every group full (the split-KV Triton decode kernel)
     kv50        attnforge PlanCache, every group sink 64 + window: 50% of the KV entries at that context
+    kivi4/2     attnforge PlanCache, every group KVQuant (KIVI codes, 4 / 2 bits, group 32, residual 128),
+                read by the quantized decode kernel (dequantization in registers)
 and report tokens/s, speed-up over hf, the bytes each cache holds and the peak allocated memory.
-Also the decode kernel alone for one layer (CUDA events): bytes of K/V it reads per call over its time,
-as a fraction of the device's HBM bandwidth (datasheet: H100 SXM 3.35 TB/s, H200 4.8 TB/s).
+Also each decode kernel alone for one layer (CUDA events): bytes it reads per call over its time, as a
+fraction of the device's HBM bandwidth (datasheet: H100 SXM 3.35 TB/s, H200 4.8 TB/s).
 """
 import argparse
 import json
@@ -68,6 +70,18 @@ def hf_cache_bytes(cache):
                if t is not None)
 
 
+def _time_calls(call, reps=50):
+    """(milliseconds per call by CUDA events after one warm-up call, the splits the last call used)."""
+    call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        _, splits = call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps, splits
+
+
 def kernel_bandwidth(shape, context, device_name):
     """The decode kernel alone on one layer's dense cache at `context` tokens: GB/s and fraction of HBM."""
     from attnforge.compiler.decode import _decode_kernel
@@ -81,19 +95,31 @@ def kernel_bandwidth(shape, context, device_name):
     cache.append(k, k.clone())
     q = torch.randn(1, h, d, device="cuda", dtype=torch.bfloat16)
     loaded = _decode_kernel(q.device)
-    cache.decode(q, d ** -0.5, loaded)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps = 50
-    start.record()
-    for _ in range(reps):
-        _, splits = cache.decode(q, d ** -0.5, loaded)
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / reps
+    ms, splits = _time_calls(lambda: cache.decode(q, d ** -0.5, loaded))
     nbytes = 2 * g * context * d * 2 + g * context            # K and V (bf16) + keep flags
     peak = next((v for k_, v in HBM.items() if k_ in device_name), None)
     return {"context": context, "ms_per_layer_call": round(ms, 4), "splits": splits, "GBps": round(nbytes / ms / 1e6, 1),
             "fraction_of_hbm": round(nbytes / ms / 1e-3 / peak, 3) if peak else None}
+
+
+def quant_kernel_bandwidth(shape, context, device_name, bits=4):
+    """The quantized decode kernel alone on one layer (every group KVQuant(bits)): bytes it reads (codes,
+    float16 scales and minima, the residual) over its time."""
+    from attnforge.compiler.decode import _decode_quant_kernel
+    from attnforge.runtime.kvquant import QuantKV
+
+    s = SHAPES[shape]
+    g, h, d = s["num_key_value_heads"], s["num_attention_heads"], s["head_dim"]
+    store = QuantKV([(i, bits) for i in range(g)], 32, 128, context)
+    k = torch.randn(1, g, context, d, device="cuda", dtype=torch.bfloat16)
+    store.append(k, k.clone())
+    q = torch.randn(1, h, d, device="cuda", dtype=torch.bfloat16)
+    loaded = _decode_quant_kernel(q.device)
+    ms, splits = _time_calls(lambda: store.decode(q, d ** -0.5, loaded))
+    nbytes = store.held_bytes()
+    peak = next((v for k_, v in HBM.items() if k_ in device_name), None)
+    return {"context": context, "bits": bits, "ms_per_layer_call": round(ms, 4), "splits": splits,
+            "GBps": round(nbytes / ms / 1e6, 1), "fraction_of_hbm": round(nbytes / ms / 1e-3 / peak, 3) if peak else None}
 
 
 def main():
@@ -109,7 +135,7 @@ def main():
 
     import attnforge as af
     from attnforge.compiler.decode import plan_cache_from_forms
-    from attnforge.runtime.forms import Dense, SinkWindow
+    from attnforge.runtime.forms import Dense, KVQuant, SinkWindow
 
     name = torch.cuda.get_device_name()
     out = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -124,7 +150,8 @@ def main():
             row["hf_tokens_per_s"], row["hf_peak_bytes"] = run(model, hf, ids, args.steps, False)
             row["hf_cache_bytes"] = hf_cache_bytes(hf)
             del hf
-            for label, form in (("dense", Dense()), ("kv50", SinkWindow(64, n // 2 - 64))):
+            for label, form in (("dense", Dense()), ("kv50", SinkWindow(64, n // 2 - 64)), ("kivi4", KVQuant(4)),
+                                ("kivi2", KVQuant(2))):
                 cache = plan_cache_from_forms({i: (form,) * g for i in range(layers)}, n + args.steps + 2)
                 af.runtime.reset_counters()
                 tps, peak = run(model, cache, ids, args.steps, True)
@@ -132,12 +159,18 @@ def main():
                 row[f"{label}_cache_bytes"] = cache.nbytes()
                 row[f"{label}_speedup_vs_hf"] = round(tps / row["hf_tokens_per_s"], 3)
                 row[f"{label}_decode_kernel_calls"] = af.runtime.counters.get("kvcache_decode_triton", 0)
+                if label.startswith("kivi"):
+                    row[f"{label}_quantized_bytes"] = sum(layer.site.quant.held_bytes() for layer in cache.layers)
                 del cache
                 torch.cuda.empty_cache()
             print(json.dumps(row), flush=True)
             out["rows"].append(row)
         out["kernel"].append({"shape": shape, **kernel_bandwidth(shape, max(args.contexts), name)})
         print(json.dumps(out["kernel"][-1]), flush=True)
+        for bits in (4, 2):
+            out["kernel"].append({"shape": shape, "kernel": "quant",
+                                  **quant_kernel_bandwidth(shape, max(args.contexts), name, bits)})
+            print(json.dumps(out["kernel"][-1]), flush=True)
         del model
         torch.cuda.empty_cache()
     if args.json:

@@ -35,24 +35,23 @@ from .plan import resolve_site
 __all__ = ["PlanCache", "plan_cache_from_forms", "plan_attention", "generate", "attnforge_attention", "KVCacheError"]
 
 NAME = "attnforge"
-_decode_key: str | None = None
+_kernel_keys: dict[str, str] = {}
+
+
+def _load(render):
+    """The kernel that codegen's `render()` emits, registered once, loaded for `device`'s backend."""
+    name = render.__name__
+    if name not in _kernel_keys:
+        _kernel_keys[name] = runtime.kernels.register_source(render().source)
+    return lambda device: runtime.kernels.load_kernel(_kernel_keys[name], device)
 
 
 def _decode_kernel(device):
-    global _decode_key
-    if _decode_key is None:
-        _decode_key = runtime.kernels.register_source(codegen.render_decode().source)
-    return runtime.kernels.load_kernel(_decode_key, device)
-
-
-_decode_quant_key: str | None = None
+    return _load(codegen.render_decode)(device)
 
 
 def _decode_quant_kernel(device):
-    global _decode_quant_key
-    if _decode_quant_key is None:
-        _decode_quant_key = runtime.kernels.register_source(codegen.render_decode_quant().source)
-    return runtime.kernels.load_kernel(_decode_quant_key, device)
+    return _load(codegen.render_decode_quant)(device)
 
 
 def _layer_forms(model, plan, kv_heads: int) -> dict[int, tuple]:
