@@ -194,8 +194,13 @@ def _measure_windows(p: Tensor, vv: Tensor, out: Tensor, g: Tensor, pos0: int, a
         part = full.clamp(max=nb - 1)
         keep = (torch.arange(blk, device=p.device)[None, :] < rem[:, None]) & (full < nb)[:, None]   # [c, blk]
         pp_part = pb[..., rows, part, :] * keep                         # [B, Hkv, G, c, blk]
-        v_part = vb[..., part, :, :]                                    # [B, Hkv, 1, c, blk, Dv]
-        return m + pp_part.sum(-1), pv + torch.einsum("...ck,...ckd->...cd", pp_part, v_part)
+        # the edge grows with the row, so rows sharing a partial block are consecutive: one matmul per
+        # run against that block's values (no per-row copy of a [blk, Dv] tile)
+        pv_part = torch.empty(pp_part.shape[:-1] + (vb.shape[-1],), dtype=p.dtype, device=p.device)
+        cuts = [0] + (torch.nonzero(part[1:] != part[:-1]).flatten() + 1).tolist() + [c]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            pv_part[..., a:b, :] = torch.matmul(pp_part[..., a:b, :], vb[..., int(part[a]), :, :])
+        return m + pp_part.sum(-1), pv + pv_part
 
     m0, pv0 = prefix(torch.full_like(pos, SINK - 1))
     for wi, w in enumerate(SPANS):
