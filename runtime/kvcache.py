@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .forms import BlockSparse, Dense, ElasticWindow, KVEvict, KVQuant, SinkWindow, kv_tokens
+from .forms import BlockSparse, Dense, ElasticWindow, KVEvict, KVQuant, Linear, SinkWindow, kv_tokens
 from .kvquant import QuantKV
 
 __all__ = ["GroupLayout", "SiteKVCache", "layout_for", "policy_scores", "policy_keep", "KVCacheError"]
@@ -37,8 +37,8 @@ class KVCacheError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class GroupLayout:
-    """Where one KV group keeps its keys. kind: 'full' | 'window' | 'blocks' | 'evict' | 'quant' (no
-    slots in the flat buffer: the site's QuantKV holds it)."""
+    """Where one KV group keeps its keys. kind: 'full' | 'window' | 'blocks' | 'evict' | 'quant' / 'linear'
+    (no slots in the flat buffer: the site's QuantKV, or a runtime.linear.LinearState per sequence)."""
     kind: str
     sink: int = 0
     ring: int = 0                   # ring slots (window: the span; blocks: (max distance + 1) * block)
@@ -55,7 +55,7 @@ class GroupLayout:
             raise KVCacheError("an evicting group's capacity depends on its prompt (see SiteKVCache.append)")
         if self.kind == "full":
             return length
-        if self.kind == "quant":
+        if self.kind in ("quant", "linear"):
             return 0
         if self.kind == "window":
             return min(length, self.sink + self.ring)
@@ -133,6 +133,8 @@ def layout_for(form, max_length: int) -> GroupLayout:
                            verticals=form.verticals, slashes=form.slashes)
     if isinstance(form, KVQuant):
         return GroupLayout("quant", form=form)
+    if isinstance(form, Linear):
+        return GroupLayout("linear", form=form)
     raise KVCacheError(f"no KV cache layout for form {getattr(form, 'kind', form)!r}")
 
 
@@ -159,6 +161,9 @@ class SiteKVCache:
                 raise KVCacheError(f"KVQuant groups of one site must share group and residual sizes, got {sorted(shapes)}")
             (qg, qr), = shapes
             self.quant = QuantKV([(gi, self.layouts[gi].form.bits) for gi in self._quant], qg, qr, max_length)
+        self._linear = [gi for gi, lay in enumerate(self.layouts) if lay.kind == "linear"]
+        self.linear = None                    # [batch][group] LinearState, made at the first read (needs the scale)
+        self._linear_pending = None           # (k, v) [B, nl, T, D] of Linear groups until then
         self.prompt = 0                       # prompt length (evicting groups size their regions by it)
         self.scores = None                    # [T] float32: accumulated attention per slot (h2o / a2sf)
         self._pending = None                  # prompt K/V of evicting groups until select() chooses
@@ -224,9 +229,11 @@ class SiteKVCache:
             self._allocate(k, v, grow)
         if self.quant is not None:
             self.quant.append(k[:, self._quant], v[:, self._quant])
+        if self._linear:
+            self._linear_append(k[:, self._linear], v[:, self._linear])
         if n == 1 and self.length > 0:   # a decoding step: every group's slot in Python, one scatter for all
             p = self.length
-            rest = [gi for gi, lay in enumerate(self.layouts) if lay.kind != "quant"]
+            rest = [gi for gi, lay in enumerate(self.layouts) if lay.kind not in ("quant", "linear")]
             idx = torch.tensor([self._offs[gi] + (self._evict_slot(gi, p) if self.layouts[gi].kind == "evict"
                                                    else self.layouts[gi].slot(p)) for gi in rest], device=k.device)
             self.k[:, idx] = k[:, rest, 0].to(self.k.dtype)
@@ -240,7 +247,7 @@ class SiteKVCache:
         if self._evict:
             self._pending = (k, v)
         for gi, lay in enumerate(self.layouts):
-            if lay.kind in ("evict", "quant"):
+            if lay.kind in ("evict", "quant", "linear"):
                 continue
             stored, slot = lay.slots(pos, new_len)
             idx = self._offs[gi] + slot[stored]
@@ -365,11 +372,39 @@ class SiteKVCache:
         if self.quant is not None:
             heads = self._quant_heads(r, q.device)
             out[:, heads] = self.quant.decode_reference(q[:, heads], scale).to(ct)
+        if self._linear:
+            self._linear_attend(q.to(ct), scale, out, "reference")
         return out.to(q.dtype)
 
     def _quant_heads(self, r: int, device) -> torch.Tensor:
         """Query-head indices of the KVQuant groups, group-major (QuantKV's order)."""
         return torch.tensor([gi * r + i for gi in self._quant for i in range(r)], device=device)
+
+    # ------------------------------------------------------------------ Linear groups
+    def _linear_append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.linear is None:               # no read yet: the states need the scale the model attends with
+            self._linear_pending = (k, v) if self._linear_pending is None else tuple(
+                torch.cat([a, b], 2) for a, b in zip(self._linear_pending, (k, v)))
+            return
+        for b, states in enumerate(self.linear):
+            for j, st in enumerate(states):
+                st.extend(k[b, j], v[b, j])
+
+    def _linear_attend(self, q: torch.Tensor, scale: float, out: torch.Tensor, impl: str) -> None:
+        """Write the Linear groups' heads of out [B, H, DV] from their states (q [B, H, D])."""
+        from .linear import LinearState
+
+        r = q.shape[1] // len(self.layouts)
+        if self.linear is None:
+            k, v = self._linear_pending
+            self.linear = [[LinearState(self.layouts[gi].form, k.shape[-1], v.shape[-1], scale, device=k.device,
+                                        dtype=torch.float64 if k.dtype == torch.float64 else torch.float32)
+                            for gi in self._linear] for _ in range(k.shape[0])]
+            self._linear_pending = None
+            self._linear_append(k, v)
+        for b, states in enumerate(self.linear):
+            for gi, st in zip(self._linear, states):
+                out[b, gi * r:(gi + 1) * r] = st.attend(q[b, gi * r:(gi + 1) * r], impl=impl).to(out.dtype)
 
     def decode(self, q: torch.Tensor, scale: float, loaded, splits: int | None = None, loaded_quant=None):
         """The same through the split-KV Triton kernel `loaded` (runtime.kernels.LoadedKernel of
@@ -382,6 +417,8 @@ class SiteKVCache:
                 raise KVCacheError("this cache has KVQuant groups: pass loaded_quant (codegen.render_decode_quant())")
             heads = self._quant_heads(q.shape[1] // len(self.layouts), q.device)
             out[:, heads] = self.quant.decode(q[:, heads].contiguous(), scale, loaded_quant)[0].to(out.dtype)
+        if self._linear:
+            self._linear_attend(q, scale, out, "triton")
         return out, used
 
     # ------------------------------------------------------------------ accounting
@@ -390,21 +427,25 @@ class SiteKVCache:
         if self.k is None:
             return 0
         quant = self.quant.nbytes() if self.quant is not None else 0
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos)) + quant
+        linear = sum(st.nbytes() for states in self.linear or [] for st in states)
+        if self._linear_pending is not None:
+            linear += sum(t.numel() * t.element_size() for t in self._linear_pending)
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos)) + quant + linear
 
     def kv_entries(self) -> int:
         """Key slots in use summed over groups (what a per-group-exact cache must hold); a KVQuant group
         counts its bytes in float16 K+V entries (forms.kv_tokens)."""
         if self.pos is None:
             return 0
-        quant = sum(kv_tokens(self.layouts[gi].form, self.length, head_dim=self.k.shape[-1]) for gi in self._quant)
+        quant = sum(kv_tokens(self.layouts[gi].form, self.length, head_dim=self.k.shape[-1])
+                    for gi in self._quant + self._linear)
         return int((self.pos >= 0).sum()) + quant
 
     @staticmethod
     def predicted_entries(forms, length: int, max_length: int | None = None, head_dim: int = 64) -> int:
         """Key slots the forms need at `length` tokens (per batch entry, summed over groups; KVQuant
         groups in float16 K+V entry equivalents, as kv_entries)."""
-        return sum(kv_tokens(f, length, head_dim=head_dim) if isinstance(f, KVQuant)
+        return sum(kv_tokens(f, length, head_dim=head_dim) if isinstance(f, (KVQuant, Linear))
                    else layout_for(f, max_length or length).capacity(length) for f in forms)
 
 

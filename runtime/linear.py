@@ -217,6 +217,33 @@ class LinearState:
                 self.z0 += f0
         self.keys = keep
 
+    def extend(self, k: Tensor, v: Tensor) -> None:
+        """Add the keys / values [T, D] / [T, Dv] of positions length .. length + T - 1 at once (a prompt):
+        the same state as T append() calls, with the keys that leave the window summed in one batch."""
+        start = self.length
+        self.length += k.shape[0]
+        entries = self.keys + [(start + i, k[i], v[i]) for i in range(k.shape[0])]
+        newest = self.length - 1
+
+        def stays(pos):
+            return pos < self.form.sink or pos > newest - self.form.window
+
+        leave = [e for e in entries if not stays(e[0])]
+        self.keys = [e for e in entries if stays(e[0])]
+        if leave:
+            kk = torch.stack([e[1] for e in leave]).to(self.S.dtype)
+            vv = torch.stack([e[2] for e in leave]).to(self.S.dtype)
+            f, f0 = self.features(kk, query=False)                   # [T', A, D]
+            self.S[:, :self.d, :self.dv] += torch.einsum("tad,tv->adv", f, vv)
+            self.z[:, :self.d] += f.sum(0)
+            self.S0[:self.dv] += f0 * vv.sum(0)
+            self.z0 += f0 * len(leave)
+
+    def nbytes(self) -> int:
+        """Bytes held: the running sums and the exact part's keys and values."""
+        sums = sum(t.numel() * t.element_size() for t in (self.S, self.z, self.S0, self.z0))
+        return sums + sum(kk.numel() * kk.element_size() + vv.numel() * vv.element_size() for _, kk, vv in self.keys)
+
     def attend(self, q: Tensor, impl: str = "reference") -> Tensor:
         """q [G, D] for the newest position (length - 1) -> [G, Dv]."""
         kk = torch.stack([k for _, k, _ in self.keys])

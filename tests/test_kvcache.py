@@ -329,3 +329,33 @@ def test_quantized_groups_inside_generate(impl):
     held = qcache.layers[0].site.quant.held_bytes()
     residual_fp32 = (49 - 40) * (16 + 16) * 2                        # the residual in float32, not float16
     assert held == quant_bytes(49, 4, 8, 8, 16) + residual_fp32 < 49 * (16 + 16) * 4   # under float32 K/V
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_linear_groups_inside_generate_equal_the_full_forward(impl):
+    """Linear-hybrid groups (taylor2 and hedgehog) next to a window group: the cache keeps their
+    constant-size states (LinearState, the prompt added in one batch), decoding reads them, and the
+    teacher-forced logits equal the full forward of the same plan."""
+    from attnforge.runtime.forms import Linear
+    from attnforge.runtime.linear import FeatureMaps, register_maps
+
+    model = _llama()
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(6))
+    g = torch.Generator().manual_seed(7)
+    key = register_maps(FeatureMaps(torch.eye(16) + 0.2 * torch.randn(16, 16, generator=g), torch.eye(16), 0.7))[0]
+    plan = _quant_plan(model, ids, [(Linear("taylor2", 8, 2), SinkWindow(1, 5)),
+                                    (Dense(), Linear("hedgehog", 6, 1, key))])
+    runtime.reset_counters()
+    out, cache = af.generate(model, ids, plan, max_new_tokens=8, min_new_tokens=8, impl=impl)
+    assert runtime.counters[f"kvcache_decode_{impl}"] == 2 * 7
+    if impl == "triton":
+        assert runtime.counters["triton_linear_decode"] == 2 * 7
+    site = cache.layers[0].site
+    assert len(site.linear[0]) == 1 and site.linear[0][0].length == 47
+    assert len(site.linear[0][0].keys) == 2 + 8                       # sink + window exact, the rest summed
+    torch._dynamo.reset()
+    with torch.no_grad():
+        full = torch.compile(model, backend=af.Backend(plan=plan, impl="reference", compiler="eager"))(out).logits
+    got, _ = _teacher_forced(model, plan, out, 40, impl)
+    assert (got - full[:, 39:-1]).abs().max() < 1e-4
+    assert torch.equal(got.argmax(-1), out[:, 40:])

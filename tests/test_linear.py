@@ -113,6 +113,12 @@ def test_decoding_state_equals_prefill(fmap):
         rows.append(st.attend(q[0, 2:, t]))
         assert len(st.keys) <= form.sink + form.window                     # constant size
     torch.testing.assert_close(torch.stack(rows, 1), ref[0, 2:], rtol=1e-10, atol=1e-12)
+    bulk = LinearState(form, 8, 8, scale, dtype=torch.float64)             # a prompt added at once, then steps
+    bulk.extend(k[0, 1, :30], v[0, 1, :30])
+    for t in range(30, 50):
+        bulk.extend(k[0, 1, t:t + 1], v[0, 1, t:t + 1])
+    assert [p for p, *_ in bulk.keys] == [p for p, *_ in st.keys]
+    torch.testing.assert_close(bulk.attend(q[0, 2:, 49]), rows[-1], rtol=1e-10, atol=1e-12)
 
 
 @needs_interpreter
