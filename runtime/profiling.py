@@ -232,15 +232,15 @@ class _EvictStats:
         c = min(p.shape[-2], self.prompt - r0)
         if c <= 0:
             return
-        pr = p[..., :c, :].double()
+        pr = p[..., :c, :].sum((0, 2)).double()                  # [Hkv, rows, keys]: batch and query heads summed
         hi = pr.shape[-1]
         rows = torch.arange(r0, r0 + c, device=p.device, dtype=torch.float64)
-        self.cols["h2o"][:, :hi] += pr.sum((0, 2, 3))
+        self.cols["h2o"][:, :hi] += pr.sum(1)
         w = EVICT_PARAMS["alpha"] ** (self.prompt - 1 - rows)
-        self.cols["a2sf"][:, :hi] += (pr * w[:, None]).sum((0, 2, 3))
+        self.cols["a2sf"][:, :hi] += torch.einsum("hrk,r->hk", pr, w)
         obs = rows >= self.prompt - EVICT_PARAMS["recent"]
         if bool(obs.any()):
-            self.cols["snapkv"][:, :hi] += pr[..., obs, :].sum((0, 2, 3))
+            self.cols["snapkv"][:, :hi] += pr[:, obs].sum(1)
 
     def _choose(self) -> Tensor:
         """[Hkv, policies, budgets, P] bool: the prompt keys each (policy, budget) keeps."""
@@ -442,7 +442,7 @@ def _backward(ctx, grad_out):
             infl[:, qb0:qb0 + ib.shape[1], :ib.shape[2]] += ib[:, :, :nb_k]
             mb = _block_sum(p.sum((0, 2)).double(), block, n)
             mass[:, qb0:qb0 + mb.shape[1], :mb.shape[2]] += mb[:, :, :nb_k]
-            entropy += -(p * torch.log(p.clamp_min(1e-30))).sum(-1).sum((0, 2, 3)).double()
+            entropy -= torch.special.xlogy(p, p).sum((0, 2, 3, 4)).double()
         if measure:
             _measure_windows(p, vh, out, g, r0 + s - n, win)
         if evict is not None:

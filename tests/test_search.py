@@ -35,6 +35,8 @@ def test_profiling_op_gradients_and_influence_are_exact():
     blocks = blocks.view(2, 5, 32, 5, 32).sum((2, 4)).numpy()
     np.testing.assert_allclose(col.stats[("s", 150)]["influence"], blocks, rtol=1e-6, atol=1e-9)
     assert col.stats[("s", 150)]["mass"].sum() == pytest.approx(2 * 6 * 150)
+    ent = -torch.special.xlogy(a, a).detach().sum(-1).view(2, 2, 3, 150).sum((0, 2, 3))
+    np.testing.assert_allclose(col.stats[("s", 150)]["entropy"], ent.numpy(), rtol=1e-9)
 
 
 def test_window_measurements_match_the_windowed_attention():
