@@ -7,7 +7,8 @@
 2. a plan searched under a KV budget (kv entries the cache holds, 50% of dense at the prompt length;
    profile from benchmarks/accuracy.py) and the uniform sink 64 + window plan with the same KV budget:
    perplexity of the real continuation (the next 64 tokens of held-out text, teacher-forced one token
-   per step through the cache) against the dense cache, over several prompts;
+   per step through the cache) against the dense cache, over several prompts; also every group KVQuant
+   (KIVI codes: 4 and 2 bits, group 32, residual 128) read from its codes;
 3. memory: bytes the caches hold after the last step, and the entries the plan's accounting predicts.
 """
 import argparse
@@ -23,7 +24,7 @@ from attnforge.compiler.evaluate import EVALUATION, text_tokens
 from attnforge.compiler.models import _smollm2
 from attnforge.compiler.profile import Profile
 from attnforge.compiler.search import Budget, search
-from attnforge.runtime.forms import SinkWindow, kv_tokens
+from attnforge.runtime.forms import KVQuant, SinkWindow, kv_tokens
 
 
 def continuation_nll(model, plan, prompt, cont, impl):
@@ -36,6 +37,33 @@ def continuation_nll(model, plan, prompt, cont, impl):
             nll += F.cross_entropy(logits.float(), cont[:, t]).item()
             logits = model(cont[:, t:t + 1], past_key_values=cache).logits[:, -1]
     return nll, cache
+
+
+def greedy_check(model, prompt, new, impl):
+    """Greedy tokens of af.generate() with every group dense against HF's own generate()."""
+    t = time.perf_counter()
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=new, do_sample=False)
+    hf_s = time.perf_counter() - t
+    af.runtime.reset_counters()
+    t = time.perf_counter()
+    got, cache = af.generate(model, prompt, None, max_new_tokens=new, impl=impl)
+    ours_s = time.perf_counter() - t
+    n = prompt.shape[1]
+    return {"tokens_equal": bool(torch.equal(got, want)),
+            "first_difference": next((i for i, (a, b) in enumerate(zip(got[0, n:].tolist(), want[0, n:].tolist()))
+                                      if a != b), None),
+            "hf_seconds": round(hf_s, 1), "attnforge_seconds": round(ours_s, 1),
+            "decode_calls": dict(af.runtime.counters), "cache_bytes": cache.nbytes()}
+
+
+def uniform_plan(profile, form, budget):
+    """Every group of every site in `form`."""
+    from attnforge.compiler.plan import Plan, SitePlan
+
+    sites = tuple(SitePlan(s["id"], s["num_heads"], s["num_kv_heads"], (form,) * s["num_kv_heads"])
+                  for s in profile.sites)
+    return Plan(profile.fingerprint, profile.model, sites, budget, ())
 
 
 def uniform_kv_plan(profile, fraction, n):
@@ -57,6 +85,8 @@ def main():
     ap.add_argument("--prompts", type=int, default=4, help="held-out prompts for the continuation perplexity")
     ap.add_argument("--kv", type=float, default=0.5, help="KV budget: fraction of dense KV entries")
     ap.add_argument("--impl", default="reference", choices=("reference", "triton", "auto"))
+    ap.add_argument("--rows", nargs="+", default=None, help="continuation rows to run (default: all; dense always)")
+    ap.add_argument("--skip-greedy", action="store_true", help="skip the greedy-equality check (step 1)")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok, model = _smollm2("sdpa")
@@ -66,27 +96,19 @@ def main():
                "impl": args.impl}
 
     # 1. greedy generation, all dense, against HF's own generate()
-    prompt = held[:, :args.prompt]
-    t = time.perf_counter()
-    with torch.no_grad():
-        want = model.generate(prompt, max_new_tokens=args.new, do_sample=False)
-    hf_s = time.perf_counter() - t
-    af.runtime.reset_counters()
-    t = time.perf_counter()
-    got, cache = af.generate(model, prompt, None, max_new_tokens=args.new, impl=args.impl)
-    ours_s = time.perf_counter() - t
-    results["greedy_dense"] = {"tokens_equal": bool(torch.equal(got, want)),
-                               "first_difference": next((i for i, (a, b) in enumerate(zip(got[0, args.prompt:].tolist(),
-                                                          want[0, args.prompt:].tolist())) if a != b), None),
-                               "hf_seconds": round(hf_s, 1), "attnforge_seconds": round(ours_s, 1),
-                               "decode_calls": dict(af.runtime.counters), "cache_bytes": cache.nbytes()}
-    print("greedy dense:", results["greedy_dense"], flush=True)
+    if not args.skip_greedy:
+        results["greedy_dense"] = greedy_check(model, held[:, :args.prompt], args.new, args.impl)
+        print("greedy dense:", results["greedy_dense"], flush=True)
 
     # 2. continuation perplexity under a KV budget
     prof = Profile.load(args.profile)
     plans = {"dense": None,
-             f"searched@kv{args.kv}": search(prof, Budget(args.kv, (args.prompt,), "kv")),
-             f"streaming@kv{args.kv}": uniform_kv_plan(prof, args.kv, args.prompt)}
+             f"searched@kv{args.kv}": lambda: search(prof, Budget(args.kv, (args.prompt,), "kv")),
+             f"streaming@kv{args.kv}": lambda: uniform_kv_plan(prof, args.kv, args.prompt),
+             "kivi4": lambda: uniform_plan(prof, KVQuant(4), {"uniform": "kv_quant 4 bit"}),
+             "kivi2": lambda: uniform_plan(prof, KVQuant(2), {"uniform": "kv_quant 2 bit"})}
+    plans = {name: (make() if make else None) for name, make in plans.items()
+             if name == "dense" or args.rows is None or name in args.rows}
     span = args.prompt + args.new
     rows = {}
     for name, plan in plans.items():
