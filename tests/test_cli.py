@@ -75,6 +75,10 @@ def test_profile_search_optimize_on_tiny(tmp_path, capsys):
     import attnforge as af
     assert len(af.Plan.load(plan).sites) == 2
     assert main(["search", str(prof), "--density", "0.6", "--baseline", "streaming", "-o", str(tmp_path / "b.json")]) == 0
+    # tiny's example input is not text: no recall windows, so a recall floor is reported and not applied
+    assert main(["search", str(prof), "--density", "0.6", "--recall", "0.5", "-o", str(tmp_path / "r.json")]) == 0
+    assert "recall floor not applied" in capsys.readouterr().err
+    assert "recall" not in af.Plan.load(tmp_path / "r.json").budget
     folder = tmp_path / "out"
     assert main(["optimize", "tiny", "--block", "16", "--density", "0.6", "-o", str(folder)]) == 0
     for name in ("plan.json", "profile.npz", "summary.json", "kernels/manifest.json", "report.html", "report.md",
