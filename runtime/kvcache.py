@@ -235,8 +235,9 @@ class SiteKVCache:
             p = self.length
             rest = [gi for gi, lay in enumerate(self.layouts) if lay.kind not in ("quant", "linear")]
             idx = torch.tensor([self._offs[gi] + (self._evict_slot(gi, p) if self.layouts[gi].kind == "evict"
-                                                   else self.layouts[gi].slot(p)) for gi in rest], device=k.device)
-            self.k[:, idx] = k[:, rest, 0].to(self.k.dtype)
+                                                   else self.layouts[gi].slot(p)) for gi in rest],
+                               dtype=torch.long, device=k.device)
+            self.k[:, idx] = k[:, rest, 0].to(self.k.dtype)     # (nothing when every group is quantized / linear)
             self.v[:, idx] = v[:, rest, 0].to(self.v.dtype)
             self.pos[idx] = p
             self._flags[idx] = 1

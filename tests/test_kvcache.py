@@ -308,9 +308,10 @@ def test_quantized_groups_inside_generate(impl):
 
     model = _llama()
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(5))
-    base = _quant_plan(model, ids, [(Dense(), Dense()), (SinkWindow(1, 5), Dense())])
-    quant = _quant_plan(model, ids, [(KVQuant(4, 8, 8), Dense()), (SinkWindow(1, 5), KVQuant(8, 8, 8))])
-    unquantized = _quant_plan(model, ids, [(KVQuant(4, 8, 64), Dense()), (SinkWindow(1, 5), KVQuant(8, 8, 64))])
+    base = _quant_plan(model, ids, [(Dense(), Dense()), (Dense(), Dense())])
+    # the second site quantizes every group (nothing left in its flat slot buffer)
+    quant = _quant_plan(model, ids, [(KVQuant(4, 8, 8), Dense()), (KVQuant(8, 8, 8), KVQuant(8, 8, 8))])
+    unquantized = _quant_plan(model, ids, [(KVQuant(4, 8, 64), Dense()), (KVQuant(8, 8, 64), KVQuant(8, 8, 64))])
     runtime.reset_counters()
     out, cache = af.generate(model, ids, quant, max_new_tokens=10, min_new_tokens=10, impl=impl)
     assert runtime.counters[f"kvcache_decode_{impl}"] == 2 * 9
