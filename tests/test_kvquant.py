@@ -134,5 +134,7 @@ def test_kv_quant_form_counts_its_bytes_and_prefills_dense():
     assert kv_tokens(f, 100) == 100                     # all in the residual: no saving yet
     with pytest.raises(FormError, match="bits"):
         KVQuant(3)
-    with pytest.raises(KVCacheError, match="QuantKV"):
-        layout_for(f, 100)
+    lay = layout_for(f, 100)                            # held by the site's QuantKV, not the flat buffer
+    assert lay.kind == "quant" and lay.capacity(100) == 0
+    with pytest.raises(KVCacheError):
+        layout_for("not a form", 100)
