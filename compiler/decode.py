@@ -11,9 +11,10 @@ or, by hand:
 
 Each decoder layer's cache is an attnforge.runtime.kvcache.SiteKVCache laid out by the plan's forms for
 that layer (one layout per KV group: full, sink + ring window, kept blocks, a KVEvict policy's kept
-set: StreamingLLM, H2O, A2SF, SnapKV, or KVQuant's 2/4/8-bit codes with a full-precision residual), so a
-window head really holds sink + window keys, an evicting head its budget and a quantized head its codes. The model's attention calls go to `attnforge_attention` (registered with
-transformers' AttentionInterface under the name "attnforge"): the prefill runs the plan's forms through
+set: StreamingLLM, H2O, A2SF, SnapKV, KVQuant's 2/4/8-bit codes with a full-precision residual, or a
+linear-hybrid group's constant-size state), so a window head really holds sink + window keys, an evicting
+head its budget and a quantized head its codes. The model's attention calls go to `attnforge_attention`
+(registered with transformers' AttentionInterface under the name "attnforge"): the prefill runs the plan's forms through
 torch.ops.attnforge.attention (exact masks, the plan kernel on CUDA) while the cache keeps only what
 each group will read again; every decoding step reads the cache through the split-KV Triton kernel
 (CUDA, or CPU under TRITON_INTERPRET=1 with impl="triton") or its PyTorch reference.
@@ -38,20 +39,20 @@ NAME = "attnforge"
 _kernel_keys: dict[str, str] = {}
 
 
-def _load(render):
-    """The kernel that codegen's `render()` emits, registered once, loaded for `device`'s backend."""
+def _load(render, device):
+    """The kernel that codegen's `render()` emits (registered once), loaded for `device`'s backend."""
     name = render.__name__
     if name not in _kernel_keys:
         _kernel_keys[name] = runtime.kernels.register_source(render().source)
-    return lambda device: runtime.kernels.load_kernel(_kernel_keys[name], device)
+    return runtime.kernels.load_kernel(_kernel_keys[name], device)
 
 
 def _decode_kernel(device):
-    return _load(codegen.render_decode)(device)
+    return _load(codegen.render_decode, device)
 
 
 def _decode_quant_kernel(device):
-    return _load(codegen.render_decode_quant)(device)
+    return _load(codegen.render_decode_quant, device)
 
 
 def _layer_forms(model, plan, kv_heads: int) -> dict[int, tuple]:

@@ -27,6 +27,7 @@ import torch
 
 from .forms import BlockSparse, Dense, ElasticWindow, KVEvict, KVQuant, Linear, SinkWindow, kv_tokens
 from .kvquant import QuantKV
+from .reference import _compute_dtype
 
 __all__ = ["GroupLayout", "SiteKVCache", "layout_for", "policy_scores", "policy_keep", "KVCacheError"]
 
@@ -358,7 +359,7 @@ class SiteKVCache:
         b, h, _ = q.shape
         g = len(self.layouts)
         r = h // g
-        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        ct = _compute_dtype(q.dtype)
         outs = []
         for gi, (k, v, keep) in enumerate(self.group_views()):
             qg = q[:, gi * r:(gi + 1) * r].to(ct)                               # [B, r, D]
@@ -399,7 +400,7 @@ class SiteKVCache:
         if self.linear is None:
             k, v = self._linear_pending
             self.linear = [[LinearState(self.layouts[gi].form, k.shape[-1], v.shape[-1], scale, device=k.device,
-                                        dtype=torch.float64 if k.dtype == torch.float64 else torch.float32)
+                                        dtype=_compute_dtype(k.dtype))
                             for gi in self._linear] for _ in range(k.shape[0])]
             self._linear_pending = None
             self._linear_append(k, v)
@@ -457,7 +458,7 @@ def policy_scores(form, q: torch.Tensor, k: torch.Tensor, scale: float, chunk: i
     h2o: attention summed over every prompt query and head; a2sf: the same, query i weighted by
     alpha ** (P - 1 - i); snapkv: summed over the last `recent` queries, average-pooled over `pool`
     neighbouring keys. Over query chunks (memory O(chunk * P)); float32 (float64 inputs: float64)."""
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ct = _compute_dtype(q.dtype)
     p_len = k.shape[0]
     cols = torch.arange(p_len, device=k.device)
     first = max(0, p_len - form.recent) if form.policy == "snapkv" else 0

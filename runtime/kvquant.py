@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import _compute_dtype
+
 __all__ = ["QUANT_BITS", "quantized_tokens", "quantize", "dequantize", "pack", "unpack", "fake_quant", "QuantKV",
            "quant_bytes", "KVQuantError"]
 
@@ -233,7 +235,7 @@ class QuantKV:
         float32 (float64 for a float64 q): exact attention over the dequantized keys and values."""
         b, h, _ = q.shape
         r = h // len(self.groups)
-        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        ct = _compute_dtype(q.dtype)
         outs = []
         for gi in range(len(self.groups)):
             k, v = (t.to(ct) for t in self.dequantized(gi))

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .reference import _compute_dtype
+
 __all__ = ["FEATURE_MAPS", "FeatureMaps", "register_maps", "maps_for", "feature_dim", "phi", "linear_reference",
            "linear_group_reference", "distill", "LinearMapError", "ROW_CHUNK", "decode_step_reference",
            "LinearState", "linear_triton", "set_kernel_factory", "kernel_key"]
@@ -150,7 +152,7 @@ def linear_reference(q: Tensor, k: Tensor, v: Tensor, forms, scale: float | None
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ct = _compute_dtype(q.dtype)
     if out is None:
         out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
     for gi, form in enumerate(forms):

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import ops as _ops  # noqa: F401  (the attention op is registered first)
-from .reference import _grouped, _probs, _scores, attention_reference
+from .reference import _compute_dtype, _grouped, _probs, _scores, attention_reference
 
 __all__ = ["ProfileCollector", "collecting", "capturing", "attention_profile", "CHUNK", "SINK", "SPANS",
            "EVICT_POLICIES", "EVICT_BUDGETS", "EVICT_PARAMS", "EVICT_FRACTION", "evict_form", "LINEAR_CANDIDATES",
@@ -399,7 +399,7 @@ def _backward(ctx, grad_out):
     b, hq, n, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
     collector = getattr(_active, "collector", None)
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ct = _compute_dtype(q.dtype)
     qg = _grouped(q.to(ct), hkv)                                    # [B, Hkv, G, N, D]
     kk, vv = k.to(ct).unsqueeze(2), v.to(ct).unsqueeze(2)          # [B, Hkv, 1, S, D]
     go = _grouped(grad_out.to(ct), hkv)

@@ -15,14 +15,20 @@ from attnforge.runtime.forms import SinkWindow, causal_pairs, keep_mask
 from attnforge.runtime.reference import attention_reference
 
 
+def _profiled(q, k, v, collector, grad=None, scale=0.4):
+    """Run the profiling op (causal, block 32) forward and backward under `collector`: (out, the gradient
+    of out it was given, the input gradients)."""
+    with profiling.collecting(collector):
+        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, scale, "s", 32)
+        grad = torch.randn_like(out) if grad is None else grad
+        return out, grad, torch.autograd.grad(out, (q, k, v), grad)
+
+
 def test_profiling_op_gradients_and_influence_are_exact():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 150, 8, generator=g, dtype=torch.float64).requires_grad_() for h in (6, 2, 2))
     col = profiling.ProfileCollector(32)
-    with profiling.collecting(col):
-        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.3, "s", 32)
-        grad = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), grad)
+    out, grad, got = _profiled(q, k, v, col, scale=0.3)
     expected = torch.autograd.grad(attention_reference(q, k, v, None, True, 0.3), (q, k, v), grad)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -47,10 +53,7 @@ def test_window_measurements_match_the_windowed_attention():
     q = torch.randn(1, 6, n, 8, generator=g, dtype=torch.float64).requires_grad_()
     k, v = (torch.randn(1, 2, s, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
     col = profiling.ProfileCollector(32)
-    with profiling.collecting(col):
-        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.4, "s", 32)
-        grad = torch.randn_like(out)
-        torch.autograd.grad(out, (q, k, v), grad)
+    out, grad, _ = _profiled(q, k, v, col)
     st = col.stats[("s", n)]
     measured = 0
     for wi, w in enumerate(profiling.SPANS):
@@ -75,10 +78,7 @@ def test_eviction_measurements_match_running_each_policy():
     q = torch.randn(1, 6, n, 8, generator=g, dtype=torch.float64).requires_grad_()
     k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
     col = profiling.ProfileCollector(32)
-    with profiling.collecting(col):
-        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.4, "s", 32)
-        grad = torch.randn_like(out)
-        torch.autograd.grad(out, (q, k, v), grad)
+    out, grad, _ = _profiled(q, k, v, col)
     st = col.stats[("s", n)]
     prompt = n - n // profiling.EVICT_FRACTION
     for pi, pol in enumerate(profiling.EVICT_POLICIES):
@@ -110,10 +110,7 @@ def test_quantization_measurements_match_decoding_from_codes():
     q = torch.randn(1, 6, n, 16, generator=g, dtype=torch.float64).requires_grad_()
     k, v = (torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
     col = profiling.ProfileCollector(32, quant=True)
-    with profiling.collecting(col):
-        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.4, "s", 32)
-        grad = torch.randn_like(out)
-        torch.autograd.grad(out, (q, k, v), grad)
+    out, grad, _ = _profiled(q, k, v, col)
     st = col.stats[("s", n)]
     prompt = n - n // profiling.EVICT_FRACTION
     gr, res = profiling.QUANT_GROUP, profiling.QUANT_RESIDUAL
@@ -136,9 +133,7 @@ def test_quantization_measurements_match_decoding_from_codes():
         np.testing.assert_allclose(st["quant_abs"][:, bi], lin.abs().sum((0, 2, 3)), rtol=1e-9, atol=1e-12)
     assert (st["quant_out"][:, 0] > st["quant_out"][:, 1]).all() and (st["quant_out"][:, 1] > st["quant_out"][:, 2]).all()
     plain = profiling.ProfileCollector(32)
-    with profiling.collecting(plain):
-        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.4, "s", 32)
-        torch.autograd.grad(out, (q, k, v), grad)
+    _profiled(q, k, v, plain, grad)
     assert "quant_out" not in plain.stats[("s", n)]
 
 
@@ -324,9 +319,7 @@ def test_recall_mass_is_the_copied_rows_attention_on_their_source():
     q = torch.randn(1, 6, n, 8, generator=g, dtype=torch.float64).requires_grad_()
     k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
     col = profiling.ProfileCollector(32, recall=(40, 200, 100))
-    with profiling.collecting(col):
-        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.4, "s", 32)
-        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    _profiled(q, k, v, col)
     keep = torch.ones(n, n, dtype=torch.bool).tril()
     a = torch.softmax((q @ k.repeat_interleave(3, 1).transpose(-1, -2) * 0.4).masked_fill(~keep, -torch.inf), -1)
     rect = torch.zeros(2, n, n, dtype=torch.float64)
@@ -335,9 +328,7 @@ def test_recall_mass_is_the_copied_rows_attention_on_their_source():
     np.testing.assert_allclose(col.stats[("s", n)]["recall_mass"], blocks, rtol=1e-9, atol=1e-12)
     assert blocks.sum() > 0
     plain = profiling.ProfileCollector(32)                     # a plain sample records none
-    with profiling.collecting(plain):
-        out = torch.ops.attnforge.attention_profile(q, k, v, None, True, 0, 0.4, "s", 32)
-        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    _profiled(q, k, v, plain)
     assert "recall_mass" not in plain.stats[("s", n)]
 
 
