@@ -12,10 +12,18 @@ def _linear_kernel_key() -> str:
     return kernels.register_source(codegen.render_linear().source)
 
 
+def _plan_kernel_key() -> str:
+    from attnforge import codegen
+    from attnforge.runtime import kernels
+
+    return kernels.register_source(codegen.render_attention(codegen.KernelSpec(causal=True, plan=True)).source)
+
+
 def _install() -> None:
-    from attnforge.runtime import linear
+    from attnforge.runtime import linear, ops
 
     linear.set_kernel_factory(_linear_kernel_key)
+    ops.set_plan_kernel_factory(_plan_kernel_key)
 
 
 _install()

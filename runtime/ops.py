@@ -35,7 +35,7 @@ from .forms import forms_from_json
 from .kernels import KernelUnavailable
 from .reference import attention_reference, attention_reference_backward
 
-__all__ = ["attention", "counters", "fallbacks", "reset_counters", "IMPLS", "triton_check"]
+__all__ = ["attention", "counters", "fallbacks", "reset_counters", "IMPLS", "triton_check", "set_plan_kernel_factory"]
 
 IMPLS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,6 +49,25 @@ fallbacks: collections.Counter = collections.Counter()   # (kernel key, reason) 
 def reset_counters() -> None:
     counters.clear()
     fallbacks.clear()
+
+
+_plan_kernel_factory = None
+_plan_kernel_key: str | None = None
+
+
+def set_plan_kernel_factory(factory) -> None:
+    """`factory()` renders and registers the per-head plan kernel and returns its key. The backward of a
+    dense site runs through that kernel's backward (the runtime never imports the code generator: the
+    compiler installs the factory)."""
+    global _plan_kernel_factory, _plan_kernel_key
+    _plan_kernel_factory, _plan_kernel_key = factory, None
+
+
+def _plan_key() -> str | None:
+    global _plan_kernel_key
+    if _plan_kernel_key is None and _plan_kernel_factory is not None:
+        _plan_kernel_key = _plan_kernel_factory()
+    return _plan_kernel_key
 
 
 def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel: str,
@@ -237,28 +256,52 @@ def _setup_context(ctx, inputs, output):
     ctx.impl, ctx.kernel = impl, kernel
 
 
-def _plan_backward_kernel(ctx, q, k, v, mask):
-    """The plan kernel's module when its backward kernels should run this call, else None: the same
-    choice the forward made (impl='triton', or 'auto' on CUDA) for a planned call it can run."""
-    if ctx.impl == "reference" or not _planned(ctx.forms) or (ctx.impl == "auto" and not _accelerated(q)):
+def _dense_as_forms(q: Tensor, k: Tensor, mask, causal: bool, window: int) -> str:
+    """A dense call as plan forms when the plan kernel computes exactly the same thing, else "": causal
+    self-attention (N = S, where top-left and bottom-right alignment agree), no mask; a sliding window of
+    w keys is SinkWindow(0, w) for every group."""
+    if not causal or mask is not None or q.shape[2] != k.shape[2]:
+        return ""
+    from .forms import Dense, SinkWindow, forms_to_json
+
+    return forms_to_json((SinkWindow(0, window) if window else Dense(),) * k.shape[1])
+
+
+def _backward_kernel(ctx, q, k, v, mask):
+    """(plan kernel module, forms) when Triton's backward kernels should run this call, else None: the same
+    choice the forward made (impl='triton', or 'auto' on CUDA). A planned call runs with its own forms; a
+    dense one through the plan kernel with every group dense (or windowed) where that is exact."""
+    if ctx.impl == "reference" or (ctx.impl == "auto" and not _accelerated(q)):
         return None
     if any(f.kind == "linear" for f in _forms(ctx.forms)):
         return None                  # linear hybrids: gradients by autograd through their reference
-    reason = triton_check(q, k, v, mask, ctx.kernel, ctx.forms, ctx.causal, ctx.window)
-    if reason:
-        if ctx.impl == "triton":
-            raise KernelUnavailable(f"impl='triton' backward: {reason}")
+    if _planned(ctx.forms):
+        key, forms = ctx.kernel, ctx.forms
+        reason = triton_check(q, k, v, mask, key, forms, ctx.causal, ctx.window)
+        if reason:
+            if ctx.impl == "triton":
+                raise KernelUnavailable(f"impl='triton' backward: {reason}; use impl='auto' or impl='reference'")
+            return None
+    else:
+        # a dense call has no backward kernel of its own: where the plan kernel computes the same attention
+        # its backward runs; elsewhere (masks, cross-attention) the reference's, as it always did
+        key, forms = _plan_key(), _dense_as_forms(q, k, mask, ctx.causal, ctx.window)
+        if not (forms and key) or triton_check(q, k, v, None, ctx.kernel, "", True, 0) or \
+                triton_check(q, k, v, None, key, forms, True, 0):
+            return None
+    loaded = kernels.load_kernel(key, q.device)
+    if not (getattr(loaded.module, "PLAN", False) and hasattr(loaded.module, "launch_backward")):
         return None
-    loaded = kernels.load_kernel(ctx.kernel, q.device)
-    return loaded if getattr(loaded.module, "PLAN", False) and hasattr(loaded.module, "launch_backward") else None
+    return loaded, forms
 
 
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
-    loaded = _plan_backward_kernel(ctx, q, k, v, mask)
-    if loaded is not None and q.shape[2] and k.shape[2]:
+    chosen = _backward_kernel(ctx, q, k, v, mask)
+    if chosen is not None and q.shape[2] and k.shape[2]:
+        loaded, forms = chosen
         # recompute the forward once to get each row's log-sum-exp, then the dQ and dK/dV kernels
-        meta = _plan_meta(loaded, ctx.forms, q, k)
+        meta = _plan_meta(loaded, forms, q, k)
         out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         loaded.launch(q, k, v, out, ctx.scale, meta, lse=lse)

@@ -105,6 +105,26 @@ def test_plan_kernel_backward_matches_float64(mix, n, s):
         assert_closer(a, t, e, slack=8.0, floor=1e-5)
 
 
+@pytest.mark.parametrize("window,n,s", [(0, 150, 150), (40, 150, 150), (0, 70, 198)])
+def test_dense_site_backward_runs_through_the_plan_kernel_where_exact(window, n, s):
+    """A dense site has no backward kernel of its own: causal self-attention (N = S) takes the plan kernel's
+    backward with every group dense (or SinkWindow(0, w)); cross-shaped calls keep the reference's."""
+    key = kernels.register_source(codegen.render_attention(codegen.KernelSpec(causal=True, window=bool(window))).source)
+    g = torch.Generator().manual_seed(window + n)
+    q = torch.randn(2, 6, n, 32, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 3, s, 32, generator=g).requires_grad_() for _ in range(2))
+    grad = torch.randn(2, 6, n, 32, generator=g)
+    out = torch.ops.attnforge.attention(q, k, v, None, True, window, 0.2, "triton", key)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    assert af.runtime.counters["triton_backward"] == (1 if n == s else 0)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = torch.autograd.grad(attention_reference(q64, k64, v64, None, True, 0.2, window), (q64, k64, v64),
+                                   grad.double())
+    theirs = torch.autograd.grad(attention_reference(q, k, v, None, True, 0.2, window), (q, k, v), grad)
+    for a, t, e in zip(got, theirs, expected):
+        assert_closer(a, t, e, slack=8.0, floor=1e-5)
+
+
 def test_training_step_through_the_backend_uses_the_backward_kernels():
     from attnforge.compiler.models import tiny
     from attnforge.compiler.plan import Plan, SitePlan, fingerprint
