@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import linecache
 import os
+import re
 import tempfile
 import threading
 import types
@@ -230,6 +231,23 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run our kernels in this environment, or None. Triton <= 3.6's
+    interpreter turns 1-element arrays into Python ints with int(), which NumPy >= 2.4 refuses (every
+    kernel with a loop bound computed in the kernel fails inside Triton); Triton 3.7 fixed it."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__} (it calls "
+                "int() on 1-element arrays, which NumPy 2.4 refuses): install 'numpy<2.4' or 'triton>=3.7'")
+    return None
+
+
 NO_TRITON = "Triton is not installed; install it (`pip install triton`) or use impl='reference'"
 
 
@@ -257,6 +275,8 @@ def load_kernel(key: str, device) -> LoadedKernel:
                                 "compile the model again so that attnforge generates it")
     if device.type == "cpu" and not interpreter_enabled():
         raise KernelUnavailable(_NO_INTERPRETER)
+    if device.type == "cpu" and (problem := interpreter_problem()):
+        raise KernelUnavailable(problem + ", or use impl='reference'")
     if device.type not in ("cuda", "cpu"):
         raise KernelUnavailable(f"Triton kernels run on CUDA devices (or on the CPU through Triton's "
                                 f"interpreter), not on {device.type}; use impl='reference'")

@@ -90,6 +90,8 @@ def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel
     if q.device.type == "cpu" and not kernels.interpreter_enabled():
         return ("the tensors are on the CPU, where Triton runs only through its interpreter: start Python "
                 "with TRITON_INTERPRET=1")
+    if q.device.type == "cpu" and (problem := kernels.interpreter_problem()):
+        return problem
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} is not supported by the kernel (use float16, bfloat16 or float32)"
     if not (q.dtype == k.dtype == v.dtype):

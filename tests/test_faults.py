@@ -67,6 +67,32 @@ def test_triton_missing_explicit_triton_raises(monkeypatch):
         compiled(*inputs)
 
 
+@pytest.mark.parametrize("triton_v,numpy_v,broken", [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                    ("3.9.0", "2.4.6", False), ("3.7.1", "2.5.0", False)])
+def test_interpreter_that_cannot_run_under_this_numpy_is_named(monkeypatch, triton_v, numpy_v, broken):
+    """Triton <= 3.6's interpreter fails inside Triton under NumPy >= 2.4; the op says so, with the fix."""
+    import triton
+
+    if not af.runtime.kernels.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 (the CPU path of impl='triton')")
+    monkeypatch.setattr(triton, "__version__", triton_v)
+    monkeypatch.setattr(np, "__version__", numpy_v)
+    monkeypatch.setattr(af.runtime.kernels, "_handles", {})     # a fresh process: nothing loaded yet
+    problem = af.runtime.kernels.interpreter_problem()
+    assert (problem is not None) == broken
+    q = torch.randn(1, 2, 8, 16)
+    key = af.runtime.kernels.register_source(af.codegen.render_attention(af.codegen.KernelSpec(causal=True)).source)
+    if broken:
+        assert "numpy<2.4" in problem and "triton>=3.7" in problem
+        with pytest.raises(af.KernelUnavailable, match=r"install 'numpy<2\.4' or 'triton>=3\.7'"):
+            torch.ops.attnforge.attention(q, q, q, None, True, 0, 0.25, "triton", key)
+        with pytest.raises(af.KernelUnavailable, match="NumPy 2.4"):
+            af.runtime.kernels.load_kernel(key, q.device)
+    else:
+        torch.ops.attnforge.attention(q, q, q, None, True, 0, 0.25, "triton", key)
+        assert af.runtime.counters["triton_interpreter"] == 1
+
+
 def test_kernel_that_fails_to_compile_falls_back_or_raises(on_gpu, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("PassManager::run failed")            # what a Triton compile error looks like
