@@ -15,7 +15,8 @@ set: StreamingLLM, H2O, A2SF, SnapKV, KVQuant's 2/4/8-bit codes with a full-prec
 linear-hybrid group's constant-size state), so a window head really holds sink + window keys, an evicting
 head its budget and a quantized head its codes. The model's attention calls go to `attnforge_attention`
 (registered with transformers' AttentionInterface under the name "attnforge"): the prefill runs the plan's forms through
-torch.ops.attnforge.attention (exact masks, the plan kernel on CUDA) while the cache keeps only what
+torch.ops.attnforge.attention (exact masks; on CUDA the generated dense or per-head plan kernel, the
+reference where a padding mask is given) while the cache keeps only what
 each group will read again; every decoding step reads the cache through the split-KV Triton kernel
 (CUDA, or CPU under TRITON_INTERPRET=1 with impl="triton") or its PyTorch reference.
 Supported: prefill of the whole prompt at once, then one token per step; no padding (batch rows of
@@ -28,7 +29,7 @@ import contextlib
 import torch
 
 from attnforge import codegen, runtime
-from attnforge.runtime.forms import Dense, forms_to_json
+from attnforge.runtime.forms import Dense, forms_to_json, prefill_form
 from attnforge.runtime.kvcache import KVCacheError, SiteKVCache
 
 from .plan import resolve_site
@@ -45,6 +46,15 @@ def _load(render, device):
     if name not in _kernel_keys:
         _kernel_keys[name] = runtime.kernels.register_source(render().source)
     return runtime.kernels.load_kernel(_kernel_keys[name], device)
+
+
+def _attention_key(plan: bool) -> str:
+    """Key of the generated causal prefill kernel: the per-head plan kernel, or the dense one."""
+    name = "plan" if plan else "dense"
+    if name not in _kernel_keys:
+        spec = codegen.KernelSpec(causal=True, plan=plan)
+        _kernel_keys[name] = runtime.kernels.register_source(codegen.render_attention(spec).source)
+    return _kernel_keys[name]
 
 
 def _decode_kernel(device):
@@ -90,7 +100,9 @@ def _cache_classes():
             super().__init__()
             self.site = SiteKVCache(forms, max_length)
             self.forms, self.impl = forms, impl
-            self.forms_json = "" if all(f.kind == "dense" for f in forms) else forms_to_json(forms)
+            # what the prefill runs: KV-compressed groups attend densely over the prompt (they act on decoding)
+            prefill = tuple(map(prefill_form, forms))
+            self.prefill_json = "" if all(f.kind == "dense" for f in prefill) else forms_to_json(prefill)
 
         def lazy_initialization(self, key_states, value_states):
             self.dtype, self.device = key_states.dtype, key_states.device
@@ -194,8 +206,12 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
         mask = attention_mask
         if mask is not None and mask.dtype != torch.bool:
             raise KVCacheError("the plan cache needs a boolean (or no) attention mask at prefill")
+        # causal, no mask (no padding): the generated kernel (dense, or the per-head plan kernel) where it can
+        # run; a padding mask or an unsupported shape goes to the reference inside the op, which says why
+        kernel = _attention_key(bool(layer.prefill_json)) if mask is None else ""
+        impl = "reference" if layer.impl == "reference" else "auto"
         out = torch.ops.attnforge.attention(query, key, value, mask, mask is None, 0, scale,
-                                            "auto", "", layer.forms_json)
+                                            impl, kernel, layer.prefill_json)
         runtime.counters["kvcache_prefill"] = runtime.counters.get("kvcache_prefill", 0) + 1
         if layer.site.needs_select:                 # KV-evicting groups choose their keys from this prompt
             layer.site.select(query, scale)
