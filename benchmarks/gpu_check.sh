@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Every GPU check of attnforge in one command, sized for a short GPU lease (at most ~9 minutes; each step
+# has its own time limit so one slow step cannot starve the others, and every benchmark rewrites its
+# JSON after each row, so a step cut off keeps what it finished).
+#
+#   bash benchmarks/gpu_check.sh [OUTDIR]        # OUTDIR: $OUT if set, else benchmarks/results/gpu
+#
+# Needs a CUDA GPU with torch, triton and transformers installed (nothing is downloaded: attnforge is
+# installed from this checkout without dependencies). In order of what the open issues need most:
+#   1. tests/test_gpu.py        the compiled kernels against float64 references (forward, backward, decode)
+#   2. benchmarks/kernels.py    #5: dense / uniform window / mixed per-head plan vs SDPA and FlexAttention
+#   3. benchmarks/decode.py     #6: decode kernels' HBM bandwidth; tokens/s vs HF + SDPA at 8k and 32k
+#   4. benchmarks/linear_kernel.py  #7: the linear hybrid vs SDPA at 8k and 32k
+# CPU smoke test of the same scripts (no figures): tests/test_benchmarks.py.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR="${1:-${OUT:-benchmarks/results/gpu}}"
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/gpu_check.log"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+PY="${PYTHON:-python3}"
+
+step() {   # step NAME SECONDS command...: run with a time limit, log its output and exit status
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $(date -u +%T) $name (limit ${limit}s)" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+    git log -1 --format='attnforge %H %s' 2>/dev/null || true
+} 2>&1 | tee "$OUTDIR/env.txt" | tee -a "$LOG"
+
+step install 60 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step kernels 200 "$PY" benchmarks/kernels.py --json "$OUTDIR/kernels.json" \
+    --shapes 32x8x32768x128 9x3x32768x64 32x32x16384x128 9x3x8192x64 32x32x4096x128
+step decode 150 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes smollm2 llama8b \
+    --contexts 8192 32768 --steps 16
+step linear 60 "$PY" benchmarks/linear_kernel.py --json "$OUTDIR/linear_kernel.json" --lengths 8192 32768
+echo "=== $(date -u +%T) done; results in $OUTDIR" | tee -a "$LOG"

@@ -1,0 +1,202 @@
+"""The compiled kernels on a CUDA device against float64 references (skipped without one).
+
+The rest of the suite runs every kernel through Triton's interpreter on the CPU; this file runs the same
+kernels compiled, in half precision, at sizes where the tiling matters (N not a multiple of any block,
+GQA, several splits). Run on a GPU machine with the interpreter off:
+
+    TRITON_INTERPRET=0 python -m pytest -q tests/test_gpu.py
+
+(ATTNFORGE_GPU_TESTS_ON=cpu runs the same checks through the interpreter, to check the checks; slow.)
+Each check asserts that the compiled path ran (the op's counters) and that its error against float64 is
+of the order of PyTorch's own half-precision error (SDPA on the same inputs and mask).
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnforge as af
+from attnforge import codegen
+from attnforge.runtime import kernels
+from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, Linear, SinkWindow, forms_to_json, keep_mask
+from attnforge.runtime.reference import attention_reference
+
+from conftest import assert_closer
+
+DEVICE = os.environ.get("ATTNFORGE_GPU_TESTS_ON", "cuda")
+RAN = "triton" if DEVICE == "cuda" else "triton_interpreter"       # the counter the compiled path bumps
+if DEVICE == "cuda":
+    pytestmark = [pytest.mark.gpu,
+                  pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+                  pytest.mark.skipif(kernels.interpreter_enabled(), reason="run with TRITON_INTERPRET=0 (compiled kernels)")]
+else:
+    pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not kernels.interpreter_enabled(), reason="needs TRITON_INTERPRET=1")]
+
+# (Triton's interpreter computes bfloat16 tl.dot wrongly: the CPU dry run checks float16 only)
+DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16]
+HALF = DTYPES[0]
+MIXED = (Dense(), SinkWindow(64, 256), ElasticWindow(16, 64, 0.25), BlockSparse(64, (0, 3), (0, 1)))
+
+
+def _qkv(h, hk, n, d, dtype, seed, grad=False):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q, k, v = (torch.randn(1, hh, n, d, device=DEVICE, generator=g).to(dtype) for hh in (h, hk, hk))
+    return tuple(t.requires_grad_() for t in (q, k, v)) if grad else (q, k, v)
+
+
+def _sdpa_masked(q, k, v, forms, scale):
+    """PyTorch's own attention in the same dtype, with the forms' mask as a boolean attn_mask."""
+    n = q.shape[2]
+    keep = keep_mask(forms, n, n, device=q.device) & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    keep = keep.repeat_interleave(q.shape[1] // k.shape[1], 0)[None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=True)
+
+
+def _grads(fn, inputs, grad):
+    return torch.autograd.grad(fn(*inputs), inputs, grad)
+
+
+@pytest.mark.parametrize("dtype,h,hk,n,d", [(DTYPES[0], 9, 3, 1000, 64), (DTYPES[-1], 8, 2, 777, 128)])
+def test_dense_kernel_forward(dtype, h, hk, n, d):
+    key = kernels.register_source(codegen.render_attention(codegen.KernelSpec(causal=True)).source)
+    q, k, v = _qkv(h, hk, n, d, dtype, seed=n)
+    af.runtime.reset_counters()
+    out = torch.ops.attnforge.attention(q, k, v, None, True, 0, d ** -0.5, "triton", key)
+    assert af.runtime.counters[RAN] == 1
+    ref = attention_reference(q.double(), k.double(), v.double(), None, True, d ** -0.5)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert_closer(out, theirs, ref, slack=4.0, floor=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_kernel_forward_and_backward(dtype):
+    key = kernels.register_source(codegen.render_attention(codegen.KernelSpec(causal=True, plan=True)).source)
+    n, d, scale = 1000 - 1000 % 64 + 64 * 2 + 17, 64, 0.125         # 1041: not a multiple of the tile
+    q, k, v = _qkv(12, 4, n, d, dtype, seed=3, grad=True)
+    grad = torch.randn(1, 12, n, d, device=DEVICE, dtype=dtype)
+    fj = forms_to_json(MIXED)
+    af.runtime.reset_counters()
+    ours = _grads(lambda *t: torch.ops.attnforge.attention(*t, None, True, 0, scale, "triton", key, fj), (q, k, v), grad)
+    assert af.runtime.counters[RAN] == 1 and af.runtime.counters["triton_backward"] == 1
+    out = torch.ops.attnforge.attention(q, k, v, None, True, 0, scale, "triton", key, fj)
+    t64 = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(*t64, None, True, scale, forms=MIXED)
+    ref_grads = torch.autograd.grad(ref, t64, grad.double())
+    theirs = _grads(lambda *t: _sdpa_masked(*t, MIXED, scale), (q, k, v), grad)
+    assert_closer(out, _sdpa_masked(q, k, v, MIXED, scale), ref, slack=4.0, floor=1e-3)
+    for a, t, e in zip(ours, theirs, ref_grads):
+        assert_closer(a, t, e, slack=8.0, floor=2e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_site_backward_through_the_plan_kernel(dtype):
+    key = kernels.register_source(codegen.render_attention(codegen.KernelSpec(causal=True)).source)
+    q, k, v = _qkv(9, 3, 1000, 64, dtype, seed=5, grad=True)
+    grad = torch.randn(1, 9, 1000, 64, device=DEVICE, dtype=dtype)
+    af.runtime.reset_counters()
+    ours = _grads(lambda *t: torch.ops.attnforge.attention(*t, None, True, 0, 0.125, "triton", key), (q, k, v), grad)
+    assert af.runtime.counters["triton_backward"] == 1
+    t64 = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(attention_reference(*t64, None, True, 0.125), t64, grad.double())
+    theirs = _grads(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, scale=0.125, enable_gqa=True),
+                    (q, k, v), grad)
+    for a, t, e in zip(ours, theirs, ref_grads):
+        assert_closer(a, t, e, slack=8.0, floor=2e-3)
+
+
+def test_decode_kernels_over_the_per_head_cache():
+    """The split-KV decode kernel over dense / window / evicting groups and the quantized one over 2-, 4-
+    and 8-bit groups, against the cache's float64 decode of the same contents."""
+    from attnforge.compiler.decode import _decode_kernel, _decode_quant_kernel
+    from attnforge.runtime.kvcache import SiteKVCache
+    from attnforge.runtime.kvquant import QuantKV
+
+    g = torch.Generator(device=DEVICE).manual_seed(9)
+    n, d = 5000, 64
+    k, v = (torch.randn(1, 4, n, d, device=DEVICE, generator=g, dtype=HALF) for _ in range(2))
+    q = torch.randn(1, 12, d, device=DEVICE, generator=g, dtype=HALF)
+    cache = SiteKVCache((Dense(), SinkWindow(64, 512), ElasticWindow(8, 128, 0.1), Dense()), max_length=n + 8)
+    cache.append(k[:, :, :-3], v[:, :, :-3])
+    for t in range(n - 3, n):
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    out, splits = cache.decode(q, 0.125, _decode_kernel(q.device))
+    assert splits > 1
+    want = cache.decode_reference(q.double(), 0.125)
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+    store = QuantKV([(0, 2), (1, 4), (2, 8), (3, 4)], 32, 128, n + 8)
+    store.append(k[:, :, :-3], v[:, :, :-3])
+    for t in range(n - 3, n):
+        store.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    out, splits = store.decode(q, 0.125, _decode_quant_kernel(q.device))
+    assert splits > 1
+    torch.testing.assert_close(out.double(), store.decode_reference(q.double(), 0.125), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fmap", ["taylor2", "hedgehog"])
+def test_linear_hybrid_kernel(fmap):
+    from attnforge.runtime.linear import FeatureMaps, register_maps
+
+    d, n = 64, 1500
+    g = torch.Generator().manual_seed(2)
+    maps = register_maps(FeatureMaps(torch.eye(d) + 0.1 * torch.randn(d, d, generator=g), torch.eye(d), 1.0))[0]
+    form = Linear(fmap, 64, 64, maps if fmap == "hedgehog" else "")
+    forms = (form, Dense())
+    q, k, v = _qkv(6, 2, n, d, HALF, seed=4)
+    ref = attention_reference(q.double(), k.double(), v.double(), None, True, 1 / math.sqrt(d), 0, forms)
+    af.runtime.reset_counters()
+    out = torch.ops.attnforge.attention(q, k, v, None, True, 0, 1 / math.sqrt(d), "triton", "", forms_to_json(forms))
+    assert af.runtime.counters["triton_linear"] == 1
+    torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_backend_on_a_small_model_runs_compiled_kernels():
+    from attnforge.compiler.models import tiny
+
+    model, (ids,) = tiny(300, sdpa=True)
+    model, ids = model.to(DEVICE), ids.to(DEVICE)
+    be = af.Backend(compiler="eager", impl="triton")
+    af.runtime.reset_counters()
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(ids)
+        want = model(ids)
+    assert af.runtime.counters[RAN] >= 2 and af.runtime.counters["reference"] == 0
+    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
+
+
+def test_plan_cache_prefills_and_decodes_with_the_kernels():
+    """A small Llama under af.plan_attention with a PlanCache: the prefill runs the generated kernels (dense
+    layers the dense kernel, mixed ones the plan kernel), every step the decode kernels; with every group
+    dense the logits equal transformers' own cache."""
+    import transformers
+
+    from attnforge.compiler.decode import plan_attention, plan_cache_from_forms
+    from attnforge.runtime.forms import KVQuant
+
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=300, head_dim=32, max_position_embeddings=1024)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 300, (1, 400), device=DEVICE)
+    logits = {}
+    for name, forms in (("dense", (Dense(), Dense())), ("mixed", (SinkWindow(16, 64), KVQuant(4)))):
+        cache = plan_cache_from_forms({0: forms, 1: (Dense(), Dense())}, 410)
+        af.runtime.reset_counters()
+        with plan_attention(model), torch.no_grad():
+            out = [model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]]
+            for _ in range(3):
+                out.append(model(out[-1].argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1])
+        logits[name] = torch.stack(out)
+        if DEVICE == "cuda":          # (on the CPU the prefill takes the reference: "auto" compiles nothing there)
+            assert af.runtime.counters[RAN] == 2 and af.runtime.counters["reference"] == 0
+            assert af.runtime.counters["kvcache_decode_triton"] == 6
+    hf = transformers.DynamicCache(config=cfg)
+    with torch.no_grad():
+        want = [model(ids, past_key_values=hf, logits_to_keep=1).logits[:, -1]]
+        for _ in range(3):
+            want.append(model(want[-1].argmax(-1, keepdim=True), past_key_values=hf).logits[:, -1])
+    torch.testing.assert_close(logits["dense"], torch.stack(want), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(logits["mixed"], logits["dense"], atol=1e-6)     # the plan did change something
