@@ -109,3 +109,21 @@ def test_window_kernel_refuses_a_missing_window():
     q, k, v = _qkv(2, 2, 8, 16)
     with pytest.raises(Exception, match="sliding window"):
         torch.ops.attnforge.attention(q, k, v, None, True, 0, 0.2, "triton", _key(True, window=True))
+
+
+@pytest.mark.parametrize("spec", [dict(causal=True), dict(causal=False, mask="bool"), dict(causal=True, window=True)],
+                         ids=["causal", "bool_mask", "causal_window"])
+def test_every_autotune_config_computes_the_same_attention(spec):
+    """On a GPU the autotuner launches every entry of CONFIGS (tile sizes included); the interpreter runs
+    each of them here, N and S not multiples of any tile."""
+    loaded = kernels.load_kernel(_key(**spec), torch.device("cpu"))
+    q, k, v = _qkv(4, 2, 150, 32, s=190, seed=3)
+    mask = torch.rand(1, 1, 150, 190, generator=torch.Generator().manual_seed(1)) > 0.3 if spec.get("mask") else None
+    window = 45 if spec.get("window") else 0
+    ref64 = attention_reference(q.double(), k.double(), v.double(), mask, spec["causal"], 0.2, window)
+    eager = attention_reference(q, k, v, mask, spec["causal"], 0.2, window)
+    assert len(loaded.module.CONFIGS) >= 4
+    for config in loaded.module.CONFIGS:
+        out = torch.empty_like(q)
+        loaded.launch(q, k, v, mask, out, 0.2, window, config=config)
+        assert_closer(out, eager, ref64)

@@ -360,3 +360,28 @@ def test_linear_groups_inside_generate_equal_the_full_forward(impl):
     got, _ = _teacher_forced(model, plan, out, 40, impl)
     assert (got - full[:, 39:-1]).abs().max() < 1e-4
     assert torch.equal(got.argmax(-1), out[:, 40:])
+
+
+class _Tiles:
+    """A loaded kernel whose launches use the tile a GPU runs (`**tiles`) under the interpreter."""
+
+    def __init__(self, loaded, **tiles):
+        self.loaded, self.tiles = loaded, tiles
+
+    def launch(self, *args, **kwargs):
+        return self.loaded.module.launch(self.loaded.kernel, *args, interpreted=True, **self.tiles, **kwargs)
+
+
+def test_decode_kernel_with_the_gpu_key_tile():
+    """The interpreter runs 16-key tiles for speed; a GPU runs 64: the same attention at that tile too."""
+    key = runtime.kernels.register_source(codegen.render_decode().source)
+    loaded = _Tiles(runtime.kernels.load_kernel(key, torch.device("cpu")), block_n=64)
+    q, k, v = _data(len(FORMS), 200, r=3)
+    cache = SiteKVCache(FORMS, max_length=200)
+    cache.append(k[:, :, :150].float(), v[:, :, :150].float())
+    for t in range(150, 200):
+        cache.append(k[:, :, t:t + 1].float(), v[:, :, t:t + 1].float())
+    want = _want(q, k, v, 199, FORMS)
+    for splits in (None, 3):
+        out, _ = cache.decode(q[:, :, 199].float(), 0.25, loaded, splits=splits)
+        assert (out.double() - want).abs().max() < 1e-5

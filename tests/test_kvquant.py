@@ -138,3 +138,17 @@ def test_kv_quant_form_counts_its_bytes_and_prefills_dense():
     assert lay.kind == "quant" and lay.capacity(100) == 0
     with pytest.raises(KVCacheError):
         layout_for("not a form", 100)
+
+
+def test_decode_kernel_with_the_gpu_key_tile(quant_kernel):
+    """The interpreter runs 16-token tiles for speed; a GPU runs 64 (tiles straddle code groups and the
+    residual differently): the same attention at that tile too."""
+    import functools
+
+    qkv, *_ = _store([(0, 2), (1, 4), (2, 8)], 300, 7, b=1)
+    q = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(8))
+    gpu_tile = type("Tiles", (), {"launch": staticmethod(functools.partial(
+        quant_kernel.module.launch, quant_kernel.kernel, interpreted=True, block_n=64))})
+    for splits in (None, 2):
+        out, _ = qkv.decode(q, 0.125, gpu_tile, splits=splits)
+        torch.testing.assert_close(out.double(), qkv.decode_reference(q.double(), 0.125), rtol=2e-5, atol=2e-5)

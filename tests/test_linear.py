@@ -273,3 +273,30 @@ def test_profile_search_plan_and_run_with_linear_candidates(tmp_path):
                                                       for s in sites), {"density": 1.0}, (384,))
     same = torch.compile(model, backend=af.Backend(plan=plan_dense, impl="reference", compiler="eager"))(ids)
     torch.testing.assert_close(same, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fmap", ["taylor2", "hedgehog"])
+def test_triton_kernels_with_the_gpu_chunk(fmap, monkeypatch):
+    """The interpreter runs 16-token chunks (and 16-key decode tiles) for speed; a GPU runs 64: the same
+    hybrid at that size too, prefill over several chunks and a decode step over more than one tile."""
+    import functools
+
+    from attnforge.runtime.linear import kernel_key
+
+    d, n = 16, 200
+    q, k, v = _qkv(1, 4, 2, n, d, torch.float32, seed=21)
+    form = Linear(fmap, 80, 5, _maps(d, seed=6) if fmap == "hedgehog" else "")
+    forms = (form, form)
+    scale = 1 / math.sqrt(d)
+    ref = attention_reference(q.double(), k.double(), v.double(), None, True, scale, 0, forms)
+    loaded = af.runtime.kernels.load_kernel(kernel_key(), torch.device("cpu"))
+    monkeypatch.setattr(loaded.module, "launch", functools.partial(loaded.module.launch, chunk=64))
+    monkeypatch.setattr(loaded.module, "decode", functools.partial(loaded.module.decode, block_e=64))
+    out = torch.ops.attnforge.attention(q, k, v, None, True, 0, scale, "triton", "", af.runtime.forms.forms_to_json(forms))
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+    st = LinearState(form, d, d, scale)
+    st.extend(k[0, 1], v[0, 1])
+    assert len(st.keys) == 85                                  # sink + window exact keys: two 64-key tiles
+    got = st.attend(q[0, 2:, n - 1], impl="triton")
+    torch.testing.assert_close(got.double(), ref[0, 2:, n - 1], rtol=2e-5, atol=2e-5)

@@ -144,3 +144,19 @@ def test_training_step_through_the_backend_uses_the_backward_kernels():
     assert af.runtime.counters["triton_backward"] == 2
     for a, b in zip(grads["triton"], grads["reference"]):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-5)
+
+
+def test_every_autotune_config_of_the_plan_kernel_computes_the_same_attention():
+    """The plan kernel's CONFIGS change warps and stages only (its tile is the block metadata's); each one,
+    forward with the log-sum-exp, as the autotuner and the backward launch it."""
+    loaded = kernels.load_kernel(_plan_key(), torch.device("cpu"))
+    forms = MIXES["dense+window+elastic"]
+    q = torch.randn(1, 6, 150, 32, generator=torch.Generator().manual_seed(2))
+    k, v = torch.randn(1, 3, 150, 32), torch.randn(1, 3, 150, 32)
+    ref64 = attention_reference(q.double(), k.double(), v.double(), None, True, 0.2, forms=forms)
+    meta = blockmeta.block_meta(forms_to_json(forms), 2, 150, 150, 64, 64, "cpu")
+    for config in loaded.module.CONFIGS:
+        out, lse = torch.empty_like(q), torch.empty(1, 6, 150)
+        loaded.launch(q, k, v, out, 0.2, meta, lse=lse, config=config)
+        assert (out.double() - ref64).abs().max() < 1e-5
+        assert torch.isfinite(lse).all()
