@@ -190,7 +190,9 @@ def main():
             for label, form in (("dense", Dense()), ("kv50", SinkWindow(64, n // 2 - 64)), ("kivi4", KVQuant(4)),
                                 ("kivi2", KVQuant(2))):
                 try:
-                    cache = plan_cache_from_forms({i: (form,) * g for i in range(layers)}, n + args.steps + 2)
+                    # on the CPU smoke run the decode steps go through the interpreter's kernels too
+                    cache = plan_cache_from_forms({i: (form,) * g for i in range(layers)}, n + args.steps + 2,
+                                                  impl="auto" if dev.cuda else "triton")
                     af.runtime.reset_counters()
                     tps, peak, first = run(model, cache, ids, args.steps, True, dev)
                     row[f"{label}_tokens_per_s"], row[f"{label}_peak_bytes"] = tps, peak

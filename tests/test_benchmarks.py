@@ -47,6 +47,7 @@ def test_decode_benchmark(tmp_path):
     assert all(k["max_error_vs_float64"] < 1e-5 for k in data["kernel"])
     (row,) = data["rows"]
     assert row["dense_first_step_logits_max_diff_vs_hf"] < 1e-4            # all-dense cache = HF's cache
+    assert all(row[f"{c}_decode_kernel_calls"] == 2 * 3 for c in ("dense", "kv50", "kivi4", "kivi2"))  # layers x steps
     assert row["kv50_cache_bytes"] < row["dense_cache_bytes"]
 
 
