@@ -21,6 +21,7 @@ import time
 import torch
 
 from _common import Device, Results
+from attnforge.compiler.decode import cache_kwargs
 
 SHAPES = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -58,14 +59,14 @@ def run(model, cache, ids, steps, attnforge, dev):
     dev.sync()
     dev.reset_peak()
     with ctx, torch.no_grad():
-        logits = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        logits = model(ids, **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]
         tok = logits.argmax(-1, keepdim=True)
-        first = model(tok, past_key_values=cache).logits[:, -1].float()     # warm-up step (compile, autotune)
+        first = model(tok, **cache_kwargs(model, cache)).logits[:, -1].float()     # warm-up step (compile, autotune)
         tok = first.argmax(-1, keepdim=True)
         dev.sync()
         t = time.perf_counter()
         for _ in range(steps):
-            tok = model(tok, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+            tok = model(tok, **cache_kwargs(model, cache)).logits[:, -1].argmax(-1, keepdim=True)
         dev.sync()
         seconds = time.perf_counter() - t
     return steps / seconds, dev.peak(), first

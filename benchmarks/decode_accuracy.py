@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import attnforge as af
+from attnforge.compiler.decode import cache_kwargs
 from attnforge.compiler.evaluate import EVALUATION, text_tokens
 from attnforge.compiler.models import _smollm2
 from attnforge.compiler.profile import Profile
@@ -32,10 +33,10 @@ def continuation_nll(model, plan, prompt, cont, impl):
     cache = af.PlanCache(model, plan, max_length=prompt.shape[1] + cont.shape[1], impl=impl)
     nll = 0.0
     with af.plan_attention(model), torch.no_grad():
-        logits = model(prompt, past_key_values=cache).logits[:, -1]
+        logits = model(prompt, **cache_kwargs(model, cache)).logits[:, -1]
         for t in range(cont.shape[1]):
             nll += F.cross_entropy(logits.float(), cont[:, t]).item()
-            logits = model(cont[:, t:t + 1], past_key_values=cache).logits[:, -1]
+            logits = model(cont[:, t:t + 1], **cache_kwargs(model, cache)).logits[:, -1]
     return nll, cache
 
 

@@ -7,7 +7,7 @@ or, by hand:
 
     cache = af.PlanCache(model, plan, max_length=ids.shape[1] + 64)
     with af.plan_attention(model):
-        model.generate(ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
+        model.generate(ids, cache=cache, max_new_tokens=64, do_sample=False)   # past_key_values= before transformers 5.2x
 
 Each decoder layer's cache is an attnforge.runtime.kvcache.SiteKVCache laid out by the plan's forms for
 that layer (one layout per KV group: full, sink + ring window, kept blocks, a KVEvict policy's kept
@@ -25,6 +25,7 @@ equal length). Anything else raises KVCacheError, never silently attends to the 
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
@@ -34,7 +35,8 @@ from attnforge.runtime.kvcache import KVCacheError, SiteKVCache
 
 from .plan import resolve_site
 
-__all__ = ["PlanCache", "plan_cache_from_forms", "plan_attention", "generate", "attnforge_attention", "KVCacheError"]
+__all__ = ["PlanCache", "plan_cache_from_forms", "plan_attention", "generate", "attnforge_attention", "KVCacheError",
+           "cache_kwargs"]
 
 NAME = "attnforge"
 _kernel_keys: dict[str, str] = {}
@@ -182,6 +184,12 @@ def plan_cache_from_forms(layer_forms: dict[int, tuple], max_length: int, impl: 
     return impl_cls(layer_forms, max_length, impl)
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The keyword that hands a Cache to `model`'s forward and generate(): `cache` where the forward takes it
+    (transformers 5.2x renamed `past_key_values`, which goes away in 5.40), else `past_key_values`."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def _use_kernel(impl: str, q: torch.Tensor) -> bool:
     if impl == "reference":
         return False
@@ -255,5 +263,5 @@ def generate(model, input_ids, plan=None, max_new_tokens: int = 64, impl: str = 
     cache = PlanCache(model, plan, max_length=input_ids.shape[1] + max_new_tokens, impl=impl)
     kwargs.setdefault("do_sample", False)
     with plan_attention(model), torch.no_grad():
-        out = model.generate(input_ids, past_key_values=cache, max_new_tokens=max_new_tokens, **kwargs)
+        out = model.generate(input_ids, **cache_kwargs(model, cache), max_new_tokens=max_new_tokens, **kwargs)
     return out, cache

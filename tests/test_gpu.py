@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import attnforge as af
 from attnforge import codegen
+from attnforge.compiler.decode import cache_kwargs
 from attnforge.runtime import kernels
 from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, Linear, SinkWindow, forms_to_json, keep_mask
 from attnforge.runtime.reference import attention_reference
@@ -186,17 +187,17 @@ def test_plan_cache_prefills_and_decodes_with_the_kernels():
         cache = plan_cache_from_forms({0: forms, 1: (Dense(), Dense())}, 410)
         af.runtime.reset_counters()
         with plan_attention(model), torch.no_grad():
-            out = [model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]]
+            out = [model(ids, **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]]
             for _ in range(3):
-                out.append(model(out[-1].argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1])
+                out.append(model(out[-1].argmax(-1, keepdim=True), **cache_kwargs(model, cache)).logits[:, -1])
         logits[name] = torch.stack(out)
         if DEVICE == "cuda":          # (on the CPU the prefill takes the reference: "auto" compiles nothing there)
             assert af.runtime.counters[RAN] == 2 and af.runtime.counters["reference"] == 0
             assert af.runtime.counters["kvcache_decode_triton"] == 6
     hf = transformers.DynamicCache(config=cfg)
     with torch.no_grad():
-        want = [model(ids, past_key_values=hf, logits_to_keep=1).logits[:, -1]]
+        want = [model(ids, **cache_kwargs(model, hf), logits_to_keep=1).logits[:, -1]]
         for _ in range(3):
-            want.append(model(want[-1].argmax(-1, keepdim=True), past_key_values=hf).logits[:, -1])
+            want.append(model(want[-1].argmax(-1, keepdim=True), **cache_kwargs(model, hf)).logits[:, -1])
     torch.testing.assert_close(logits["dense"], torch.stack(want), rtol=1e-3, atol=1e-3)
     assert not torch.allclose(logits["mixed"], logits["dense"], atol=1e-6)     # the plan did change something

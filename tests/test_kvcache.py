@@ -7,6 +7,7 @@ import torch
 
 import attnforge as af
 from attnforge import codegen, runtime
+from attnforge.compiler.decode import cache_kwargs
 from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindow
 from attnforge.runtime.kvcache import KVCacheError, SiteKVCache, layout_for
 from attnforge.runtime.reference import attention_reference
@@ -121,15 +122,15 @@ def test_plan_decoding_equals_the_full_forward_of_the_same_plan(impl):
         full = torch.compile(model, backend=af.Backend(plan=plan, impl="reference", compiler="eager"))(out).logits
     steps = af.PlanCache(model, plan, max_length=out.shape[1], impl=impl)
     with af.plan_attention(model), torch.no_grad():
-        logits = [model(out[:, :30], past_key_values=steps).logits[:, -1]]
+        logits = [model(out[:, :30], **cache_kwargs(model, steps)).logits[:, -1]]
         for t in range(30, out.shape[1] - 1):
-            logits.append(model(out[:, t:t + 1], past_key_values=steps).logits[:, -1])
+            logits.append(model(out[:, t:t + 1], **cache_kwargs(model, steps)).logits[:, -1])
     logits = torch.stack(logits, 1)
     assert (logits - full[:, 29:-1]).abs().max() < 1e-4
     assert torch.equal(logits.argmax(-1), out[:, 30:])
     dense = af.PlanCache(model, None, max_length=out.shape[1])
     with af.plan_attention(model), torch.no_grad():
-        model(out, past_key_values=dense)
+        model(out, **cache_kwargs(model, dense))
     assert steps.nbytes() < dense.nbytes() and steps.kv_entries() < dense.kv_entries()
 
 
@@ -138,9 +139,9 @@ def test_chunked_prefill_is_refused():
     ids = torch.randint(0, 256, (1, 12))
     cache = af.PlanCache(model, None, max_length=40)
     with af.plan_attention(model), torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
         with pytest.raises(KVCacheError, match="one token per step"):
-            model(ids[:, :3], past_key_values=cache)
+            model(ids[:, :3], **cache_kwargs(model, cache))
 
 
 def test_one_token_steps_fill_the_same_slots_as_a_bulk_write():
@@ -277,7 +278,7 @@ def test_evicting_plan_inside_generate_prefills_densely_and_holds_its_budget():
     assert h2o_live == forms[0].kept(40)                                      # the budget held while decoding
     dense = af.PlanCache(model, None, max_length=48)
     with af.plan_attention(model), torch.no_grad():
-        model(out, past_key_values=dense)
+        model(out, **cache_kwargs(model, dense))
     assert cache.nbytes() < dense.nbytes() / 2
 
 
@@ -292,9 +293,9 @@ def _quant_plan(model, ids, forms_per_site):
 def _teacher_forced(model, plan, out, prompt, impl):
     cache = af.PlanCache(model, plan, max_length=out.shape[1], impl=impl)
     with af.plan_attention(model), torch.no_grad():
-        logits = [model(out[:, :prompt], past_key_values=cache).logits[:, -1]]
+        logits = [model(out[:, :prompt], **cache_kwargs(model, cache)).logits[:, -1]]
         for t in range(prompt, out.shape[1] - 1):
-            logits.append(model(out[:, t:t + 1], past_key_values=cache).logits[:, -1])
+            logits.append(model(out[:, t:t + 1], **cache_kwargs(model, cache)).logits[:, -1])
     return torch.stack(logits, 1), cache
 
 
