@@ -9,8 +9,9 @@ positions for the forms; the op's causal rule j <= i on top), and BLOCK_M x BLOC
     schedule[w]      (query block, query head) of each program, heaviest (largest count) first
     count_t, index_t the transpose, per (KV group, key block): the query blocks that visit it (backward)
 
-Work is O(G * N/BLOCK_M * S/BLOCK_N) block flags, built with a few tensor ops on the target device and
-cached per (forms, N, S, device); `block_reason` says when a form cannot be tiled exactly (a block-sparse
+Work is O(G * N/BLOCK_M * S/BLOCK_N) block flags, built with a few tensor ops on the target device
+(one broadcast expression for all window-like groups, no sort; the transpose only when a backward asks)
+and cached per (forms, N, S, device); `block_reason` says when a form cannot be tiled exactly (a block-sparse
 layout whose block is not the tile, or query blocks not aligned with its blocks).
 """
 from __future__ import annotations
@@ -35,8 +36,21 @@ class BlockMeta:
     block_m: int
     block_n: int
     visited_blocks: int       # sum of count, kept on the host (no device sync per launch)
-    count_t: torch.Tensor     # [G, nbk] int32: query blocks visiting each key block
-    index_t: torch.Tensor     # [G, nbk, maxq] int32, contiguous
+    flags: torch.Tensor       # [G, nbq, nbk] bool: the block-level keep flags the lists come from
+
+    @functools.cached_property
+    def _transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _lists(self.flags.transpose(1, 2))
+
+    @property
+    def count_t(self) -> torch.Tensor:
+        """[G, nbk] int32: query blocks visiting each key block (built on first use: the backward's)."""
+        return self._transposed[0]
+
+    @property
+    def index_t(self) -> torch.Tensor:
+        """[G, nbk, maxq] int32, contiguous: those query blocks, ascending."""
+        return self._transposed[1]
 
 
 def block_reason(forms, n: int, s: int, block_m: int, block_n: int) -> str | None:
@@ -79,16 +93,39 @@ def _group_blocks(form, qb: torch.Tensor, kb: torch.Tensor, n: int, s: int, bm: 
     return causal & (vert[kb] | in_slash)
 
 
+def _flags(forms, n: int, s: int, bm: int, bn: int, dev) -> torch.Tensor:
+    """[G, nbq, nbk] bool block flags of every group at once: the window forms (Dense, SinkWindow,
+    ElasticWindow, a Linear's exact part, the KV forms' dense prefill) by one broadcast expression over
+    per-group (dense, sink, window) vectors, BlockSparse groups one by one (`_group_blocks`, which is also
+    the per-form definition the vectorized expression is tested against)."""
+    nbq, nbk = -(-n // bm), -(-s // bn)
+    qb = torch.arange(nbq, device=dev)[:, None]
+    kb = torch.arange(nbk, device=dev)[None, :]
+    p0 = s - n + qb * bm                                        # first query position of each query block
+    last = torch.clamp((qb + 1) * bm, max=n) - 1
+    k0, k1 = kb * bn, kb * bn + bn - 1
+    causal = (k0 <= s - n + last) & (k0 <= last)                # [nbq, nbk]
+    prefill = [SinkWindow(f.sink, f.window) if isinstance(f, Linear) else f for f in map(prefill_form, forms)]
+    dense = [isinstance(f, Dense) for f in prefill]
+    windowed = [isinstance(f, (SinkWindow, ElasticWindow)) for f in prefill]
+    w = [f.window_at(s) if wf else 0 for f, wf in zip(prefill, windowed)]
+    params = torch.tensor([[d, f.sink if wf else 0, ww, wf and ww > max(0, s - n)]
+                           for f, d, wf, ww in zip(prefill, dense, windowed, w)], dtype=torch.int64)
+    d_, sink, win, band = (t.to(dev)[:, None, None] for t in params.unbind(1))
+    flags = causal & ((d_ > 0) | (k0 < sink) | ((band > 0) & (k1 > p0 - win)))
+    for g, f in enumerate(prefill):
+        if isinstance(f, BlockSparse):
+            flags[g] = _group_blocks(f, qb, kb, n, s, bm, bn)
+    return flags
+
+
 @functools.lru_cache(maxsize=256)
 def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, device: str) -> BlockMeta:
     forms = forms_from_json(forms_json)
     dev = torch.device(device)
-    nbq, nbk = -(-n // bm), -(-s // bn)
-    qb = torch.arange(nbq, device=dev)[:, None]
-    kb = torch.arange(nbk, device=dev)[None, :]
-    flags = torch.stack([_group_blocks(f, qb, kb, n, s, bm, bn) for f in forms])        # [G, nbq, nbk]
+    nbq = -(-n // bm)
+    flags = _flags(forms, n, s, bm, bn, dev)                                            # [G, nbq, nbk]
     count, index = _lists(flags)
-    count_t, index_t = _lists(flags.transpose(1, 2))
     sink = torch.tensor([getattr(f, "sink", 0) if f.window_at(s) is not None else 0 for f in forms],
                         dtype=torch.int32, device=dev)
     window = torch.tensor([f.window_at(s) or 0 for f in forms], dtype=torch.int32, device=dev)
@@ -99,19 +136,20 @@ def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, devic
                                 indexing="ij")
     order = torch.argsort(work.flatten(), descending=True, stable=True)
     schedule = torch.stack([qbs.flatten()[order], heads.flatten()[order]], 1).to(torch.int32).contiguous()
-    return BlockMeta(count, index, sink, window, schedule, bm, bn, int(count.sum()), count_t, index_t)
+    return BlockMeta(count, index, sink, window, schedule, bm, bn, int(count.sum()), flags)
 
 
 def _lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[G, R, C] flags -> (count [G, R], index [G, R, maxc]): the flagged columns of each row, ascending,
-    padded with 0."""
+    padded with 0. No sort: each flagged column goes to slot (flags before it in its row)."""
     cols = flags.shape[-1]
     count = flags.sum(-1, dtype=torch.int32)
     maxc = max(1, int(count.max())) if count.numel() else 1
-    ids = torch.arange(cols, device=flags.device)
-    order = torch.argsort((~flags).to(torch.int64) * cols + ids, dim=-1)[..., :maxc]      # kept first, ascending
-    index = torch.where(torch.arange(maxc, device=flags.device) < count[..., None], order, 0)
-    return count, index.to(torch.int32).contiguous()
+    slot = torch.where(flags, torch.cumsum(flags, -1, dtype=torch.int32) - 1, maxc).to(torch.int64)
+    ids = torch.arange(cols, device=flags.device, dtype=torch.int32).expand(flags.shape)
+    index = torch.zeros(flags.shape[:-1] + (maxc + 1,), dtype=torch.int32, device=flags.device)
+    index.scatter_(-1, slot, ids)                               # unflagged columns all land in the spare slot
+    return count, index[..., :maxc].contiguous()
 
 
 def block_meta(forms_json: str, group: int, n: int, s: int, block_m: int, block_n: int, device) -> BlockMeta:

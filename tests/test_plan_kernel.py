@@ -160,3 +160,29 @@ def test_every_autotune_config_of_the_plan_kernel_computes_the_same_attention():
         loaded.launch(q, k, v, out, 0.2, meta, lse=lse, config=config)
         assert (out.double() - ref64).abs().max() < 1e-5
         assert torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_metadata_equals_the_per_form_definition(seed):
+    """The vectorized block flags equal `_group_blocks` form by form (every kind, queries at the end of
+    longer keys too), and the sort-free lists are each row's flagged blocks in order (forward and the
+    backward's transpose)."""
+    from attnforge.runtime.forms import KVEvict, KVQuant, Linear
+
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda hi: int(torch.randint(1, hi, (1,), generator=g))          # noqa: E731
+    menu = [Dense(), SinkWindow(pick(70), pick(300)), ElasticWindow(pick(9), pick(100), 0.1 * pick(5)),
+            BlockSparse(64, (0, pick(4)), (0, pick(3))), Linear("taylor2", pick(130), pick(9)), KVQuant(4),
+            KVEvict("h2o", 0.5), SinkWindow(0, 1)]
+    forms = tuple(menu[int(i)] for i in torch.randint(0, len(menu), (5,), generator=g))
+    n = 64 * pick(6) + (0 if seed % 2 else pick(60))
+    s = n + 64 * (seed % 3)
+    meta = blockmeta.block_meta(forms_to_json(forms), 2, n, s, 64, 64, "cpu")
+    qb, kb = torch.arange(meta.count.shape[1])[:, None], torch.arange(-(-s // 64))[None, :]
+    want = torch.stack([blockmeta._group_blocks(f, qb, kb, n, s, 64, 64) for f in forms])
+    assert torch.equal(meta.flags, want)
+    for flags, count, index in ((want, meta.count, meta.index), (want.transpose(1, 2), meta.count_t, meta.index_t)):
+        for gi in range(flags.shape[0]):
+            for r in range(flags.shape[1]):
+                cols = flags[gi, r].nonzero().flatten().tolist()
+                assert count[gi, r] == len(cols) and index[gi, r, :len(cols)].tolist() == cols
