@@ -36,11 +36,11 @@ step() {   # step NAME SECONDS command...: run with a time limit, log its output
     git log -1 --format='attnforge %H %s' 2>/dev/null || true
 } 2>&1 | tee "$OUTDIR/env.txt" | tee -a "$LOG"
 
-step install 60 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
-step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step kernels 200 "$PY" benchmarks/kernels.py --json "$OUTDIR/kernels.json" \
+step install 30 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+step tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step kernels 220 "$PY" benchmarks/kernels.py --json "$OUTDIR/kernels.json" \
     --shapes 32x8x32768x128 9x3x32768x64 32x32x16384x128 9x3x8192x64 32x32x4096x128
-step decode 150 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes smollm2 llama8b \
+step decode 140 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes smollm2 llama8b \
     --contexts 8192 32768 --steps 16
 step linear 60 "$PY" benchmarks/linear_kernel.py --json "$OUTDIR/linear_kernel.json" --lengths 8192 32768
 echo "=== $(date -u +%T) done; results in $OUTDIR" | tee -a "$LOG"
