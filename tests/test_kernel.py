@@ -75,17 +75,15 @@ def test_masks_with_broadcast_and_fully_masked_rows(kind):
     assert_closer(out, eager, ref64)
 
 
-BF16_INTERPRETER_BUG = pytest.mark.xfail(
-    reason="Triton's CPU interpreter (3.9) returns garbage for tl.dot on bfloat16 (a lone 16x16 "
-           "tl.dot(bf16, bf16) reproduces it); the bf16 kernel is compiled for sm_90 in test_codegen_cuda",
-    strict=False)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=BF16_INTERPRETER_BUG)])
-def test_half_precision(dtype):
+@pytest.mark.parametrize("dtype,slack", [(torch.float16, 2.0), (torch.bfloat16, 4.0)])
+def test_half_precision(dtype, slack):
+    """Half inputs and outputs; P is rounded to the value dtype before P @ V, as on the GPU (the reference
+    keeps it in float32: bf16's 8-bit mantissa needs the larger slack). Under the interpreter a bfloat16
+    tl.dot runs in float32 (Triton's interpreter multiplies bfloat16 tiles wrongly); the bf16 tensor-core
+    product itself is checked by tests/test_gpu.py and compiled for sm_90 in test_codegen_cuda."""
     q, k, v = _qkv(9, 3, 50, 64, dtype=dtype)
     out, eager, ref64 = _check(q, k, v, None, True, 0.125, _key(True))
-    assert_closer(out, eager, ref64, slack=2.0, floor=1e-3)
+    assert_closer(out, eager, ref64, slack=slack, floor=1e-3)
 
 
 def test_non_contiguous_inputs():

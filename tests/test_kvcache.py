@@ -386,3 +386,15 @@ def test_decode_kernel_with_the_gpu_key_tile():
     for splits in (None, 3):
         out, _ = cache.decode(q[:, :, 199].float(), 0.25, loaded, splits=splits)
         assert (out.double() - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_kernel_half_precision(dtype):
+    key = runtime.kernels.register_source(codegen.render_decode().source)
+    loaded = runtime.kernels.load_kernel(key, torch.device("cpu"))
+    q, k, v = _data(len(FORMS), 90, r=3, seed=4)
+    cache = SiteKVCache(FORMS, max_length=90)
+    cache.append(k.to(dtype), v.to(dtype))
+    out, _ = cache.decode(q[:, :, 89].to(dtype), 0.25, loaded, splits=2)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), cache.decode_reference(q[:, :, 89], 0.25), rtol=2e-2, atol=2e-2)

@@ -110,11 +110,12 @@ def test_decode_kernel_matches_dequantized_attention(quant_kernel, prompt, steps
     torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
 
 
-def test_decode_kernel_half_precision(quant_kernel):
-    qkv, *_ = _store([(0, 4), (1, 8)], 130, 4, b=1, dtype=torch.float16)
-    q = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(6)).half()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_kernel_half_precision(quant_kernel, dtype):
+    qkv, *_ = _store([(0, 4), (1, 8)], 130, 4, b=1, dtype=dtype)
+    q = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
     out, _ = qkv.decode(q, 0.125, quant_kernel)
-    assert out.dtype == torch.float16
+    assert out.dtype == dtype
     want = qkv.decode_reference(q.double(), 0.125)
     torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
 

@@ -186,3 +186,29 @@ def test_block_metadata_equals_the_per_form_definition(seed):
             for r in range(flags.shape[1]):
                 cols = flags[gi, r].nonzero().flatten().tolist()
                 assert count[gi, r] == len(cols) and index[gi, r, :len(cols)].tolist() == cols
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_plan_kernel_half_precision_forward_and_backward(dtype):
+    """fp16 and bf16 through the plan kernel's forward and both backward kernels, a fully masked-out
+    key block pattern and N not a multiple of the tile, against float64 (bf16 products in float32 under
+    the interpreter; see test_kernel.test_half_precision)."""
+    forms = MIXES["block_sparse+window"]
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 6, 150, 32, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(1, 3, 150, 32, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    grad = torch.randn(1, 6, 150, 32, generator=g).to(dtype)
+    out = torch.ops.attnforge.attention(q, k, v, None, True, 0, 0.2, "triton", _plan_key(), forms_to_json(forms))
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    assert af.runtime.counters["triton_interpreter"] == 1 and af.runtime.counters["triton_backward"] == 1
+    assert out.dtype == dtype and all(x.dtype == dtype for x in got)
+    t64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*t64, None, True, 0.2, forms=forms)
+    ref_grads = torch.autograd.grad(ref, t64, grad.double())
+    t32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    theirs = attention_reference(*t32, None, True, 0.2, forms=forms)      # PyTorch in float32, rounded once
+    theirs_grads = torch.autograd.grad(theirs, t32, grad.float())
+    slack = 4.0 if dtype == torch.bfloat16 else 2.0
+    assert_closer(out, theirs.to(dtype), ref, slack=slack, floor=1e-3)
+    for a, t, e in zip(got, theirs_grads, ref_grads):
+        assert_closer(a, t.to(dtype), e, slack=2 * slack, floor=2e-3)
