@@ -118,6 +118,15 @@ class GroupLayout:
         return ok
 
 
+def _to_device(values: list[int], device) -> torch.Tensor:
+    """A small int64 index tensor on `device` without stalling it: on CUDA through pinned memory and a
+    non-blocking copy (a pageable host-to-device copy waits for the whole stream, once per layer per
+    decoding step); the caching host allocator keeps the pinned block until the copy has run."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+
+
 def layout_for(form, max_length: int) -> GroupLayout:
     """The cache layout of a form, for sequences up to `max_length` tokens (elastic spans grow)."""
     if isinstance(form, Dense):
@@ -155,6 +164,7 @@ class SiteKVCache:
         self._dynamic = any(lay.dynamic for lay in self.layouts)
         self._evict = [gi for gi, lay in enumerate(self.layouts) if lay.kind == "evict"]
         self._quant = [gi for gi, lay in enumerate(self.layouts) if lay.kind == "quant"]
+        self._heads_cache: dict = {}
         self.quant = None                     # QuantKV of the KVQuant groups (runtime.kvquant)
         if self._quant:
             shapes = {(self.layouts[gi].form.group, self.layouts[gi].form.residual) for gi in self._quant}
@@ -235,9 +245,8 @@ class SiteKVCache:
         if n == 1 and self.length > 0:   # a decoding step: every group's slot in Python, one scatter for all
             p = self.length
             rest = [gi for gi, lay in enumerate(self.layouts) if lay.kind not in ("quant", "linear")]
-            idx = torch.tensor([self._offs[gi] + (self._evict_slot(gi, p) if self.layouts[gi].kind == "evict"
-                                                   else self.layouts[gi].slot(p)) for gi in rest],
-                               dtype=torch.long, device=k.device)
+            idx = _to_device([self._offs[gi] + (self._evict_slot(gi, p) if self.layouts[gi].kind == "evict"
+                                                 else self.layouts[gi].slot(p)) for gi in rest], k.device)
             self.k[:, idx] = k[:, rest, 0].to(self.k.dtype)     # (nothing when every group is quantized / linear)
             self.v[:, idx] = v[:, rest, 0].to(self.v.dtype)
             self.pos[idx] = p
@@ -379,8 +388,11 @@ class SiteKVCache:
         return out.to(q.dtype)
 
     def _quant_heads(self, r: int, device) -> torch.Tensor:
-        """Query-head indices of the KVQuant groups, group-major (QuantKV's order)."""
-        return torch.tensor([gi * r + i for gi in self._quant for i in range(r)], device=device)
+        """Query-head indices of the KVQuant groups, group-major (QuantKV's order); made once per (r, device)."""
+        key = (r, str(device))
+        if key not in self._heads_cache:
+            self._heads_cache[key] = torch.tensor([gi * r + i for gi in self._quant for i in range(r)], device=device)
+        return self._heads_cache[key]
 
     # ------------------------------------------------------------------ Linear groups
     def _linear_append(self, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -201,3 +201,32 @@ def test_plan_cache_prefills_and_decodes_with_the_kernels():
             want.append(model(want[-1].argmax(-1, keepdim=True), **cache_kwargs(model, hf)).logits[:, -1])
     torch.testing.assert_close(logits["dense"], torch.stack(want), rtol=1e-3, atol=1e-3)
     assert not torch.allclose(logits["mixed"], logits["dense"], atol=1e-6)     # the plan did change something
+
+
+def test_a_decoding_step_never_waits_for_the_gpu():
+    """Appending a token and decoding over the per-head cache (window, elastic, block-sparse and quantized
+    groups) issues no synchronizing CUDA call: the host keeps queueing work while the GPU runs."""
+    if DEVICE != "cuda":
+        pytest.skip("synchronization is a CUDA notion")
+    from attnforge.compiler.decode import _decode_kernel, _decode_quant_kernel
+    from attnforge.runtime.forms import KVQuant
+    from attnforge.runtime.kvcache import SiteKVCache
+
+    forms = (Dense(), SinkWindow(64, 512), ElasticWindow(8, 128, 0.1), BlockSparse(64, (0, 2), (0, 1)), KVQuant(4))
+    cache = SiteKVCache(forms, max_length=3000)
+    k, v = (torch.randn(1, 5, 2000, 64, device=DEVICE, dtype=HALF) for _ in range(2))
+    cache.append(k, v)
+    loaded, loaded_quant = _decode_kernel(k.device), _decode_quant_kernel(k.device)
+    q = torch.randn(1, 10, 64, device=DEVICE, dtype=HALF)
+    step = torch.randn(1, 5, 1, 64, device=DEVICE, dtype=HALF)
+    cache.append(step, step)
+    cache.decode(q, 0.125, loaded, loaded_quant=loaded_quant)     # warm-up: compile, first allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            cache.append(step, step)
+            out, _ = cache.decode(q, 0.125, loaded, loaded_quant=loaded_quant)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out.double(), cache.decode_reference(q.double(), 0.125), rtol=2e-2, atol=2e-2)
