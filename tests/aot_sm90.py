@@ -76,6 +76,19 @@ def compile_decode_quant_sm90(dtype="bf16", head_dim=64, rows=16):
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 2})
 
 
+def compile_combine_sm90(render, dtype="bf16", rows=16, dv=64):
+    """Flash-decoding's merge of the split partial states (the decode kernels' second launch)."""
+    src = render().source
+    module = kernels._module_from_source(kernels.source_key(src), src)
+    fn = getattr(module, module.KERNEL + "_combine")
+    names = list(inspect.signature(fn.fn).parameters)
+    ptr = {"M": "*fp32", "L": "*fp32", "ACC": "*fp32", "Out": f"*{dtype}"}
+    consts = {"BLOCK_R": rows, "BLOCK_DV": dv}
+    sig = {n: ptr.get(n, "constexpr" if n in consts else "i32") for n in names}
+    ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 1})
+
+
 def compile_linear_sm90(part: str, hedgehog: bool, dtype="bf16", head_dim=64):
     """The linear-hybrid kernels: the query-chunk kernel (part ""), "_state" and "_decode"."""
     src = codegen.render_linear().source
@@ -117,6 +130,10 @@ def main():
         c = compile_decode_quant_sm90(dtype)
         results.append({"kernel": codegen.render.DECODE_QUANT_NAME, "dtype": dtype, "head_dim": 64,
                         "cubin_bytes": len(c.asm["cubin"]), "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
+    for render in (codegen.render_decode, codegen.render_decode_quant):
+        c = compile_combine_sm90(render)
+        results.append({"kernel": render.__name__.replace("render_", "attnforge_") + "_combine", "dtype": "bf16",
+                        "head_dim": 64, "cubin_bytes": len(c.asm["cubin"]), "wgmma": False})
     for part in ("", "_state", "_decode"):
         for hedgehog in (False, True):
             c = compile_linear_sm90(part, hedgehog)
