@@ -129,10 +129,12 @@ def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, devic
     sink = torch.tensor([getattr(f, "sink", 0) if f.window_at(s) is not None else 0 for f in forms],
                         dtype=torch.int32, device=dev)
     window = torch.tensor([f.window_at(s) or 0 for f in forms], dtype=torch.int32, device=dev)
-    # one program per (query block, query head); heaviest first so long rows do not finish last
+    # one program per (query block, query head); heaviest first so long rows do not finish last, and
+    # among equal work query-block-major, so the query heads of one KV group at one query block run side
+    # by side and read the same K/V tiles while they are in L2
     g_of_head = torch.arange(len(forms) * group, device=dev) // group
-    work = count[g_of_head]                                                              # [H, nbq]
-    heads, qbs = torch.meshgrid(torch.arange(work.shape[0], device=dev), torch.arange(nbq, device=dev),
+    work = count[g_of_head].T                                                            # [nbq, H]
+    qbs, heads = torch.meshgrid(torch.arange(nbq, device=dev), torch.arange(work.shape[1], device=dev),
                                 indexing="ij")
     order = torch.argsort(work.flatten(), descending=True, stable=True)
     schedule = torch.stack([qbs.flatten()[order], heads.flatten()[order]], 1).to(torch.int32).contiguous()

@@ -54,6 +54,9 @@ def test_schedule_runs_heaviest_first_and_covers_every_program():
     assert sorted(map(tuple, sched)) == [(qb, h) for qb in range(10) for h in range(4)]
     work = [int(meta.count[h // 2, qb]) for qb, h in sched]
     assert work == sorted(work, reverse=True) and work[0] == 10 and work[-1] == 1
+    # the two query heads of a KV group at one query block are next to each other (they share K/V tiles)
+    assert all(sched[i][0] == sched[i + 1][0] and sched[i][1] // 2 == sched[i + 1][1] // 2
+               for i in range(0, len(sched), 2))
 
 
 def test_misaligned_block_sparse_goes_to_the_reference_with_a_reason():
