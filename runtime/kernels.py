@@ -219,6 +219,23 @@ _NO_INTERPRETER = ("Triton runs kernels on the CPU only through its interpreter,
                    "before Triton is imported: start Python with TRITON_INTERPRET=1, or use impl='reference'")
 
 
+class KernelFactory:
+    """A generated kernel's source key, rendered and registered on first use by a factory that the
+    compiler installs (the runtime never imports the code generator)."""
+
+    def __init__(self):
+        self._factory, self._key = None, None
+
+    def install(self, factory) -> None:
+        """`factory()` renders and registers the source and returns its key; called once, on first use."""
+        self._factory, self._key = factory, None
+
+    def key(self) -> str | None:
+        if self._key is None and self._factory is not None:
+            self._key = self._factory()
+        return self._key
+
+
 def interpreter_enabled() -> bool:
     """Whether Triton was imported in interpreter mode (TRITON_INTERPRET=1); False without Triton."""
     try:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import kernels
 from .reference import _compute_dtype
 
 __all__ = ["FEATURE_MAPS", "FeatureMaps", "register_maps", "maps_for", "feature_dim", "phi", "linear_reference",
@@ -251,7 +252,7 @@ class LinearState:
         kk = torch.stack([k for _, k, _ in self.keys])
         vv = torch.stack([v for _, _, v in self.keys])
         if impl == "triton":
-            from . import kernels, ops
+            from . import ops
 
             key = kernel_key()
             if key is None:
@@ -373,30 +374,16 @@ def distill(q: list[Tensor], k: list[Tensor], v: list[Tensor], window: int, sink
 
 
 # ------------------------------------------------------------------------------------ Triton kernel
-_kernel_key: str | None = None
-_kernel_factory = None
-
-
-def set_kernel_factory(factory) -> None:
-    """`factory()` renders and registers the linear kernel source and returns its key (the compiler sets
-    it to codegen.render_linear + kernels.register_source; the runtime never imports the code generator).
-    Called once, on first use."""
-    global _kernel_factory, _kernel_key
-    _kernel_factory, _kernel_key = factory, None
-
-
-def kernel_key() -> str | None:
-    global _kernel_key
-    if _kernel_key is None and _kernel_factory is not None:
-        _kernel_key = _kernel_factory()
-    return _kernel_key
+# the linear kernel's source, rendered by codegen.render_linear (installed by the compiler)
+_kernel = kernels.KernelFactory()
+set_kernel_factory = _kernel.install
+kernel_key = _kernel.key
 
 
 def linear_triton(q: Tensor, k: Tensor, v: Tensor, forms, scale: float | None = None,
                   out: Tensor | None = None) -> Tensor:
     """The Linear groups of `forms` through the chunked Triton kernel (CUDA, or Triton's interpreter on
     the CPU); causal self-attention (N = S). Other groups are left as in `out`."""
-    from . import kernels
     from .forms import Linear
 
     key = kernel_key()

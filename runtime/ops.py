@@ -51,23 +51,10 @@ def reset_counters() -> None:
     fallbacks.clear()
 
 
-_plan_kernel_factory = None
-_plan_kernel_key: str | None = None
-
-
-def set_plan_kernel_factory(factory) -> None:
-    """`factory()` renders and registers the per-head plan kernel and returns its key. The backward of a
-    dense site runs through that kernel's backward (the runtime never imports the code generator: the
-    compiler installs the factory)."""
-    global _plan_kernel_factory, _plan_kernel_key
-    _plan_kernel_factory, _plan_kernel_key = factory, None
-
-
-def _plan_key() -> str | None:
-    global _plan_kernel_key
-    if _plan_kernel_key is None and _plan_kernel_factory is not None:
-        _plan_kernel_key = _plan_kernel_factory()
-    return _plan_kernel_key
+# the per-head plan kernel, whose backward also runs a dense site's backward (installed by the compiler)
+_plan_kernel = kernels.KernelFactory()
+set_plan_kernel_factory = _plan_kernel.install
+_plan_key = _plan_kernel.key
 
 
 def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel: str,
