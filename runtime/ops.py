@@ -284,20 +284,29 @@ def _backward_kernel(ctx, q, k, v, mask):
     return loaded, forms
 
 
+def _triton_backward(loaded, forms, ctx, q, k, v, grad_out):
+    # recompute the forward once to get each row's log-sum-exp, then the dQ and dK/dV kernels
+    meta = _plan_meta(loaded, forms, q, k)
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    loaded.launch(q, k, v, out, ctx.scale, meta, lse=lse)
+    return loaded.module.launch_backward(q, k, v, out, grad_out, lse, ctx.scale, meta, interpreted=loaded.interpreted)
+
+
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
-    chosen = _backward_kernel(ctx, q, k, v, mask)
-    if chosen is not None and q.shape[2] and k.shape[2]:
-        loaded, forms = chosen
-        # recompute the forward once to get each row's log-sum-exp, then the dQ and dK/dV kernels
-        meta = _plan_meta(loaded, forms, q, k)
-        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-        loaded.launch(q, k, v, out, ctx.scale, meta, lse=lse)
-        dq, dk, dv = loaded.module.launch_backward(q, k, v, out, grad_out, lse, ctx.scale, meta,
-                                                   interpreted=loaded.interpreted)
-        counters["triton_backward"] += 1
-        return dq, dk, dv, None, None, None, None, None, None, None
+    try:
+        chosen = _backward_kernel(ctx, q, k, v, mask)
+        if chosen is not None and q.shape[2] and k.shape[2]:
+            dq, dk, dv = _triton_backward(*chosen, ctx, q, k, v, grad_out)
+            counters["triton_backward"] += 1
+            return dq, dk, dv, None, None, None, None, None, None, None
+    except Exception as e:               # as in the forward: 'auto' must not lose the step to a kernel failure
+        if ctx.impl == "triton":
+            raise
+        reason = f"Triton backward failed: {type(e).__name__}: {e}"
+        fallbacks[(ctx.kernel, reason)] += 1
+        warnings.warn(f"attnforge: running the reference backward because {reason}", RuntimeWarning, stacklevel=2)
     dq, dk, dv, dmask = attention_reference_backward(grad_out, q, k, v, mask, ctx.causal, ctx.scale,
                                                      ctx.window, _forms(ctx.forms))
     return dq, dk, dv, dmask, None, None, None, None, None, None

@@ -303,3 +303,28 @@ def test_complete_plan_runs_every_site_planned():
     compiled, be = _compiled(model, plan=_tiny_plan(model, inputs, keep=2))
     compiled(*inputs)
     assert len(be.records[0].planned) == 2 and af.runtime.counters["reference"] == 2
+
+
+def test_backward_kernel_that_fails_falls_back_or_raises(on_gpu, monkeypatch):
+    """A Triton backward that breaks (compile error, out of resources) must not lose a training step under
+    impl='auto': the reference's gradients, a warning and a recorded fallback; impl='triton' raises."""
+    if not af.runtime.kernels.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 (the CPU path of the kernels)")
+    from attnforge import codegen
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(ops, "_triton_backward", broken)
+    key = af.runtime.kernels.register_source(af.codegen.render_attention(codegen.KernelSpec(causal=True)).source)
+    q = torch.randn(1, 2, 40, 16, requires_grad=True)
+    out = torch.ops.attnforge.attention(q, q, q, None, True, 0, 0.25, "auto", key)
+    with pytest.warns(RuntimeWarning, match="reference backward because Triton backward failed: RuntimeError"):
+        (grad,) = torch.autograd.grad(out.sum(), q)
+    q64 = q.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(attention_reference(q64, q64, q64, None, True, 0.25).sum(), q64)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-6)
+    assert any("Triton backward failed" in r for _, r in ops.fallbacks)
+    out = torch.ops.attnforge.attention(q, q, q, None, True, 0, 0.25, "triton", key)
+    with pytest.raises(RuntimeError, match="out of resources"):
+        torch.autograd.grad(out.sum(), q)
