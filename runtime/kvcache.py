@@ -239,7 +239,8 @@ class SiteKVCache:
                     for c, have, lay in zip(need, self._caps or [0] * g, self.layouts)]
             self._allocate(k, v, grow)
         if self.quant is not None:
-            self.quant.append(k[:, self._quant], v[:, self._quant])
+            sel = self._groups(tuple(self._quant), k.device)
+            self.quant.append(k[:, sel], v[:, sel])
         if self._linear:
             self._linear_append(k[:, self._linear], v[:, self._linear])
         if n == 1 and self.length > 0:   # a decoding step: every group's slot in Python, one scatter for all
@@ -247,8 +248,9 @@ class SiteKVCache:
             rest = [gi for gi, lay in enumerate(self.layouts) if lay.kind not in ("quant", "linear")]
             idx = _to_device([self._offs[gi] + (self._evict_slot(gi, p) if self.layouts[gi].kind == "evict"
                                                  else self.layouts[gi].slot(p)) for gi in rest], k.device)
-            self.k[:, idx] = k[:, rest, 0].to(self.k.dtype)     # (nothing when every group is quantized / linear)
-            self.v[:, idx] = v[:, rest, 0].to(self.v.dtype)
+            sel = self._groups(tuple(rest), k.device)
+            self.k[:, idx] = k[:, sel, 0].to(self.k.dtype)     # (nothing when every group is quantized / linear)
+            self.v[:, idx] = v[:, sel, 0].to(self.v.dtype)
             self.pos[idx] = p
             self._flags[idx] = 1
             self.scores[idx] = 0
@@ -386,6 +388,17 @@ class SiteKVCache:
         if self._linear:
             self._linear_attend(q.to(ct), scale, out, "reference")
         return out.to(q.dtype)
+
+    def _groups(self, groups: tuple[int, ...], device):
+        """Index of these KV groups for k[:, groups]: a slice when they are all of them in order, else an
+        index tensor made once per device (a Python list index is copied to the GPU on every use, and a
+        pageable copy waits for the stream)."""
+        if groups == tuple(range(len(self.layouts))):
+            return slice(None)
+        key = (groups, str(device))
+        if key not in self._heads_cache:
+            self._heads_cache[key] = torch.tensor(groups, dtype=torch.long, device=device)
+        return self._heads_cache[key]
 
     def _quant_heads(self, r: int, device) -> torch.Tensor:
         """Query-head indices of the KVQuant groups, group-major (QuantKV's order); made once per (r, device)."""
