@@ -206,6 +206,9 @@ class SiteKVCache:
         self.scores = scores
         self._off_t = torch.tensor(offs, dtype=torch.int32, device=like_k.device)
         self._cap_t = torch.tensor(caps, dtype=torch.int32, device=like_k.device)
+        # full and sink + window regions fill from their start: the decode kernel reads their used part only
+        self._prefix = [lay.kind in ("full", "window") for lay in self.layouts]
+        self._prefix_t = torch.tensor(self._prefix, dtype=torch.int8, device=like_k.device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the next tokens: k [B, G, n, D], v [B, G, n, DV] at positions length .. length+n-1."""
@@ -437,8 +440,9 @@ class SiteKVCache:
         """The same through the split-KV Triton kernel `loaded` (runtime.kernels.LoadedKernel of
         codegen.render_decode()), and for KVQuant groups `loaded_quant` (codegen.render_decode_quant()),
         which dequantizes in the kernel. Returns (out [B, H, DV], splits used by the first)."""
-        out, used = loaded.launch(q, self.k, self.v, self.keep_flags(), self._off_t, self._cap_t, scale,
-                                  max(self._caps), splits=splits)
+        longest = max(min(c, self.length) if pre else c for c, pre in zip(self._caps, self._prefix))
+        out, used = loaded.launch(q, self.k, self.v, self.keep_flags(), self._off_t, self._cap_t, self._prefix_t,
+                                  self.length, scale, longest, splits=splits)
         if self.quant is not None:
             if loaded_quant is None:
                 raise KVCacheError("this cache has KVQuant groups: pass loaded_quant (codegen.render_decode_quant())")

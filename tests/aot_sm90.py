@@ -54,6 +54,7 @@ def compile_decode_sm90(dtype="bf16", head_dim=64, rows=16):
     fn = triton.jit(getattr(module, module.KERNEL))
     names = list(inspect.signature(fn.fn).parameters)
     ptr = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "KEEP": "*i8", "OFF": "*i32", "CAP": "*i32",
+           "PREFIX": "*i8",
            "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC": "*fp32", "sm_scale": "fp32"}
     consts = {"BLOCK_R": rows, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim, "PRECISION": "tf32"}
     sig = {n: ptr.get(n, "constexpr" if n in consts else "i32") for n in names}

@@ -398,3 +398,20 @@ def test_decode_kernel_half_precision(dtype):
     out, _ = cache.decode(q[:, :, 89].to(dtype), 0.25, loaded, splits=2)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), cache.decode_reference(q[:, :, 89], 0.25), rtol=2e-2, atol=2e-2)
+
+
+def test_decode_reads_the_stored_tokens_not_the_capacity():
+    """A cache built for 4000 tokens holding 40: the kernel reads the filled part of the full and window
+    regions (the splits are chosen for 40 tokens, not 4000) and still equals float64 at every step."""
+    key = runtime.kernels.register_source(codegen.render_decode().source)
+    loaded = runtime.kernels.load_kernel(key, torch.device("cpu"))
+    forms = (Dense(), SinkWindow(3, 7), Dense())
+    q, k, v = _data(len(forms), 45, r=2, seed=9)
+    cache = SiteKVCache(forms, max_length=4000)
+    cache.append(k[:, :, :40].float(), v[:, :, :40].float())
+    assert max(cache._caps) >= 4000
+    for t in range(40, 45):
+        cache.append(k[:, :, t:t + 1].float(), v[:, :, t:t + 1].float())
+        out, splits = cache.decode(q[:, :, t].float(), 0.25, loaded)
+        assert splits <= -(-(t + 1) // 16)                      # interpreter tiles: 16 keys
+        assert (out.double() - _want(q, k, v, t, forms)).abs().max() < 1e-5
