@@ -114,8 +114,56 @@ def search(model, calibration, budget, *, lengths=(1024, 2048, 4096), samples: i
 
 def optimize(model, plan, impl: str = "auto", compiler: str = "inductor"):
     """Make `model`'s forward run `plan` (a Plan or a path): forward is compiled with the attnforge
-    backend in place, so `model(...)` and Hugging Face `generate()` use it. Returns the same model."""
+    backend in place, so `model(...)` runs it. On a Hugging Face model that generates, `generate()` also
+    decodes with the plan's per-head KV cache (a PlanCache: each group holds only what its form reads; one
+    is made per call unless an af.PlanCache is passed; use_cache=False recomputes the whole sequence
+    through the compiled forward instead); the cache of the last call is `model.attnforge_cache`.
+    Returns the same model."""
     backend = Backend(plan=plan, impl=impl, compiler=compiler)
+    eager_forward = model.forward
     model.forward = torch.compile(model.forward, backend=backend)
     model.attnforge_backend = backend
+    if callable(getattr(model, "generate", None)) and hasattr(getattr(model, "config", None), "num_hidden_layers"):
+        model.generate = _plan_generate(model, backend.options.plan, eager_forward, impl)
     return model
+
+
+def _plan_generate(model, plan, eager_forward, impl: str):
+    """model.generate() with a PlanCache sized for the prompt plus the new tokens. Decoding steps go through
+    the eager forward with attnforge's attention function (the cache's reads are its own kernels; the
+    compiled forward stays for whole-sequence calls)."""
+    import functools
+
+    from .decode import PlanCache, cache_kwargs, plan_attention
+
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(inputs=None, *args, **kwargs):
+        config = kwargs.get("generation_config") or model.generation_config
+        if args or kwargs.get("use_cache") is False or not torch.is_tensor(inputs) or inputs.dim() != 2:
+            return original(inputs, *args, **kwargs)      # no cache to plan (or inputs we do not read)
+        if (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1:
+            raise ValueError("beam search is not supported by attnforge's plan cache; use greedy or sampling "
+                             "generation (or use_cache=False)")
+        given = {n: kwargs.pop(n) for n in ("past_key_values", "cache") if kwargs.get(n) is not None}
+        cache = next(iter(given.values()), None)
+        if cache is not None and not getattr(cache, "attnforge_plan_cache", False):
+            raise ValueError(f"this model was optimized with a plan: generate() decodes with the plan's own "
+                             f"per-head cache, and a {type(cache).__name__} would attend to every key. Pass no "
+                             "cache (one is made for the call) or an af.PlanCache(model, plan, max_length=...)")
+        if cache is None:
+            new = kwargs.get("max_new_tokens") or getattr(config, "max_new_tokens", None)
+            total = inputs.shape[1] + new if new else kwargs.get("max_length") or getattr(config, "max_length", None)
+            cache = PlanCache(model, plan, max_length=total, impl=impl)
+        compiled = model.forward
+        model.forward = eager_forward
+        try:
+            with plan_attention(model):
+                out = original(inputs, **cache_kwargs(model, cache), **kwargs)
+        finally:
+            model.forward = compiled
+        model.attnforge_cache = cache
+        return out
+
+    return generate

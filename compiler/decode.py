@@ -145,6 +145,7 @@ def _cache_classes():
 
     class PlanCacheImpl(Cache):
         """A transformers Cache whose layers keep, per KV group, only what the plan's form reads."""
+        attnforge_plan_cache = True       # (the class is made per call of _cache_classes: test this, not the type)
 
         def __init__(self, layer_forms: dict[int, tuple], max_length: int, impl: str = "auto"):
             layers = [PlanLayer(layer_forms[i], max_length, impl) for i in sorted(layer_forms)]

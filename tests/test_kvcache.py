@@ -415,3 +415,36 @@ def test_decode_reads_the_stored_tokens_not_the_capacity():
         out, splits = cache.decode(q[:, :, t].float(), 0.25, loaded)
         assert splits <= -(-(t + 1) // 16)                      # interpreter tiles: 16 keys
         assert (out.double() - _want(q, k, v, t, forms)).abs().max() < 1e-5
+
+
+def test_generate_under_optimize_decodes_with_the_plan_cache():
+    """af.optimize(model, plan) makes model.generate() use the per-head cache: the same tokens as
+    af.generate with that plan, every step read from the plan's cache, the compiled forward restored
+    after; a caller's af.PlanCache is used, any other cache or beam search is refused with the reason."""
+    from attnforge.compiler.plan import Plan, SitePlan, fingerprint
+
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(3))
+    model = _llama()
+    sites = af.find_attention(model, (ids,))
+    plan = Plan(fingerprint(sites), "t", (SitePlan(sites[0].id, 4, 2, (SinkWindow(2, 8), Dense())),
+                                          SitePlan(sites[1].id, 4, 2, (Dense(), SinkWindow(1, 5)))), {}, (30,))
+    want, want_cache = af.generate(_llama(), ids, plan, max_new_tokens=8)
+    torch._dynamo.reset()
+    af.optimize(model, plan, compiler="eager")
+    compiled = model.forward
+    runtime.reset_counters()
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, want)
+    assert runtime.counters["kvcache_decode_reference"] == 2 * 7 and runtime.counters["kvcache_prefill"] == 2
+    held = model.attnforge_cache.kv_entries()
+    assert held == want_cache.kv_entries() < 2 * 2 * 38                # layers x groups x tokens when dense
+    assert model.forward is compiled
+    mine = af.PlanCache(model, plan, max_length=33)                  # the caller's own plan cache is used
+    with torch.no_grad():
+        again = model.generate(ids, max_new_tokens=3, do_sample=False, **cache_kwargs(model, mine))
+    assert model.attnforge_cache is mine and torch.equal(again, want[:, :33])
+    with pytest.raises(ValueError, match="DynamicCache would attend to every key"):
+        model.generate(ids, max_new_tokens=3, **cache_kwargs(model, transformers.DynamicCache()))
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate(ids, max_new_tokens=3, num_beams=2)
