@@ -444,6 +444,8 @@ def test_generate_under_optimize_decodes_with_the_plan_cache():
     with torch.no_grad():
         again = model.generate(ids, max_new_tokens=3, do_sample=False, **cache_kwargs(model, mine))
     assert model.attnforge_cache is mine and torch.equal(again, want[:, :33])
+    assert torch.equal(af.generate(model, ids, plan, max_new_tokens=8)[0], want)   # af.generate on it too
+    assert model.forward is compiled and model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="DynamicCache would attend to every key"):
         model.generate(ids, max_new_tokens=3, **cache_kwargs(model, transformers.DynamicCache()))
     with pytest.raises(ValueError, match="beam search"):
