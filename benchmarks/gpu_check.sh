@@ -6,11 +6,13 @@
 #   bash benchmarks/gpu_check.sh [OUTDIR]        # OUTDIR: $OUT if set, else benchmarks/results/gpu
 #
 # Needs a CUDA GPU with torch, triton and transformers installed (nothing is downloaded: attnforge is
-# installed from this checkout without dependencies). In order of what the open issues need most:
-#   1. tests/test_gpu.py        the compiled kernels against float64 references (forward, backward, decode)
-#   2. benchmarks/kernels.py    #5: dense / uniform window / mixed per-head plan vs SDPA and FlexAttention
-#   3. benchmarks/decode.py     #6: decode kernels' HBM bandwidth; tokens/s vs HF + SDPA at 8k and 32k
-#   4. benchmarks/linear_kernel.py  #7: the linear hybrid vs SDPA at 8k and 32k
+# installed from this checkout without dependencies). In order of what the open issues need most (each
+# benchmark checks its kernels against a reference before timing them):
+#   1. benchmarks/kernels.py    #5: dense / uniform window / mixed per-head plan vs SDPA and FlexAttention
+#   2. benchmarks/decode.py     #6: decode kernels' HBM bandwidth; tokens/s vs HF + SDPA at 8k and 32k
+#   3. benchmarks/linear_kernel.py  #7: the linear hybrid vs SDPA at 8k and 32k
+#   4. tests/test_gpu.py        the compiled kernels against float64 (forward, backward, decode, no-sync
+#                               decoding, the plan cache in a Llama), default launch configs
 # CPU smoke test of the same scripts (no figures): tests/test_benchmarks.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,10 +39,11 @@ step() {   # step NAME SECONDS command...: run with a time limit, log its output
 } 2>&1 | tee "$OUTDIR/env.txt" | tee -a "$LOG"
 
 step install 30 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
-step tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 step kernels 220 "$PY" benchmarks/kernels.py --json "$OUTDIR/kernels.json" \
     --shapes 32x8x32768x128 9x3x32768x64 32x32x16384x128 9x3x8192x64 32x32x4096x128
 step decode 140 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes smollm2 llama8b \
     --contexts 8192 32768 --steps 16
 step linear 60 "$PY" benchmarks/linear_kernel.py --json "$OUTDIR/linear_kernel.json" --lengths 8192 32768
+# default launch configs here: tuning every config of every kernel of the tests would take minutes of compiles
+step tests 90 env ATTNFORGE_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 echo "=== $(date -u +%T) done; results in $OUTDIR" | tee -a "$LOG"

@@ -6,17 +6,22 @@ A kernel module lists `CONFIGS` and a `default_config`. The first launch on a CU
 in memory and in `<cache dir>/autotune.json` (atomic writes under a file lock, user-only permissions),
 so later processes start tuned. Elsewhere (the CPU interpreter) the default config runs untimed.
 A cache file that cannot be read is replaced, with a warning; tuning never changes results, only speed.
+ATTNFORGE_AUTOTUNE=0 (read at import) skips tuning: every launch runs the kernel's default config (a
+correctness run that should not spend minutes compiling every config).
 """
 from __future__ import annotations
 
 import json
+import os
 import threading
 import warnings
 from typing import Callable
 
 from . import kernels
 
-__all__ = ["tuned_config", "clear"]
+__all__ = ["tuned_config", "clear", "ENABLED"]
+
+ENABLED = os.environ.get("ATTNFORGE_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 _memory: dict[str, object] = {}
 _lock = threading.Lock()

@@ -110,9 +110,10 @@ def _check_args(q, k, v, mask, impl):
 
 def _config(loaded, kernel: str, q: Tensor, v: Tensor, run):
     """The tuned launch config on a GPU (attnforge.runtime.autotune), None (the kernel's default) elsewhere."""
-    if loaded.interpreted or q.device.type != "cuda" or not hasattr(loaded.module, "CONFIGS"):
-        return None
     from . import autotune
+
+    if loaded.interpreted or q.device.type != "cuda" or not hasattr(loaded.module, "CONFIGS") or not autotune.ENABLED:
+        return None
 
     return autotune.tuned_config(loaded.module, kernel, torch.cuda.get_device_name(q.device),
                                  max(q.shape[-1], v.shape[-1]), q.dtype, run)

@@ -68,3 +68,22 @@ def test_nothing_runs_is_an_error(module, tmp_path):
 
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="no launch configuration"):
         autotune.tuned_config(module, "k3", "H100", 64, "torch.float16", run, lambda fn: fn() or 1.0)
+
+
+def test_tuning_can_be_switched_off(monkeypatch):
+    """ATTNFORGE_AUTOTUNE=0: the default config runs, nothing is timed (the GPU test run uses it)."""
+    import os
+    import subprocess
+    import sys
+
+    from attnforge.runtime import ops
+
+    monkeypatch.setattr(autotune, "ENABLED", False)
+    loaded = types.SimpleNamespace(interpreted=False, module=types.SimpleNamespace(CONFIGS=[(4, 3), (8, 2)]))
+    q = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"))
+    assert ops._config(loaded, "k", q, None, lambda c: pytest.fail("a config was launched for timing")) is None
+    read = "from attnforge.runtime import autotune; print(autotune.ENABLED)"
+    for value, want in (("0", "False"), ("off", "False"), ("1", "True")):
+        proc = subprocess.run([sys.executable, "-c", read], env={**os.environ, "ATTNFORGE_AUTOTUNE": value},
+                              capture_output=True, text=True, timeout=120, check=True)
+        assert proc.stdout.strip() == want
