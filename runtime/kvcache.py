@@ -180,6 +180,8 @@ class SiteKVCache:
         self._pending = None                  # prompt K/V of evicting groups until select() chooses
         self._free: dict[int, list[int]] = {}
         self._count: dict[int, int] = {}
+        self._held: dict[int, int] = {}       # h2o / a2sf: keys each group holds (tracked on the host)
+        self._evicted: dict[int, torch.Tensor] = {}   # h2o / a2sf: the slot the last eviction freed (device)
 
     # ------------------------------------------------------------------ storage
     def _allocate(self, like_k, like_v, caps):
@@ -249,8 +251,12 @@ class SiteKVCache:
         if n == 1 and self.length > 0:   # a decoding step: every group's slot in Python, one scatter for all
             p = self.length
             rest = [gi for gi, lay in enumerate(self.layouts) if lay.kind not in ("quant", "linear")]
-            idx = _to_device([self._offs[gi] + (self._evict_slot(gi, p) if self.layouts[gi].kind == "evict"
-                                                 else self.layouts[gi].slot(p)) for gi in rest], k.device)
+            slots = [self._offs[gi] + (self._evict_slot(gi, p) if self.layouts[gi].kind == "evict"
+                                       else self.layouts[gi].slot(p)) for gi in rest]
+            idx = _to_device([x if isinstance(x, int) else 0 for x in slots], k.device)
+            for i, x in enumerate(slots):
+                if not isinstance(x, int):       # an h2o / a2sf slot freed on the device by the last eviction
+                    idx[i] = x
             sel = self._groups(tuple(rest), k.device)
             self.k[:, idx] = k[:, sel, 0].to(self.k.dtype)     # (nothing when every group is quantized / linear)
             self.v[:, idx] = v[:, sel, 0].to(self.v.dtype)
@@ -283,9 +289,12 @@ class SiteKVCache:
             slot = self._count[gi]
             self._count[gi] += 1
             return slot
-        if not self._free[gi]:
-            raise KVCacheError(f"group {gi}: no free slot; after_step(q, scale) must follow every decoding step")
-        return self._free[gi].pop()
+        self._held[gi] += 1
+        if self._free[gi]:
+            return self._free[gi].pop()
+        if gi in self._evicted:                    # the slot the last step's eviction freed, on the device
+            return self._evicted.pop(gi)
+        raise KVCacheError(f"group {gi}: no free slot; after_step(q, scale) must follow every decoding step")
 
     @property
     def needs_select(self) -> bool:
@@ -316,6 +325,7 @@ class SiteKVCache:
             if form.policy in ("h2o", "a2sf"):
                 self.scores[idx] = policy_scores(form, qg, k[0, gi], scale)[positions].float()
                 self._free[gi] = list(range(len(keep), self._caps[gi]))[::-1]
+                self._held[gi] = len(keep)
             self._count[gi] = len(keep)
         self._pending = None
 
@@ -335,17 +345,29 @@ class SiteKVCache:
             s = torch.einsum("rd,nd->rn", q[0, gi * r:(gi + 1) * r].float(), self.k[0, o:o + c].float()) * scale
             p = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1).sum(0)
             self.scores[o:o + c] = torch.where(valid, form.alpha * self.scores[o:o + c] + p, torch.zeros_like(p))
-            if int(valid.sum()) <= form.kept(self.prompt):
+            if self._held[gi] <= form.kept(self.prompt):
                 continue
             pos = self.pos[o:o + c]
             cand = valid & (pos >= form.sink) & (pos <= newest - form.recent)
-            if not bool(cand.any()):
+            j = torch.where(cand, self.scores[o:o + c], torch.full_like(p, float("inf"))).argmin()
+            if self._held[gi] > form.sink + form.recent:
+                # at most sink + recent held keys are not candidates, so one is: evict on the device, the
+                # host never waits (the next step writes its key into slot j)
+                slot = (o + j).view(1)
+                self.pos.index_fill_(0, slot, -1)
+                self._flags.index_fill_(0, slot, 0)
+                self.scores.index_fill_(0, slot, 0)
+                self._evicted[gi] = j
+                self._held[gi] -= 1
                 continue
-            j = int(torch.where(cand, self.scores[o:o + c], torch.full_like(p, float("inf"))).argmin())
+            if not bool(cand.any()):             # a prompt shorter than sink + recent: maybe nothing to evict
+                continue
+            j = int(j)
             self.pos[o + j] = -1
             self._flags[o + j] = 0
             self.scores[o + j] = 0
             self._free[gi].append(j)
+            self._held[gi] -= 1
 
     # ------------------------------------------------------------------ reads
     def keep_flags(self) -> torch.Tensor:

@@ -204,29 +204,35 @@ def test_plan_cache_prefills_and_decodes_with_the_kernels():
 
 
 def test_a_decoding_step_never_waits_for_the_gpu():
-    """Appending a token and decoding over the per-head cache (window, elastic, block-sparse and quantized
-    groups) issues no synchronizing CUDA call: the host keeps queueing work while the GPU runs."""
+    """Appending a token, decoding over the per-head cache (window, elastic, block-sparse, quantized and
+    H2O-evicting groups) and the eviction step issue no synchronizing CUDA call: the host keeps queueing
+    work while the GPU runs."""
     if DEVICE != "cuda":
         pytest.skip("synchronization is a CUDA notion")
     from attnforge.compiler.decode import _decode_kernel, _decode_quant_kernel
-    from attnforge.runtime.forms import KVQuant
+    from attnforge.runtime.forms import KVEvict, KVQuant
     from attnforge.runtime.kvcache import SiteKVCache
 
-    forms = (Dense(), SinkWindow(64, 512), ElasticWindow(8, 128, 0.1), BlockSparse(64, (0, 2), (0, 1)), KVQuant(4))
+    forms = (Dense(), SinkWindow(64, 512), ElasticWindow(8, 128, 0.1), BlockSparse(64, (0, 2), (0, 1)), KVQuant(4),
+             KVEvict("h2o", 0.5, sink=4, recent=32))
     cache = SiteKVCache(forms, max_length=3000)
-    k, v = (torch.randn(1, 5, 2000, 64, device=DEVICE, dtype=HALF) for _ in range(2))
+    k, v = (torch.randn(1, 6, 2000, 64, device=DEVICE, dtype=HALF) for _ in range(2))
     cache.append(k, v)
+    cache.select(torch.randn(1, 12, 2000, 64, device=DEVICE, dtype=HALF), 0.125)
     loaded, loaded_quant = _decode_kernel(k.device), _decode_quant_kernel(k.device)
-    q = torch.randn(1, 10, 64, device=DEVICE, dtype=HALF)
-    step = torch.randn(1, 5, 1, 64, device=DEVICE, dtype=HALF)
-    cache.append(step, step)
-    cache.decode(q, 0.125, loaded, loaded_quant=loaded_quant)     # warm-up: compile, first allocations
+    q = torch.randn(1, 12, 64, device=DEVICE, dtype=HALF)
+    step = torch.randn(1, 6, 1, 64, device=DEVICE, dtype=HALF)
+    for _ in range(2):                                  # warm-up: compile, first allocations, first eviction
+        cache.append(step, step)
+        cache.decode(q, 0.125, loaded, loaded_quant=loaded_quant)
+        cache.after_step(q, 0.125)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
             cache.append(step, step)
             out, _ = cache.decode(q, 0.125, loaded, loaded_quant=loaded_quant)
+            cache.after_step(q, 0.125)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(out.double(), cache.decode_reference(q.double(), 0.125), rtol=2e-2, atol=2e-2)
