@@ -178,10 +178,9 @@ class SiteKVCache:
         self.prompt = 0                       # prompt length (evicting groups size their regions by it)
         self.scores = None                    # [T] float32: accumulated attention per slot (h2o / a2sf)
         self._pending = None                  # prompt K/V of evicting groups until select() chooses
-        self._free: dict[int, list[int]] = {}
+        self._free: dict[int, list] = {}      # h2o / a2sf: free slots, host ints or (evicted on the device) 0-dim tensors
         self._count: dict[int, int] = {}
         self._held: dict[int, int] = {}       # h2o / a2sf: keys each group holds (tracked on the host)
-        self._evicted: dict[int, torch.Tensor] = {}   # h2o / a2sf: the slot the last eviction freed (device)
 
     # ------------------------------------------------------------------ storage
     def _allocate(self, like_k, like_v, caps):
@@ -255,7 +254,7 @@ class SiteKVCache:
                                        else self.layouts[gi].slot(p)) for gi in rest]
             idx = _to_device([x if isinstance(x, int) else 0 for x in slots], k.device)
             for i, x in enumerate(slots):
-                if not isinstance(x, int):       # an h2o / a2sf slot freed on the device by the last eviction
+                if not isinstance(x, int):       # an h2o / a2sf slot freed on the device by an eviction
                     idx[i] = x
             sel = self._groups(tuple(rest), k.device)
             self.k[:, idx] = k[:, sel, 0].to(self.k.dtype)     # (nothing when every group is quantized / linear)
@@ -289,12 +288,10 @@ class SiteKVCache:
             slot = self._count[gi]
             self._count[gi] += 1
             return slot
+        if not self._free[gi]:
+            raise KVCacheError(f"group {gi}: no free slot; after_step(q, scale) must follow every decoding step")
         self._held[gi] += 1
-        if self._free[gi]:
-            return self._free[gi].pop()
-        if gi in self._evicted:                    # the slot the last step's eviction freed, on the device
-            return self._evicted.pop(gi)
-        raise KVCacheError(f"group {gi}: no free slot; after_step(q, scale) must follow every decoding step")
+        return self._free[gi].pop()
 
     @property
     def needs_select(self) -> bool:
@@ -349,24 +346,16 @@ class SiteKVCache:
                 continue
             pos = self.pos[o:o + c]
             cand = valid & (pos >= form.sink) & (pos <= newest - form.recent)
+            # at most sink + recent held keys are not candidates, so with more held one is and the host need
+            # not look; only a prompt shorter than sink + recent may leave nothing to evict (a host read)
+            if self._held[gi] <= form.sink + form.recent and not bool(cand.any()):
+                continue
             j = torch.where(cand, self.scores[o:o + c], torch.full_like(p, float("inf"))).argmin()
-            if self._held[gi] > form.sink + form.recent:
-                # at most sink + recent held keys are not candidates, so one is: evict on the device, the
-                # host never waits (the next step writes its key into slot j)
-                slot = (o + j).view(1)
-                self.pos.index_fill_(0, slot, -1)
-                self._flags.index_fill_(0, slot, 0)
-                self.scores.index_fill_(0, slot, 0)
-                self._evicted[gi] = j
-                self._held[gi] -= 1
-                continue
-            if not bool(cand.any()):             # a prompt shorter than sink + recent: maybe nothing to evict
-                continue
-            j = int(j)
-            self.pos[o + j] = -1
-            self._flags[o + j] = 0
-            self.scores[o + j] = 0
-            self._free[gi].append(j)
+            slot = (o + j).view(1)
+            self.pos.index_fill_(0, slot, -1)
+            self._flags.index_fill_(0, slot, 0)
+            self.scores.index_fill_(0, slot, 0)
+            self._free[gi].append(j)             # a device index: the next step writes its key there
             self._held[gi] -= 1
 
     # ------------------------------------------------------------------ reads
