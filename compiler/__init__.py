@@ -13,10 +13,9 @@ def _linear_kernel_key() -> str:
 
 
 def _plan_kernel_key() -> str:
-    from attnforge import codegen
-    from attnforge.runtime import kernels
+    from .decode import _attention_key
 
-    return kernels.register_source(codegen.render_attention(codegen.KernelSpec(causal=True, plan=True)).source)
+    return _attention_key(plan=True)
 
 
 def _install() -> None:
