@@ -4,10 +4,15 @@ For one site's forms (one per KV group), a query length N and key length S (quer
 positions for the forms; the op's causal rule j <= i on top), and BLOCK_M x BLOCK_N tiles:
 
     count[g, qb]     key blocks query block qb of group g visits
-    index[g, qb, t]  those blocks, ascending (padded with 0 past count)
-    sink[g], window[g]  the element-level window rule inside visited blocks (window 0: none)
+    full[g, qb]      how many of them are whole: every valid query row of the block keeps every key of
+                     the tile (no causal diagonal, window edge or sink edge inside, no key past S), so the
+                     kernel runs them without any element mask
+    index[g, qb, t]  those blocks: the whole ones first, then the edge ones, each part ascending (padded
+                     with 0 past count)
+    sink[g], window[g]  the element-level window rule inside edge blocks (window 0: none)
     schedule[w]      (query block, query head) of each program, heaviest (largest count) first
-    count_t, index_t the transpose, per (KV group, key block): the query blocks that visit it (backward)
+    count_t, full_t, index_t  the transpose, per (KV group, key block): the query blocks that visit it,
+                     whole ones first (backward)
 
 Work is O(G * N/BLOCK_M * S/BLOCK_N) block flags, built with a few tensor ops on the target device
 (one broadcast expression for all window-like groups, no sort; the transpose only when a backward asks)
@@ -29,18 +34,21 @@ __all__ = ["BlockMeta", "block_meta", "block_reason"]
 @dataclass(frozen=True)
 class BlockMeta:
     count: torch.Tensor       # [G, nbq] int32
-    index: torch.Tensor       # [G, nbq, maxk] int32, contiguous
+    full: torch.Tensor        # [G, nbq] int32: the first `full` entries of each list are whole blocks
+    index: torch.Tensor       # [G, nbq, maxk] int32, contiguous: whole blocks first, then edge blocks
     sink: torch.Tensor        # [G] int32
     window: torch.Tensor      # [G] int32
     schedule: torch.Tensor    # [G * group * nbq, 2] int32: (query block, query head), heaviest first
     block_m: int
     block_n: int
     visited_blocks: int       # sum of count, kept on the host (no device sync per launch)
+    whole_blocks: int         # sum of full (the blocks run without an element mask), on the host too
     flags: torch.Tensor       # [G, nbq, nbk] bool: the block-level keep flags the lists come from
+    whole: torch.Tensor       # [G, nbq, nbk] bool: the visited blocks that need no element mask
 
     @functools.cached_property
-    def _transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _lists(self.flags.transpose(1, 2))
+    def _transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _lists(self.flags.transpose(1, 2), self.whole.transpose(1, 2))
 
     @property
     def count_t(self) -> torch.Tensor:
@@ -48,9 +56,14 @@ class BlockMeta:
         return self._transposed[0]
 
     @property
-    def index_t(self) -> torch.Tensor:
-        """[G, nbk, maxq] int32, contiguous: those query blocks, ascending."""
+    def full_t(self) -> torch.Tensor:
+        """[G, nbk] int32: how many of them (listed first) see the whole key block."""
         return self._transposed[1]
+
+    @property
+    def index_t(self) -> torch.Tensor:
+        """[G, nbk, maxq] int32, contiguous: those query blocks, whole ones first, each part ascending."""
+        return self._transposed[2]
 
 
 def block_reason(forms, n: int, s: int, block_m: int, block_n: int) -> str | None:
@@ -125,10 +138,11 @@ def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, devic
     dev = torch.device(device)
     nbq = -(-n // bm)
     flags = _flags(forms, n, s, bm, bn, dev)                                            # [G, nbq, nbk]
-    count, index = _lists(flags)
     sink = torch.tensor([getattr(f, "sink", 0) if f.window_at(s) is not None else 0 for f in forms],
                         dtype=torch.int32, device=dev)
     window = torch.tensor([f.window_at(s) or 0 for f in forms], dtype=torch.int32, device=dev)
+    whole = flags & _whole(sink, window, n, s, bm, bn, dev)
+    count, full, index = _lists(flags, whole)
     # one program per (query block, query head); heaviest first so long rows do not finish last, and
     # among equal work query-block-major, so the query heads of one KV group at one query block run side
     # by side and read the same K/V tiles while they are in L2
@@ -138,20 +152,44 @@ def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, devic
                                 indexing="ij")
     order = torch.argsort(work.flatten(), descending=True, stable=True)
     schedule = torch.stack([qbs.flatten()[order], heads.flatten()[order]], 1).to(torch.int32).contiguous()
-    return BlockMeta(count, index, sink, window, schedule, bm, bn, int(count.sum()), flags)
+    return BlockMeta(count, full, index, sink, window, schedule, bm, bn, int(count.sum()), int(full.sum()),
+                     flags, whole)
 
 
-def _lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[G, R, C] flags -> (count [G, R], index [G, R, maxc]): the flagged columns of each row, ascending,
-    padded with 0. No sort: each flagged column goes to slot (flags before it in its row)."""
+def _whole(sink: torch.Tensor, window: torch.Tensor, n: int, s: int, bm: int, bn: int, dev) -> torch.Tensor:
+    """[G, nbq, nbk] bool: every valid query row of block qb keeps every key of block kb under the kernel's
+    element rule (keys j <= min(i, pos_i); j < sink or j > pos_i - window where window > 0), and the key
+    block is complete (no key at or past S). Rows past N are never stored, so they do not count."""
+    nbq, nbk = -(-n // bm), -(-s // bn)
+    qb = torch.arange(nbq, device=dev)[:, None]
+    kb = torch.arange(nbk, device=dev)[None, :]
+    first = qb * bm                                             # first query index of the block
+    last = torch.clamp((qb + 1) * bm, max=n) - 1               # last valid query index
+    k0, k1 = kb * bn, kb * bn + bn - 1
+    causal = (k1 <= first) & (k1 <= s - n + first) & (k1 < s)   # [nbq, nbk]
+    sink, window = (t.to(torch.int64)[:, None, None] for t in (sink, window))
+    # the keys a row drops are [sink, pos - window], widest for the last row: whole if the block misses it
+    gap_end = s - n + last - window
+    return causal & ((window == 0) | (k1 < sink) | (k0 > gap_end) | (sink > gap_end))
+
+
+def _lists(flags: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[G, R, C] flags and `first` (a subset of them) -> (count [G, R], nfirst [G, R], index [G, R, maxc]):
+    the flagged columns of each row, those in `first` before the rest, each part ascending, padded with 0.
+    No sort: a column in `first` goes to slot (first-columns before it), any other flagged one to slot
+    nfirst + (other flagged columns before it)."""
     cols = flags.shape[-1]
     count = flags.sum(-1, dtype=torch.int32)
+    nfirst = first.sum(-1, dtype=torch.int32)
+    rest = flags & ~first
     maxc = max(1, int(count.max())) if count.numel() else 1
-    slot = torch.where(flags, torch.cumsum(flags, -1, dtype=torch.int32) - 1, maxc).to(torch.int64)
+    slot = torch.where(first, torch.cumsum(first, -1, dtype=torch.int32) - 1,
+                       torch.where(rest, nfirst[..., None] + torch.cumsum(rest, -1, dtype=torch.int32) - 1, maxc))
+    slot = slot.to(torch.int64)
     ids = torch.arange(cols, device=flags.device, dtype=torch.int32).expand(flags.shape)
     index = torch.zeros(flags.shape[:-1] + (maxc + 1,), dtype=torch.int32, device=flags.device)
     index.scatter_(-1, slot, ids)                               # unflagged columns all land in the spare slot
-    return count, index[..., :maxc].contiguous()
+    return count, nfirst, index[..., :maxc].contiguous()
 
 
 def block_meta(forms_json: str, group: int, n: int, s: int, block_m: int, block_n: int, device) -> BlockMeta:

@@ -142,6 +142,7 @@ def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms=""):
             meta = _plan_meta(loaded, forms, q, k)
             run = lambda config: loaded.launch(q, k, v, out, scale, meta, config=config)  # noqa: E731
             counters["triton_plan_blocks"] += meta.visited_blocks
+            counters["triton_plan_whole_blocks"] += meta.whole_blocks     # run with no element mask
         else:
             run = lambda config: loaded.launch(q, k, v, mask, out, scale, window, config=config)  # noqa: E731
         run(_config(loaded, kernel, q, v, run))

@@ -14,7 +14,7 @@ from triton.compiler import ASTSource
 from attnforge import codegen
 from attnforge.runtime import kernels
 
-CONSTEXPR = ("GROUP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "PRECISION")
+CONSTEXPR = ("GROUP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "EVEN_D", "PRECISION")
 
 
 def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix=""):
@@ -28,7 +28,7 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix=""):
             sig[n] = f"*{dtype}"
         elif n in ("Lse", "Delta"):
             sig[n] = "*fp32"
-        elif n in ("CNT", "IDX", "CNT_T", "IDX_T", "SINK", "WIN", "SCHED"):     # plan kernel block metadata
+        elif n in ("CNT", "FULL", "IDX", "CNT_T", "FULL_T", "IDX_T", "SINK", "WIN", "SCHED"):     # plan kernel block metadata
             sig[n] = "*i32"
         elif n == "M":
             sig[n] = "*i1" if spec.mask == "bool" else "*fp32"
@@ -40,7 +40,7 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix=""):
         sig["STORE_LSE"] = "constexpr"
     block_m = 64 if spec.plan else 128
     consts = {"GROUP": group, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim,
-              "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+              "EVEN_D": True, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     if "STORE_LSE" in names:
         consts["STORE_LSE"] = True
     ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})

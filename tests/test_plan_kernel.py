@@ -45,6 +45,9 @@ def test_plan_kernel_matches_float64(mix, n, s):
     needed = torch.nn.functional.pad(keep, pad).unflatten(1, (-1, 64)).unflatten(3, (-1, 64)).any(2).any(-1)
     assert torch.equal(meta.count, needed.sum(-1, dtype=torch.int32))
     assert af.runtime.counters["triton_plan_blocks"] == meta.visited_blocks * 1 < needed[0].numel() * 3
+    # blocks wholly inside a form's keep region (below the diagonal, in a sink) ran without an element mask
+    assert af.runtime.counters["triton_plan_whole_blocks"] == meta.whole_blocks
+    assert (meta.whole_blocks > 0) == (n > 64)
 
 
 def test_schedule_runs_heaviest_first_and_covers_every_program():
@@ -108,6 +111,27 @@ def test_plan_kernel_backward_matches_float64(mix, n, s):
         assert_closer(a, t, e, slack=8.0, floor=1e-5)
 
 
+def test_plan_kernel_head_dims_narrower_than_the_tile():
+    """Head dims 40 (q, k) and 24 (v) in 64- and 32-wide tiles: the whole blocks' loads keep their
+    head-dim bound (only a tile exactly the head dim loads unmasked), forward and both backward kernels."""
+    forms = (Dense(), SinkWindow(8, 70), ElasticWindow(4, 16, 0.25))
+    g = torch.Generator().manual_seed(40)
+    q = torch.randn(1, 6, 200, 40, generator=g).requires_grad_()
+    k = torch.randn(1, 3, 200, 40, generator=g).requires_grad_()
+    v = torch.randn(1, 3, 200, 24, generator=g).requires_grad_()
+    grad = torch.randn(1, 6, 200, 24, generator=g)
+    out = torch.ops.attnforge.attention(q, k, v, None, True, 0, 0.2, "triton", _plan_key(), forms_to_json(forms))
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    assert af.runtime.counters["triton_backward"] == 1 and af.runtime.counters["triton_plan_whole_blocks"] > 0
+    t64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*t64, None, True, 0.2, forms=forms)
+    expected = (ref, *torch.autograd.grad(ref, t64, grad.double()))
+    theirs = attention_reference(q, k, v, None, True, 0.2, forms=forms)
+    theirs = (theirs, *torch.autograd.grad(theirs, (q, k, v), grad))
+    for a, t_, e in zip(got, theirs, expected):
+        assert_closer(a, t_, e, slack=8.0, floor=1e-5)
+
+
 @pytest.mark.parametrize("window,n,s", [(0, 150, 150), (40, 150, 150), (0, 70, 198)])
 def test_dense_site_backward_runs_through_the_plan_kernel_where_exact(window, n, s):
     """A dense site has no backward kernel of its own: causal self-attention (N = S) takes the plan kernel's
@@ -165,7 +189,7 @@ def test_every_autotune_config_of_the_plan_kernel_computes_the_same_attention():
         assert torch.isfinite(lse).all()
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(12))
 def test_block_metadata_equals_the_per_form_definition(seed):
     """The vectorized block flags equal `_group_blocks` form by form (every kind, queries at the end of
     longer keys too), and the sort-free lists are each row's flagged blocks in order (forward and the
@@ -184,11 +208,26 @@ def test_block_metadata_equals_the_per_form_definition(seed):
     qb, kb = torch.arange(meta.count.shape[1])[:, None], torch.arange(-(-s // 64))[None, :]
     want = torch.stack([blockmeta._group_blocks(f, qb, kb, n, s, 64, 64) for f in forms])
     assert torch.equal(meta.flags, want)
-    for flags, count, index in ((want, meta.count, meta.index), (want.transpose(1, 2), meta.count_t, meta.index_t)):
+    # whole blocks, element by element: visited, every key in range, and the kernel's element rule (the
+    # op's causal, the forms' causal at absolute positions, sink + window) keeps all of the block's valid
+    # rows x keys; every other visited block is an edge block
+    i, j = torch.arange(n)[:, None], torch.arange(s)[None, :]
+    pos = s - n + i
+    win, sink = meta.window[:, None, None], meta.sink[:, None, None]
+    rule = (j <= i) & (j <= pos) & ((win == 0) | (j < sink) | (j > pos - win))          # [G, n, s]
+    rule = torch.nn.functional.pad(rule, (0, -s % 64, 0, -n % 64), value=True)         # rows past n: free
+    rule[:, :, s:] = False                                                               # keys past s: edge
+    all_kept = rule.unflatten(1, (-1, 64)).unflatten(3, (-1, 64)).all(2).all(-1)       # [G, nbq, nbk]
+    assert torch.equal(meta.whole, want & all_kept)
+    for flags, whole, count, full, index in (
+            (want, meta.whole, meta.count, meta.full, meta.index),
+            (want.transpose(1, 2), meta.whole.transpose(1, 2), meta.count_t, meta.full_t, meta.index_t)):
         for gi in range(flags.shape[0]):
             for r in range(flags.shape[1]):
-                cols = flags[gi, r].nonzero().flatten().tolist()
-                assert count[gi, r] == len(cols) and index[gi, r, :len(cols)].tolist() == cols
+                first = whole[gi, r].nonzero().flatten().tolist()
+                rest = (flags[gi, r] & ~whole[gi, r]).nonzero().flatten().tolist()
+                assert count[gi, r] == len(first) + len(rest) and full[gi, r] == len(first)
+                assert index[gi, r, :count[gi, r]].tolist() == first + rest
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
