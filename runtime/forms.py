@@ -249,12 +249,14 @@ def _keep_one(form: Form, rows, cols, s: int) -> torch.Tensor:
         w = form.window_at(s)
         return causal & ((cols < form.sink) | (cols > rows - w))
     qb, kb = rows // form.block, cols // form.block
-    vert = torch.zeros(int(kb.max()) + 1 if kb.numel() else 1, dtype=torch.bool, device=rows.device)
-    vert[[v for v in form.verticals if v < vert.numel()]] = True
-    diag = qb - kb
-    slash = torch.zeros(int(diag.max().clamp(min=0)) + 1, dtype=torch.bool, device=rows.device)
-    slash[[d for d in form.slashes if d < slash.numel()]] = True
-    return causal & (vert[kb] | slash[diag.clamp(min=0)])
+    # key blocks (and block diagonals) run 0 .. (s - 1) // block: sizes from s, not from the tensors, so that
+    # the mask also builds on fake tensors (a compiled training step traces the reference backward)
+    nb = (s - 1) // form.block + 1 if s > 0 else 1
+    vert = torch.zeros(nb, dtype=torch.bool, device=rows.device)
+    vert[[v for v in form.verticals if v < nb]] = True
+    slash = torch.zeros(nb, dtype=torch.bool, device=rows.device)
+    slash[[d for d in form.slashes if d < nb]] = True
+    return causal & (vert[kb] | slash[(qb - kb).clamp(min=0)])
 
 
 def keep_mask(forms, n: int, s: int, device=None) -> torch.Tensor:

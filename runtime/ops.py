@@ -35,7 +35,7 @@ from .forms import forms_from_json
 from .kernels import KernelUnavailable
 from .reference import attention_reference, attention_reference_backward
 
-__all__ = ["attention", "counters", "fallbacks", "reset_counters", "IMPLS", "triton_check", "set_plan_kernel_factory"]
+__all__ = ["attention", "attention_backward", "counters", "fallbacks", "reset_counters", "IMPLS", "triton_check", "set_plan_kernel_factory"]
 
 IMPLS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -259,7 +259,7 @@ def _dense_as_forms(q: Tensor, k: Tensor, mask, causal: bool, window: int) -> st
 
 
 def _backward_kernel(ctx, q, k, v, mask):
-    """(plan kernel module, forms) when Triton's backward kernels should run this call, else None: the same
+    """(plan kernel key, forms) when Triton's backward kernels should run this call, else None: the same
     choice the forward made (impl='triton', or 'auto' on CUDA). A planned call runs with its own forms; a
     dense one through the plan kernel with every group dense (or windowed) where that is exact."""
     if ctx.impl == "reference" or (ctx.impl == "auto" and not _accelerated(q)):
@@ -280,35 +280,62 @@ def _backward_kernel(ctx, q, k, v, mask):
         if not (forms and key) or triton_check(q, k, v, None, ctx.kernel, "", True, 0) or \
                 triton_check(q, k, v, None, key, forms, True, 0):
             return None
-    loaded = kernels.load_kernel(key, q.device)
+    try:
+        loaded = kernels.load_kernel(key, q.device)
+    except Exception:
+        if ctx.impl == "triton":
+            raise
+        return None                      # the forward reported why (it loads the same module)
     if not (getattr(loaded.module, "PLAN", False) and hasattr(loaded.module, "launch_backward")):
         return None
-    return loaded, forms
+    return key, forms
 
 
-def _triton_backward(loaded, forms, ctx, q, k, v, grad_out):
-    # recompute the forward once to get each row's log-sum-exp, then the dQ and dK/dV kernels
+def _triton_backward(kernel, forms, grad_out, q, k, v, scale):
+    loaded = kernels.load_kernel(kernel, q.device)
     meta = _plan_meta(loaded, forms, q, k)
+    # recompute the forward once to get each row's log-sum-exp, then the dQ and dK/dV kernels
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    loaded.launch(q, k, v, out, ctx.scale, meta, lse=lse)
-    return loaded.module.launch_backward(q, k, v, out, grad_out, lse, ctx.scale, meta, interpreted=loaded.interpreted)
+    loaded.launch(q, k, v, out, scale, meta, lse=lse)
+    return loaded.module.launch_backward(q, k, v, out, grad_out, lse, scale, meta, interpreted=loaded.interpreted)
+
+
+@torch.library.custom_op("attnforge::attention_backward", mutates_args=())
+def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, impl: str, kernel: str,
+                       forms: str) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of causal self-attention without a mask (one form per KV group, `forms`) through the backward
+    kernels of the plan kernel `kernel`. An op of its own so that a compiled training step (AOTAutograd
+    traces the backward with fake tensors) keeps the kernel launches for run time. A failing kernel under
+    impl='auto' falls back to the reference's gradients with a warning and a recorded fallback."""
+    try:
+        grads = _triton_backward(kernel, forms, grad_out, q, k, v, scale)
+        counters["triton_backward"] += 1
+        return grads
+    except Exception as e:               # as in the forward: 'auto' must not lose the step to a kernel failure
+        if impl == "triton":
+            raise
+        reason = f"Triton backward failed: {type(e).__name__}: {e}"
+        fallbacks[(kernel, reason)] += 1
+        warnings.warn(f"attnforge: running the reference backward because {reason}", RuntimeWarning, stacklevel=2)
+    dq, dk, dv, _ = attention_reference_backward(grad_out, q, k, v, None, True, scale, 0, _forms(forms))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, scale, impl, kernel, forms):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)     # contiguous, as the kernels' are
 
 
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
-    try:
-        chosen = _backward_kernel(ctx, q, k, v, mask)
-        if chosen is not None and q.shape[2] and k.shape[2]:
-            dq, dk, dv = _triton_backward(*chosen, ctx, q, k, v, grad_out)
-            counters["triton_backward"] += 1
-            return dq, dk, dv, None, None, None, None, None, None, None
-    except Exception as e:               # as in the forward: 'auto' must not lose the step to a kernel failure
-        if ctx.impl == "triton":
-            raise
-        reason = f"Triton backward failed: {type(e).__name__}: {e}"
-        fallbacks[(ctx.kernel, reason)] += 1
-        warnings.warn(f"attnforge: running the reference backward because {reason}", RuntimeWarning, stacklevel=2)
+    # the choice is made from shapes, dtypes and devices only (it also runs on fake tensors, when a compiled
+    # training step is traced); the kernels run inside attention_backward
+    chosen = _backward_kernel(ctx, q, k, v, mask) if q.shape[2] and k.shape[2] else None
+    if chosen is not None:
+        key, forms = chosen
+        dq, dk, dv = torch.ops.attnforge.attention_backward(grad_out, q, k, v, ctx.scale, ctx.impl, key, forms)
+        return dq, dk, dv, None, None, None, None, None, None, None
     dq, dk, dv, dmask = attention_reference_backward(grad_out, q, k, v, mask, ctx.causal, ctx.scale,
                                                      ctx.window, _forms(ctx.forms))
     return dq, dk, dv, dmask, None, None, None, None, None, None
