@@ -14,6 +14,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import fx
 
 from attnforge import codegen, runtime
@@ -176,6 +177,10 @@ class Backend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
         gm, _ = self.transform(gm)
+        if torch.is_grad_enabled():
+            # a graph that may be differentiated: its sites also return the log-sum-exp the backward kernels
+            # need, so the backward does not run the forward again (Dynamo compiles per grad mode)
+            gm = _with_saved_lse(gm)
         if self.options.compiler == "eager":
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
@@ -190,6 +195,32 @@ class Backend:
             for item in value:
                 print(f"{key}: {item}")
         print(gm.code)
+
+
+def _with_saved_lse(gm: fx.GraphModule) -> fx.GraphModule:
+    """Every attnforge.attention call becomes attnforge.attention_train(...)[0]: the same output, plus the
+    log-sum-exp kept for the backward."""
+    import operator
+
+    from attnforge.passes.canonicalize import ATTENTION_OP
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.target is not ATTENTION_OP:
+            continue
+        with gm.graph.inserting_after(node):
+            train = gm.graph.call_function(torch.ops.attnforge.attention_train.default, node.args, node.kwargs)
+        with gm.graph.inserting_after(train):
+            out = gm.graph.call_function(operator.getitem, (train, 0))
+        train.meta.update({k: v for k, v in node.meta.items() if k != "val" and k != "example_value"})
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
 
 
 _named: dict[tuple, Backend] = {}

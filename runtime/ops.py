@@ -33,9 +33,9 @@ from . import kernels
 from .blockmeta import block_meta, block_reason
 from .forms import forms_from_json
 from .kernels import KernelUnavailable
-from .reference import attention_reference, attention_reference_backward
+from .reference import attention_reference, attention_reference_backward, reference_lse
 
-__all__ = ["attention", "attention_backward", "counters", "fallbacks", "reset_counters", "IMPLS", "triton_check", "set_plan_kernel_factory"]
+__all__ = ["attention", "attention_train", "attention_backward", "counters", "fallbacks", "reset_counters", "IMPLS", "triton_check", "set_plan_kernel_factory"]
 
 IMPLS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -129,7 +129,7 @@ def _planned(forms: str) -> bool:
     return bool(forms) and any(f.kind != "dense" for f in _forms(forms))
 
 
-def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms=""):
+def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms="", lse=None):
     loaded = kernels.load_kernel(kernel, q.device)
     is_plan = getattr(loaded.module, "PLAN", False)
     if _planned(forms) != is_plan:
@@ -140,14 +140,16 @@ def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms=""):
     if q.shape[2] and k.shape[2]:
         if is_plan:
             meta = _plan_meta(loaded, forms, q, k)
-            run = lambda config: loaded.launch(q, k, v, out, scale, meta, config=config)  # noqa: E731
+            run = lambda config: loaded.launch(q, k, v, out, scale, meta, config=config, lse=lse)  # noqa: E731
             counters["triton_plan_blocks"] += meta.visited_blocks
             counters["triton_plan_whole_blocks"] += meta.whole_blocks     # run with no element mask
         else:
-            run = lambda config: loaded.launch(q, k, v, mask, out, scale, window, config=config)  # noqa: E731
+            run = lambda config: loaded.launch(q, k, v, mask, out, scale, window, config=config, lse=lse)  # noqa: E731
         run(_config(loaded, kernel, q, v, run))
     else:
         out.zero_()                      # no queries or no keys: nothing to attend to
+        if lse is not None:
+            lse.fill_(float("inf"))
     counters["triton_interpreter" if loaded.interpreted else "triton"] += 1
     return out
 
@@ -157,34 +159,60 @@ def _forms(text: str) -> tuple:
     return forms_from_json(text)
 
 
-@torch.library.custom_op("attnforge::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, window: int,
-              scale: float, impl: str, kernel: str, forms: str = "") -> Tensor:
+def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None):
+    """The op's forward. lse: None, or a float32 [B, H, N] tensor to fill with each row's log-sum-exp wherever
+    a Triton backward may read it (see attention_train)."""
     _check_args(q, k, v, mask, impl)
     head_forms = _forms(forms)
     if impl != "reference" and any(f.kind == "linear" for f in head_forms):
+        if lse is not None:
+            lse.fill_(float("nan"))      # never read: a linear hybrid's gradients come from its reference
         return _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_forms)
     if impl == "reference":
-        counters["reference"] += 1
-        return attention_reference(q, k, v, mask, causal, scale, window, head_forms)
+        return _reference(q, k, v, mask, causal, scale, window, head_forms, lse, impl)
     reason = triton_check(q, k, v, mask, kernel, forms, causal, window)
     if impl == "triton":
         if reason:
             raise KernelUnavailable(f"impl='triton' was asked for but {reason}; use impl='auto' or "
                                     "impl='reference'")
-        return _run_triton(q, k, v, mask, causal, window, scale, kernel, forms)
+        return _run_triton(q, k, v, mask, causal, window, scale, kernel, forms, lse)
     # auto
     if reason is None and _accelerated(q):
         try:
-            return _run_triton(q, k, v, mask, causal, window, scale, kernel, forms)
+            return _run_triton(q, k, v, mask, causal, window, scale, kernel, forms, lse)
         except Exception as e:             # a kernel that fails to load or compile must not lose the run
             reason = f"Triton kernel failed: {type(e).__name__}: {e}"
     if _accelerated(q):
         fallbacks[(kernel, reason)] += 1
         warnings.warn(f"attnforge: running the reference attention because {reason}", RuntimeWarning,
-                      stacklevel=2)
+                      stacklevel=3)
+    return _reference(q, k, v, mask, causal, scale, window, head_forms, lse, impl)
+
+
+def _reference(q, k, v, mask, causal, scale, window, head_forms, lse, impl):
     counters["reference"] += 1
+    if lse is not None:
+        if impl == "triton" or (impl == "auto" and _accelerated(q)):     # the backward will run Triton's kernels
+            lse.copy_(reference_lse(q, k, mask, causal, scale, window, head_forms))
+        else:
+            lse.fill_(float("nan"))      # never read: the backward runs the reference too
     return attention_reference(q, k, v, mask, causal, scale, window, head_forms)
+
+
+@torch.library.custom_op("attnforge::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, window: int,
+              scale: float, impl: str, kernel: str, forms: str = "") -> Tensor:
+    return _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms)
+
+
+@torch.library.custom_op("attnforge::attention_train", mutates_args=())
+def attention_train(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, window: int,
+                    scale: float, impl: str, kernel: str, forms: str = "") -> tuple[Tensor, Tensor]:
+    """attention, also returning each row's log-sum-exp [B, H, N] (float32) for its backward, which then
+    skips the forward recomputation. The backend puts it in place of attention in graphs compiled with
+    grad enabled; the values of out are the same."""
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    return _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse), lse
 
 
 def _linear_reason(q: Tensor, k: Tensor, mask, causal: bool, window: int) -> Optional[str]:
@@ -230,7 +258,7 @@ def _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_f
                                 "use impl='auto' or impl='reference'")
     if _accelerated(q):
         fallbacks[("linear", reason)] += 1
-        warnings.warn(f"attnforge: running the reference attention because {reason}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"attnforge: running the reference attention because {reason}", RuntimeWarning, stacklevel=4)
     counters["reference"] += 1
     return attention_reference(q, k, v, mask, causal, scale, window, head_forms)
 
@@ -238,6 +266,11 @@ def _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_f
 @attention.register_fake
 def _(q, k, v, mask, causal, window, scale, impl, kernel, forms=""):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+@attention_train.register_fake
+def _(q, k, v, mask, causal, window, scale, impl, kernel, forms=""):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -291,25 +324,29 @@ def _backward_kernel(ctx, q, k, v, mask):
     return key, forms
 
 
-def _triton_backward(kernel, forms, grad_out, q, k, v, scale):
+def _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale):
     loaded = kernels.load_kernel(kernel, q.device)
     meta = _plan_meta(loaded, forms, q, k)
-    # recompute the forward once to get each row's log-sum-exp, then the dQ and dK/dV kernels
-    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    loaded.launch(q, k, v, out, scale, meta, lse=lse)
+    if out is None or lse is None:
+        # no log-sum-exp from the forward (the op was called as attention, not attention_train): recompute
+        # the forward once to get it, then the dQ and dK/dV kernels
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        loaded.launch(q, k, v, out, scale, meta, lse=lse)
+        counters["triton_backward_recomputed"] += 1
     return loaded.module.launch_backward(q, k, v, out, grad_out, lse, scale, meta, interpreted=loaded.interpreted)
 
 
 @torch.library.custom_op("attnforge::attention_backward", mutates_args=())
-def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, impl: str, kernel: str,
-                       forms: str) -> tuple[Tensor, Tensor, Tensor]:
+def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Optional[Tensor], lse: Optional[Tensor],
+                       scale: float, impl: str, kernel: str, forms: str) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of causal self-attention without a mask (one form per KV group, `forms`) through the backward
-    kernels of the plan kernel `kernel`. An op of its own so that a compiled training step (AOTAutograd
-    traces the backward with fake tensors) keeps the kernel launches for run time. A failing kernel under
+    kernels of the plan kernel `kernel`; out and lse from attention_train's forward, or None (recomputed).
+    An op of its own so that a compiled training step (AOTAutograd traces the backward with fake tensors)
+    keeps the kernel launches for run time. A failing kernel under
     impl='auto' falls back to the reference's gradients with a warning and a recorded fallback."""
     try:
-        grads = _triton_backward(kernel, forms, grad_out, q, k, v, scale)
+        grads = _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale)
         counters["triton_backward"] += 1
         return grads
     except Exception as e:               # as in the forward: 'auto' must not lose the step to a kernel failure
@@ -323,22 +360,35 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale:
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, scale, impl, kernel, forms):
+def _(grad_out, q, k, v, out, lse, scale, impl, kernel, forms):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)     # contiguous, as the kernels' are
 
 
-def _backward(ctx, grad_out):
-    q, k, v, mask = ctx.saved_tensors
+def _backward(ctx, grad_out, out=None, lse=None):
+    q, k, v, mask = ctx.saved_tensors[:4]
     # the choice is made from shapes, dtypes and devices only (it also runs on fake tensors, when a compiled
     # training step is traced); the kernels run inside attention_backward
     chosen = _backward_kernel(ctx, q, k, v, mask) if q.shape[2] and k.shape[2] else None
     if chosen is not None:
         key, forms = chosen
-        dq, dk, dv = torch.ops.attnforge.attention_backward(grad_out, q, k, v, ctx.scale, ctx.impl, key, forms)
+        dq, dk, dv = torch.ops.attnforge.attention_backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.impl, key,
+                                                            forms)
         return dq, dk, dv, None, None, None, None, None, None, None
     dq, dk, dv, dmask = attention_reference_backward(grad_out, q, k, v, mask, ctx.causal, ctx.scale,
                                                      ctx.window, _forms(ctx.forms))
     return dq, dk, dv, dmask, None, None, None, None, None, None
 
 
+def _setup_context_train(ctx, inputs, output):
+    _setup_context(ctx, inputs, None)
+    ctx.save_for_backward(*inputs[:4], *output)        # q, k, v, mask, out, lse
+
+
+def _backward_train(ctx, grad_out, _grad_lse):
+    # lse is an auxiliary output: nothing downstream differentiates it (the backend reads only out)
+    out, lse = ctx.saved_tensors[4:]
+    return _backward(ctx, grad_out, out, lse)
+
+
 attention.register_autograd(_backward, setup_context=_setup_context)
+attention_train.register_autograd(_backward_train, setup_context=_setup_context_train)

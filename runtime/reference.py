@@ -18,7 +18,7 @@ import math
 
 import torch
 
-__all__ = ["attention_reference", "attention_reference_backward"]
+__all__ = ["attention_reference", "attention_reference_backward", "reference_lse"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -75,6 +75,14 @@ def _probs(scores: torch.Tensor) -> torch.Tensor:
     p = torch.exp(scores - torch.where(dead, torch.zeros_like(row_max), row_max))
     denom = p.sum(dim=-1, keepdim=True)
     return p / torch.where(denom == 0, torch.ones_like(denom), denom)
+
+
+def reference_lse(q, k, mask=None, causal=False, scale=None, window=0, forms=()) -> torch.Tensor:
+    """[B, Hq, N] float32: each row's natural log-sum-exp of its kept scores, +inf for a row that sees no key
+    (the convention of the kernels' backward: exp(s - lse) is then 0)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    lse = torch.logsumexp(_scores(q, k, mask, causal, scale, window, forms), dim=-1)     # [B, Hkv, G, N]
+    return torch.where(torch.isneginf(lse), float("inf"), lse).flatten(1, 2).float()
 
 
 def attention_reference(q, k, v, mask=None, causal=False, scale=None, window=0, forms=()):

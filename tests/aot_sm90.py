@@ -1,6 +1,13 @@
 """Compile every generated kernel for Hopper (sm_90) ahead of time; no GPU needed. Prints JSON.
 
 Run without TRITON_INTERPRET (an interpreter-mode Triton cannot compile). Used by test_codegen_cuda.py.
+
+    python tests/aot_sm90.py --loops [--rev REV]
+
+prints instead the loops of the dense causal and plan forward kernels' SASS (Triton's own nvdisasm):
+instructions per loop body, and how many of them are wgmma (HGMMA) and exp2 (MUFU.EX2) — what one key tile
+costs in instructions, a static view of kernel changes on a machine without a GPU (not a timing). --rev
+renders the templates of a git revision instead of the working tree.
 """
 import inspect
 import json
@@ -17,8 +24,8 @@ from attnforge.runtime import kernels
 CONSTEXPR = ("GROUP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "EVEN_D", "PRECISION")
 
 
-def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix=""):
-    src = codegen.render_attention(spec).source
+def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, config=(4, 3), block_m=None):
+    src = src or codegen.render_attention(spec).source
     module = kernels._module_from_source(kernels.source_key(src), src)
     fn = triton.jit(getattr(module, module.KERNEL + suffix))
     names = list(inspect.signature(fn.fn).parameters)
@@ -38,13 +45,13 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix=""):
             sig[n] = "constexpr" if n in CONSTEXPR else "i32"
     if "STORE_LSE" in names:
         sig["STORE_LSE"] = "constexpr"
-    block_m = 64 if spec.plan else 128
+    block_m = block_m or (64 if spec.plan else 128)
     consts = {"GROUP": group, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim,
               "EVEN_D": True, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     if "STORE_LSE" in names:
         consts["STORE_LSE"] = True
-    ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 3})
+    ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items() if k in names})
+    return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": config[0], "num_stages": config[1]})
 
 
 def compile_decode_sm90(dtype="bf16", head_dim=64, rows=16):
@@ -144,5 +151,75 @@ def main():
     json.dump(results, sys.stdout)
 
 
+def _render_at(rev, spec):
+    """The kernel source of `spec` rendered from the templates of git revision `rev`."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import jinja2
+
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as d:
+        for name in subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:codegen/templates"], cwd=root,
+                                   check=True, capture_output=True, text=True).stdout.split():
+            text = subprocess.run(["git", "show", f"{rev}:codegen/templates/{name}"], cwd=root, check=True,
+                                  capture_output=True, text=True).stdout
+            Path(d, name).write_text(text)
+        env = jinja2.Environment(loader=jinja2.FileSystemLoader(d), trim_blocks=True, lstrip_blocks=True,
+                                 keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+        template = "attention_plan_fwd.py.j2" if spec.plan else "attention_fwd.py.j2"
+        return env.get_template(template).render(
+            template=template, name=spec.name, causal=spec.causal, mask=spec.mask, window=spec.window,
+            block=codegen.render.PLAN_BLOCK, spec_repr="", description="")
+
+
+def sass_loops(cubin: bytes) -> list[dict]:
+    """The loops of a cubin's SASS (a backward branch to an earlier label): size and wgmma / exp2 counts."""
+    import os
+    import subprocess
+    import tempfile
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([nvdisasm, "-c", f.name], check=True, capture_output=True, text=True).stdout
+    labels, code = {}, []
+    for line in text.splitlines():
+        if m := re.match(r"^\s*(\.L_x_\d+):", line):
+            labels[m.group(1)] = len(code)
+        elif re.search(r"/\*[0-9a-f]{4,}\*/", line):
+            code.append(line)
+    loops = []
+    for i, line in enumerate(code):
+        m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", line)
+        if m and labels.get(m.group(1), i + 1) <= i:
+            body = code[labels[m.group(1)]:i + 1]
+            if len(body) > 1:
+                loops.append({"instructions": len(body), "hgmma": sum("HGMMA" in b for b in body),
+                              "ex2": sum("MUFU.EX2" in b for b in body)})
+    return loops
+
+
+def loops_main(rev=None):
+    rows = []
+    for spec, d, block_m, config in ((codegen.KernelSpec(causal=True), 128, 128, (8, 2)),
+                                     (codegen.KernelSpec(causal=True), 64, 128, (4, 3)),
+                                     (codegen.KernelSpec(causal=True, plan=True), 128, 64, (8, 2)),
+                                     (codegen.KernelSpec(causal=True, plan=True), 64, 64, (4, 3))):
+        src = _render_at(rev, spec) if rev else None
+        c = compile_sm90(spec, "bf16", d, group=1, src=src, config=config, block_m=block_m)
+        rows.append({"kernel": spec.name, "dtype": "bf16", "head_dim": d, "tile": [block_m, 64],
+                     "warps_stages": list(config), "revision": rev or "working tree", "loops": sass_loops(c.asm["cubin"])})
+    json.dump(rows, sys.stdout, indent=1)
+
+
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loops", action="store_true", help="SASS loop sizes of the forward kernels")
+    parser.add_argument("--rev", help="with --loops: render the templates of this git revision")
+    args = parser.parse_args()
+    loops_main(args.rev) if args.loops else main()

@@ -111,6 +111,51 @@ def test_plan_kernel_backward_matches_float64(mix, n, s):
         assert_closer(a, t, e, slack=8.0, floor=1e-5)
 
 
+@pytest.mark.parametrize("case", ["planned", "dense", "dense_window"])
+def test_attention_train_hands_its_log_sum_exp_to_the_backward(case):
+    """attention_train: the same output as attention, each row's log-sum-exp from the forward kernel (the
+    plan kernel, or the dense kernel for a dense site) equal to the float64 one, and a backward that uses it
+    instead of running the forward again; gradients against float64."""
+    from attnforge.runtime.reference import reference_lse
+
+    forms, window = {"planned": (MIXES["dense+window+elastic"], 0), "dense": ((), 0), "dense_window": ((), 30)}[case]
+    spec = codegen.KernelSpec(causal=True, plan=bool(forms), window=bool(window))
+    key = kernels.register_source(codegen.render_attention(spec).source)
+    fj = forms_to_json(forms) if forms else ""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 6, 150, 32, generator=g).requires_grad_()
+    k, v = (torch.randn(1, 3, 150, 32, generator=g).requires_grad_() for _ in range(2))
+    grad = torch.randn(1, 6, 150, 32, generator=g)
+    out, lse = torch.ops.attnforge.attention_train(q, k, v, None, True, window, 0.2, "triton", key, fj)
+    assert torch.equal(out, torch.ops.attnforge.attention(q, k, v, None, True, window, 0.2, "triton", key, fj))
+    assert lse.shape == (1, 6, 150) and lse.dtype == torch.float32
+    lse64 = reference_lse(q.double(), k.double(), None, True, 0.2, window, forms)
+    assert (lse.double() - lse64).abs().max() < 1e-5
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    assert af.runtime.counters["triton_backward"] == 1 and af.runtime.counters["triton_backward_recomputed"] == 0
+    t64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(attention_reference(*t64, None, True, 0.2, window, forms), t64, grad.double())
+    theirs = torch.autograd.grad(attention_reference(q, k, v, None, True, 0.2, window, forms), (q, k, v), grad)
+    for a, t_, e in zip(got, theirs, expected):
+        assert_closer(a, t_, e, slack=8.0, floor=1e-5)
+    # the plain op has no log-sum-exp to hand over: its backward runs the forward once more
+    out = torch.ops.attnforge.attention(q, k, v, None, True, window, 0.2, "triton", key, fj)
+    torch.autograd.grad(out, (q, k, v), grad)
+    assert af.runtime.counters["triton_backward"] == 2 and af.runtime.counters["triton_backward_recomputed"] == 1
+
+
+def test_reference_lse_of_a_row_that_sees_nothing_is_plus_infinity():
+    from attnforge.runtime.reference import reference_lse
+
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8)
+    mask = torch.ones(5, 5, dtype=torch.bool)
+    mask[2] = False
+    lse = reference_lse(q, k, mask, False, 0.3)
+    assert torch.isposinf(lse[:, :, 2]).all() and torch.isfinite(lse[:, :, [0, 1, 3, 4]]).all()
+    want = torch.logsumexp((q @ k.transpose(-1, -2)) * 0.3, -1)
+    torch.testing.assert_close(lse[:, :, 3], want[:, :, 3])
+
+
 def test_plan_kernel_head_dims_narrower_than_the_tile():
     """Head dims 40 (q, k) and 24 (v) in 64- and 32-wide tiles: the whole blocks' loads keep their
     head-dim bound (only a tile exactly the head dim loads unmasked), forward and both backward kernels."""
@@ -172,6 +217,8 @@ def test_training_step_through_the_backend_uses_the_backward_kernels(compiler):
         out.float().square().mean().backward()
         grads[impl] = [p.grad.clone() for p in (model.attn[0].q.weight, model.attn[1].kv.weight, model.embed.weight)]
     assert af.runtime.counters["triton_backward"] == 2
+    # the graph compiled with grad enabled runs attention_train: the backward used the forward's log-sum-exp
+    assert af.runtime.counters["triton_backward_recomputed"] == 0
     for a, b in zip(grads["triton"], grads["reference"]):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-5)
 
