@@ -41,9 +41,9 @@ step() {   # step NAME SECONDS command...: run with a time limit, log its output
 step install 30 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
 step kernels 220 "$PY" benchmarks/kernels.py --json "$OUTDIR/kernels.json" \
     --shapes 32x8x32768x128 9x3x32768x64 32x32x16384x128 9x3x8192x64 32x32x4096x128
-step decode 140 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes smollm2 llama8b \
+step decode 130 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes smollm2 llama8b \
     --contexts 8192 32768 --steps 16
-step linear 60 "$PY" benchmarks/linear_kernel.py --json "$OUTDIR/linear_kernel.json" --lengths 8192 32768
+step linear 50 "$PY" benchmarks/linear_kernel.py --json "$OUTDIR/linear_kernel.json" --lengths 8192 32768
 # default launch configs here: tuning every config of every kernel of the tests would take minutes of compiles
-step tests 90 env ATTNFORGE_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step tests 110 env ATTNFORGE_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 echo "=== $(date -u +%T) done; results in $OUTDIR" | tee -a "$LOG"

@@ -166,6 +166,33 @@ def test_backend_on_a_small_model_runs_compiled_kernels():
     torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
 
 
+def test_inductor_training_step_runs_the_backward_kernels_with_the_saved_lse():
+    """A plan trained through torch.compile's default compiler (Inductor): the forward runs attention_train
+    (the log-sum-exp saved), the backward the plan kernel's dQ / dK-dV kernels behind their op; no fallback,
+    no recomputation, gradients as the reference's."""
+    from attnforge.compiler.models import tiny
+    from attnforge.compiler.plan import Plan, SitePlan, fingerprint
+
+    model, (ids,) = tiny(300, sdpa=True)
+    model, ids = model.to(DEVICE), ids.to(DEVICE)
+    sites = af.find_attention(model, (ids,))
+    plan = Plan(fingerprint(sites), "tiny", (SitePlan(sites[0].id, 8, 2, (SinkWindow(4, 64), Dense())),
+                                            SitePlan(sites[1].id, 8, 2, (Dense(), Dense()))), {"density": 0.7}, (300,))
+    grads = {}
+    for impl in ("triton", "reference"):
+        torch._dynamo.reset()
+        af.runtime.reset_counters()
+        model.zero_grad()
+        out = torch.compile(model, backend=af.Backend(plan=plan, impl=impl))(ids)
+        out.float().square().mean().backward()
+        grads[impl] = [p.grad.clone() for p in (model.attn[0].q.weight, model.attn[1].kv.weight, model.embed.weight)]
+        if impl == "triton":
+            assert af.runtime.counters["triton_backward"] == 2 and af.runtime.counters["reference"] == 0
+            assert af.runtime.counters["triton_backward_recomputed"] == 0 and not af.runtime.fallbacks
+    for a, b in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-4)
+
+
 def test_plan_cache_prefills_and_decodes_with_the_kernels():
     """A small Llama under af.plan_attention with a PlanCache: the prefill runs the generated kernels (dense
     layers the dense kernel, mixed ones the plan kernel), every step the decode kernels; with every group
