@@ -169,7 +169,7 @@ def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None
             lse.fill_(float("nan"))      # never read: a linear hybrid's gradients come from its reference
         return _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_forms)
     if impl == "reference":
-        return _reference(q, k, v, mask, causal, scale, window, head_forms, lse, impl)
+        return _reference(q, k, v, mask, causal, scale, window, head_forms, lse)
     reason = triton_check(q, k, v, mask, kernel, forms, causal, window)
     if impl == "triton":
         if reason:
@@ -177,25 +177,29 @@ def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None
                                     "impl='reference'")
         return _run_triton(q, k, v, mask, causal, window, scale, kernel, forms, lse)
     # auto
+    failed = False
     if reason is None and _accelerated(q):
         try:
             return _run_triton(q, k, v, mask, causal, window, scale, kernel, forms, lse)
         except Exception as e:             # a kernel that fails to load or compile must not lose the run
-            reason = f"Triton kernel failed: {type(e).__name__}: {e}"
+            reason, failed = f"Triton kernel failed: {type(e).__name__}: {e}", True
     if _accelerated(q):
         fallbacks[(kernel, reason)] += 1
         warnings.warn(f"attnforge: running the reference attention because {reason}", RuntimeWarning,
                       stacklevel=3)
-    return _reference(q, k, v, mask, causal, scale, window, head_forms, lse, impl)
+    return _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=failed)
 
 
-def _reference(q, k, v, mask, causal, scale, window, head_forms, lse, impl):
+def _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=False):
+    """The reference's output; lse (if given) filled exactly only where the backward may still choose the
+    Triton kernels (exact_lse: the checks passed but the forward kernel failed at run time), else with NaN,
+    which nothing reads (the backward's checks fail as the forward's did, or it runs the reference)."""
     counters["reference"] += 1
     if lse is not None:
-        if impl == "triton" or (impl == "auto" and _accelerated(q)):     # the backward will run Triton's kernels
+        if exact_lse:
             lse.copy_(reference_lse(q, k, mask, causal, scale, window, head_forms))
         else:
-            lse.fill_(float("nan"))      # never read: the backward runs the reference too
+            lse.fill_(float("nan"))
     return attention_reference(q, k, v, mask, causal, scale, window, head_forms)
 
 

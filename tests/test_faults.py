@@ -328,3 +328,35 @@ def test_backward_kernel_that_fails_falls_back_or_raises(on_gpu, monkeypatch):
     out = torch.ops.attnforge.attention(q, q, q, None, True, 0, 0.25, "triton", key)
     with pytest.raises(RuntimeError, match="out of resources"):
         torch.autograd.grad(out.sum(), q)
+
+
+def test_forward_kernel_failure_in_training_still_hands_an_exact_lse_to_the_backward(on_gpu, monkeypatch):
+    """attention_train under impl='auto' whose forward kernel fails at run time: the reference runs the
+    forward (warned, recorded) and fills the log-sum-exp exactly, because the backward's checks pass and its
+    Triton kernels will read it; their gradients equal the float64 reference's."""
+    if not af.runtime.kernels.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 (the CPU path of the kernels)")
+    from attnforge import codegen
+    from attnforge.runtime.reference import reference_lse
+
+    real = ops._run_triton
+
+    def forward_fails(*args, **kwargs):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(ops, "_run_triton", forward_fails)
+    key = af.runtime.kernels.register_source(af.codegen.render_attention(codegen.KernelSpec(causal=True)).source)
+    q = torch.randn(1, 2, 70, 16, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="reference attention because Triton kernel failed"):
+        out, lse = torch.ops.attnforge.attention_train(q, q, q, None, True, 0, 0.25, "auto", key)
+    torch.testing.assert_close(lse, reference_lse(q.detach(), q.detach(), None, True, 0.25))
+    monkeypatch.setattr(ops, "_run_triton", real)
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert af.runtime.counters["triton_backward"] == 1 and af.runtime.counters["triton_backward_recomputed"] == 0
+    q64 = q.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(attention_reference(q64, q64, q64, None, True, 0.25).sum(), q64)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-6)
+    # where the kernel cannot run at all (float64 here), nothing will read the lse: it is not computed
+    with pytest.warns(RuntimeWarning, match="float64 is not supported"):
+        out, lse = torch.ops.attnforge.attention_train(q64, q64, q64, None, True, 0, 0.25, "auto", key)
+    assert torch.isnan(lse).all()
