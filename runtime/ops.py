@@ -10,7 +10,14 @@
         forms:  "" (dense) or the JSON of one Form per KV head group (attnforge.runtime.forms): a plan entry
 
 It is a torch.library custom op with a fake implementation and autograd, so it survives torch.compile
-and torch.export. Implementations:
+and torch.export. Two companions:
+    attention_train(same arguments) -> (out, lse [B, Hq, N] float32): the same output plus each row's
+                 log-sum-exp, which its backward reads instead of running the forward again (the backend
+                 uses it in graphs compiled with grad enabled)
+    attention_backward(grad_out, q, k, v, out?, lse?, scale, impl, kernel, forms) -> (dq, dk, dv): the
+                 plan kernel's backward kernels, an op of their own so that AOTAutograd (which traces the
+                 backward with fake tensors) keeps them for run time
+Implementations:
     reference -> attention_reference (PyTorch; runs anywhere; the oracle)
     triton    -> the generated kernel: compiled on CUDA, Triton's interpreter on CPU. Never falls back:
                  if it cannot run, KernelUnavailable says why.
