@@ -1,6 +1,6 @@
 """Per-head plan kernel against SDPA and FlexAttention, side by side in one run (needs a CUDA GPU).
 
-    python benchmarks/kernels.py [--json kernels.json] [--dtype bfloat16] [--shapes 32x8x32768x128 ...]
+    python benchmarks/kernels.py [--json kernels.json] [--dtype bfloat16] [--shapes 32x8x32768x128 ...] [--backward]
 
 For the shapes of ../shared/BASELINE.md plus SmolLM2's (9/3 heads, d=64) at 4k-32k, three plans:
     dense       every KV group Dense (attnforge's plan kernel), SDPA causal, Flex causal
@@ -11,7 +11,9 @@ Prints ms, effective TFLOP/s (kept pairs only), speed-up over SDPA causal, the i
 (causal pairs / kept pairs) and the fraction of it reached, and the ratio to Flex. Also per plan: the
 host time to build attnforge's block metadata (plan-to-first-launch overhead) as a fraction of the
 attention time, and first-call times at new lengths (what a new length costs: Triton specializes on
-divisibility, not on the length). The dense rows run attnforge's dense kernel (what the backend emits
+divisibility, not on the length). --backward also times a training step's attention, forward +
+backward, of the three (attnforge: attention_train, whose backward reads the forward's log-sum-exp), with
+the gradients checked against the same reference. The dense rows run attnforge's dense kernel (what the backend emits
 for a site whose groups are all dense); the others the plan kernel. Every result is checked before timing: against SDPA with the same mask up to 8k, against
 FlexAttention beyond (an H x N x N mask would not fit). The JSON is rewritten after every row; a row
 that fails is recorded under "errors" and the run goes on.
@@ -58,6 +60,7 @@ def main():
                     help="cpu: smoke-test this script through Triton's interpreter (tiny shapes; no figures)")
     ap.add_argument("--new-lengths", type=int, nargs="*", default=[4000, 4096, 5003, 6144, 7001],
                     help="lengths whose first call is timed (a new length must not recompile)")
+    ap.add_argument("--backward", action="store_true", help="also time forward + backward (a training step)")
     ap.add_argument("--shapes", nargs="+", default=[_name(s) for s in SHAPES],
                     help="shapes as HxHKVxNxD (query heads, kv heads, length, head dim); default: all of SHAPES")
     args = ap.parse_args()
@@ -106,8 +109,11 @@ def main():
                 meta_s = time.perf_counter() - t0
                 # an all-dense site runs the dense kernel (the backend emits it; the plan kernel is for plans)
                 ours_key, ours_forms = (dense_key, "") if plan_name == "dense" else (key, fj)
+                def flex_call(q, k, v, block_mask=block_mask):
+                    return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
                 fns = {
-                    "flex": lambda: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True),
+                    "flex": lambda: flex_call(q, k, v),
                     "attnforge": lambda: torch.ops.attnforge.attention(q, k, v, None, True, 0, scale, "triton",
                                                                        ours_key, ours_forms),
                 }
@@ -136,10 +142,20 @@ def main():
                        "metadata_ms": meta_s * 1e3, "metadata_fraction": meta_s * 1e3 / ours,
                        "flex_block_mask_ms": flex_mask_s * 1e3, "checked_against": "sdpa" if n <= 8192 else "flex"}
                 row["kernel"] = "dense" if plan_name == "dense" else "plan"
+                if args.backward:
+                    row.update(_train_step(dev, q, k, v, flex_call, dense_mask_of=lambda: mask_mod(
+                        0, torch.arange(h, device=dev.kind)[:, None, None], torch.arange(n, device=dev.kind)[None, :, None],
+                        torch.arange(n, device=dev.kind)[None, None, :]), scale=scale, key=ours_key, forms=ours_forms))
                 res.add(row)
                 print(f"{f'{h}/{hk} N={n} d={d}':>22} {plan_name:>7} {sdpa_ms:8.3f} {times['flex']:8.3f} {ours:8.3f} "
                       f"{row['attnforge_tflops']:5.0f} {row['speedup_vs_sdpa']:6.2f}x {ideal:5.2f}x "
                       f"{row['fraction_of_ideal']:7.0%} {row['vs_flex']:6.2f}x {row['metadata_fraction']:6.1%}", flush=True)
+                if args.backward:
+                    flex_ms, vs_flex = row["flex_train_ms"], row["train_vs_flex"]
+                    print(f"{'':>22} {'fwd+bwd':>7} {row['sdpa_causal_train_ms']:8.3f} "
+                          f"{'-' if flex_ms is None else f'{flex_ms:.3f}':>8} {row['attnforge_train_ms']:8.3f} {'':>5} "
+                          f"{row['train_speedup_vs_sdpa']:6.2f}x {'':>6} {'':>8} "
+                          f"{'-' if vs_flex is None else f'{vs_flex:.2f}x':>7}", flush=True)
             except Exception as e:        # record it, keep the other rows
                 res.error({"heads": h, "kv_heads": hk, "n": n, "d": d, "plan": plan_name}, e)
             dev.empty_cache()
@@ -161,6 +177,36 @@ def main():
     res["new_lengths"] = lengths
     print("new lengths (first call ms / steady ms): " +
           ", ".join(f"{r['n']}: {r['first_call_ms']:.1f}/{r['steady_ms']:.3f}" for r in lengths))
+
+
+def _train_step(dev, q, k, v, flex_call, dense_mask_of, scale, key, forms):
+    """Forward + backward times of SDPA (causal), Flex and attnforge on these inputs; the gradients of Flex
+    and attnforge checked against SDPA with the same mask up to 8k, attnforge's against Flex's beyond.
+    (FlexAttention has no CPU backward: the --device cpu smoke run leaves it out.)"""
+    n = q.shape[2]
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    grad = torch.randn_like(q)
+
+    def step(forward):
+        return lambda: torch.autograd.grad(forward(), (q, k, v), grad)
+
+    sdpa = step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    flex = step(lambda: flex_call(q, k, v)) if dev.kind == "cuda" else None
+    ours = step(lambda: torch.ops.attnforge.attention_train(q, k, v, None, True, 0, scale, "triton", key, forms)[0])
+    if n <= 8192:
+        ref = step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask_of()[None], scale=scale,
+                                                          enable_gqa=True))()
+        checked = (ours(), flex()) if flex else (ours(),)
+    else:
+        ref, checked = flex(), (ours(),)
+    for got in checked:
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+    times = {name: dev.bench(fn, warmup=10, rep=50) if fn else None
+             for name, fn in (("sdpa", sdpa), ("flex", flex), ("ours", ours))}
+    return {"sdpa_causal_train_ms": times["sdpa"], "flex_train_ms": times["flex"], "attnforge_train_ms": times["ours"],
+            "train_speedup_vs_sdpa": times["sdpa"] / times["ours"],
+            "train_vs_flex": times["flex"] / times["ours"] if times["flex"] else None}
 
 
 if __name__ == "__main__":

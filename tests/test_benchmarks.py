@@ -28,9 +28,11 @@ def _run(script, tmp_path, *args):
 
 
 def test_kernels_benchmark(tmp_path):
-    data = _run("kernels", tmp_path, "--dtype", "float16", "--shapes", "4x2x200x32", "--new-lengths", "130")
+    data = _run("kernels", tmp_path, "--dtype", "float16", "--shapes", "4x2x200x32", "--new-lengths", "130",
+                "--backward")
     rows = {r["plan"]: r for r in data["rows"]}
     assert set(rows) == {"dense", "window", "mixed"}
+    assert all(r["attnforge_train_ms"] > 0 and r["sdpa_causal_train_ms"] > 0 for r in rows.values())
     assert rows["dense"]["kernel"] == "dense" and rows["mixed"]["kernel"] == "plan"
     assert rows["mixed"]["kept_fraction"] == pytest.approx(1.0)          # every window covers N = 200 here
     assert [r["n"] for r in data["new_lengths"]] == [130]
