@@ -177,15 +177,16 @@ def _lists(flags: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torc
     """[G, R, C] flags and `first` (a subset of them) -> (count [G, R], nfirst [G, R], index [G, R, maxc]):
     the flagged columns of each row, those in `first` before the rest, each part ascending, padded with 0.
     No sort: a column in `first` goes to slot (first-columns before it), any other flagged one to slot
-    nfirst + (other flagged columns before it)."""
+    nfirst + (other flagged columns before it). Slots in int16 where the columns allow (less memory traffic)."""
     cols = flags.shape[-1]
+    dt = torch.int16 if cols < 2 ** 15 else torch.int32
     count = flags.sum(-1, dtype=torch.int32)
     nfirst = first.sum(-1, dtype=torch.int32)
     rest = flags & ~first
     maxc = max(1, int(count.max())) if count.numel() else 1
-    slot = torch.where(first, torch.cumsum(first, -1, dtype=torch.int32) - 1,
-                       torch.where(rest, nfirst[..., None] + torch.cumsum(rest, -1, dtype=torch.int32) - 1, maxc))
-    slot = slot.to(torch.int64)
+    slot_first = torch.cumsum(first, -1, dtype=dt).sub_(1)
+    slot_rest = torch.cumsum(rest, -1, dtype=dt).add_((nfirst.to(dt) - 1)[..., None])
+    slot = torch.where(first, slot_first, torch.where(rest, slot_rest, maxc)).to(torch.int64)
     ids = torch.arange(cols, device=flags.device, dtype=torch.int32).expand(flags.shape)
     index = torch.zeros(flags.shape[:-1] + (maxc + 1,), dtype=torch.int32, device=flags.device)
     index.scatter_(-1, slot, ids)                               # unflagged columns all land in the spare slot
