@@ -118,13 +118,14 @@ def main():
                                                                        ours_key, ours_forms),
                 }
                 ref = None
+                def dense_mask_of(mask_mod=mask_mod, h=h, n=n):     # [H, N, N]: the plan's mask, for SDPA
+                    return mask_mod(0, torch.arange(h, device=dev.kind)[:, None, None],
+                                    torch.arange(n, device=dev.kind)[None, :, None],
+                                    torch.arange(n, device=dev.kind)[None, None, :])
+
                 if n <= 8192:           # the SDPA check materializes an H x N x N mask: only where it fits
-                    dense_mask = mask_mod(0, torch.arange(h, device=dev.kind)[:, None, None],
-                                          torch.arange(n, device=dev.kind)[None, :, None],
-                                          torch.arange(n, device=dev.kind)[None, None, :])
-                    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask[None], scale=scale,
+                    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask_of()[None], scale=scale,
                                                          enable_gqa=True)
-                    del dense_mask
                 if ref is None:         # longer: FlexAttention with the same mask_mod is the reference
                     ref = fns["flex"]()
                 times = {}
@@ -143,9 +144,8 @@ def main():
                        "flex_block_mask_ms": flex_mask_s * 1e3, "checked_against": "sdpa" if n <= 8192 else "flex"}
                 row["kernel"] = "dense" if plan_name == "dense" else "plan"
                 if args.backward:
-                    row.update(_train_step(dev, q, k, v, flex_call, dense_mask_of=lambda: mask_mod(
-                        0, torch.arange(h, device=dev.kind)[:, None, None], torch.arange(n, device=dev.kind)[None, :, None],
-                        torch.arange(n, device=dev.kind)[None, None, :]), scale=scale, key=ours_key, forms=ours_forms))
+                    row.update(_train_step(dev, q, k, v, flex_call, dense_mask_of, scale=scale, key=ours_key,
+                                           forms=ours_forms))
                 res.add(row)
                 print(f"{f'{h}/{hk} N={n} d={d}':>22} {plan_name:>7} {sdpa_ms:8.3f} {times['flex']:8.3f} {ours:8.3f} "
                       f"{row['attnforge_tflops']:5.0f} {row['speedup_vs_sdpa']:6.2f}x {ideal:5.2f}x "

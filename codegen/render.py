@@ -52,19 +52,23 @@ class RenderedKernel:
     source: str
 
 
+def environment(loader: jinja2.BaseLoader) -> jinja2.Environment:
+    """The Jinja2 environment the kernels render in, over any loader (tests/aot_sm90.py --rev renders the
+    templates of another revision through it)."""
+    return jinja2.Environment(loader=loader, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                              undefined=jinja2.StrictUndefined, autoescape=False)
+
+
 @lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.PackageLoader("attnforge.codegen", "templates"),
-        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined, autoescape=False,
-    )
+    return environment(jinja2.PackageLoader("attnforge.codegen", "templates"))
 
 
-def render_attention(spec: KernelSpec) -> RenderedKernel:
-    """Source text of the forward kernel for `spec` (a Python module defining KERNEL and launch)."""
+def render_attention(spec: KernelSpec, env: jinja2.Environment | None = None) -> RenderedKernel:
+    """Source text of the forward kernel for `spec` (a Python module defining KERNEL and launch), from the
+    package's templates or those of `env`."""
     template = "attention_plan_fwd.py.j2" if spec.plan else "attention_fwd.py.j2"
-    source = _env().get_template(template).render(
+    source = (env or _env()).get_template(template).render(
         template=template, name=spec.name, causal=spec.causal, mask=spec.mask, window=spec.window,
         block=PLAN_BLOCK, spec_repr=_spec_repr(spec), description=_describe(spec),
     )

@@ -106,17 +106,21 @@ def _group_blocks(form, qb: torch.Tensor, kb: torch.Tensor, n: int, s: int, bm: 
     return causal & (vert[kb] | in_slash)
 
 
+def _tile_grid(n: int, s: int, bm: int, bn: int, dev):
+    """Broadcastable [nbq, 1] / [1, nbk] tensors of the tiling: query block, key block, the block's first and
+    last valid query index, its first and last key."""
+    qb = torch.arange(-(-n // bm), device=dev)[:, None]
+    kb = torch.arange(-(-s // bn), device=dev)[None, :]
+    return qb, kb, qb * bm, torch.clamp((qb + 1) * bm, max=n) - 1, kb * bn, kb * bn + bn - 1
+
+
 def _flags(forms, n: int, s: int, bm: int, bn: int, dev) -> torch.Tensor:
     """[G, nbq, nbk] bool block flags of every group at once: the window forms (Dense, SinkWindow,
     ElasticWindow, a Linear's exact part, the KV forms' dense prefill) by one broadcast expression over
     per-group (dense, sink, window) vectors, BlockSparse groups one by one (`_group_blocks`, which is also
     the per-form definition the vectorized expression is tested against)."""
-    nbq, nbk = -(-n // bm), -(-s // bn)
-    qb = torch.arange(nbq, device=dev)[:, None]
-    kb = torch.arange(nbk, device=dev)[None, :]
-    p0 = s - n + qb * bm                                        # first query position of each query block
-    last = torch.clamp((qb + 1) * bm, max=n) - 1
-    k0, k1 = kb * bn, kb * bn + bn - 1
+    qb, kb, first, last, k0, k1 = _tile_grid(n, s, bm, bn, dev)
+    p0 = s - n + first                                          # first query position of each query block
     causal = (k0 <= s - n + last) & (k0 <= last)                # [nbq, nbk]
     prefill = [SinkWindow(f.sink, f.window) if isinstance(f, Linear) else f for f in map(prefill_form, forms)]
     dense = [isinstance(f, Dense) for f in prefill]
@@ -160,12 +164,7 @@ def _whole(sink: torch.Tensor, window: torch.Tensor, n: int, s: int, bm: int, bn
     """[G, nbq, nbk] bool: every valid query row of block qb keeps every key of block kb under the kernel's
     element rule (keys j <= min(i, pos_i); j < sink or j > pos_i - window where window > 0), and the key
     block is complete (no key at or past S). Rows past N are never stored, so they do not count."""
-    nbq, nbk = -(-n // bm), -(-s // bn)
-    qb = torch.arange(nbq, device=dev)[:, None]
-    kb = torch.arange(nbk, device=dev)[None, :]
-    first = qb * bm                                             # first query index of the block
-    last = torch.clamp((qb + 1) * bm, max=n) - 1               # last valid query index
-    k0, k1 = kb * bn, kb * bn + bn - 1
+    _, _, first, last, k0, k1 = _tile_grid(n, s, bm, bn, dev)
     causal = (k1 <= first) & (k1 <= s - n + first) & (k1 < s)   # [nbq, nbk]
     sink, window = (t.to(torch.int64)[:, None, None] for t in (sink, window))
     # the keys a row drops are [sink, pos - window], widest for the last row: whole if the block misses it

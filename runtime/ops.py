@@ -284,9 +284,9 @@ def _(q, k, v, mask, causal, window, scale, impl, kernel, forms=""):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, saved_outputs=()):
     q, k, v, mask, causal, window, scale, impl, kernel, forms = inputs
-    ctx.save_for_backward(q, k, v, mask)
+    ctx.save_for_backward(q, k, v, mask, *saved_outputs)
     ctx.causal, ctx.window, ctx.scale, ctx.forms = causal, window, scale, forms
     ctx.impl, ctx.kernel = impl, kernel
 
@@ -354,8 +354,8 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: O
     """dq, dk, dv of causal self-attention without a mask (one form per KV group, `forms`) through the backward
     kernels of the plan kernel `kernel`; out and lse from attention_train's forward, or None (recomputed).
     An op of its own so that a compiled training step (AOTAutograd traces the backward with fake tensors)
-    keeps the kernel launches for run time. A failing kernel under
-    impl='auto' falls back to the reference's gradients with a warning and a recorded fallback."""
+    keeps the kernel launches for run time. A failing kernel under impl='auto' falls back to the
+    reference's gradients with a warning and a recorded fallback."""
     try:
         grads = _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale)
         counters["triton_backward"] += 1
@@ -391,8 +391,7 @@ def _backward(ctx, grad_out, out=None, lse=None):
 
 
 def _setup_context_train(ctx, inputs, output):
-    _setup_context(ctx, inputs, None)
-    ctx.save_for_backward(*inputs[:4], *output)        # q, k, v, mask, out, lse
+    _setup_context(ctx, inputs, output, saved_outputs=output)      # q, k, v, mask, then out, lse
 
 
 def _backward_train(ctx, grad_out, _grad_lse):

@@ -166,12 +166,7 @@ def _render_at(rev, spec):
             text = subprocess.run(["git", "show", f"{rev}:codegen/templates/{name}"], cwd=root, check=True,
                                   capture_output=True, text=True).stdout
             Path(d, name).write_text(text)
-        env = jinja2.Environment(loader=jinja2.FileSystemLoader(d), trim_blocks=True, lstrip_blocks=True,
-                                 keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-        template = "attention_plan_fwd.py.j2" if spec.plan else "attention_fwd.py.j2"
-        return env.get_template(template).render(
-            template=template, name=spec.name, causal=spec.causal, mask=spec.mask, window=spec.window,
-            block=codegen.render.PLAN_BLOCK, spec_repr="", description="")
+        return codegen.render_attention(spec, codegen.render.environment(jinja2.FileSystemLoader(d))).source
 
 
 def sass_loops(cubin: bytes) -> list[dict]:
