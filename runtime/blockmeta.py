@@ -137,7 +137,8 @@ def _flags(forms, n: int, s: int, bm: int, bn: int, dev) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, device: str) -> BlockMeta:
+def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, device: str,
+            per_row: bool = False) -> BlockMeta:
     forms = forms_from_json(forms_json)
     dev = torch.device(device)
     nbq = -(-n // bm)
@@ -146,6 +147,11 @@ def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, devic
                         dtype=torch.int32, device=dev)
     window = torch.tensor([f.window_at(s) or 0 for f in forms], dtype=torch.int32, device=dev)
     whole = flags & _whole(sink, window, n, s, bm, bn, dev)
+    if per_row:
+        # a padded batch: an elastic group's span differs per row (its own length), at most window_at(s); the
+        # blocks it may visit are these, but which of them a shorter row keeps whole is not, so all are edges
+        elastic = torch.tensor([isinstance(f, ElasticWindow) for f in forms], device=dev)
+        whole &= ~elastic[:, None, None]
     count, full, index = _lists(flags, whole)
     # one program per (query block, query head); heaviest first so long rows do not finish last, and
     # among equal work query-block-major, so the query heads of one KV group at one query block run side
@@ -192,6 +198,8 @@ def _lists(flags: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torc
     return count, nfirst, index[..., :maxc].contiguous()
 
 
-def block_meta(forms_json: str, group: int, n: int, s: int, block_m: int, block_n: int, device) -> BlockMeta:
-    """The metadata for one launch (cached): forms as the op's JSON, `group` query heads per KV head."""
-    return _cached(forms_json, group, n, s, block_m, block_n, str(torch.device(device)))
+def block_meta(forms_json: str, group: int, n: int, s: int, block_m: int, block_n: int, device,
+               per_row: bool = False) -> BlockMeta:
+    """The metadata for one launch (cached): forms as the op's JSON, `group` query heads per KV head.
+    per_row: for a compacted padded batch whose rows take their own elastic spans (runtime.padding)."""
+    return _cached(forms_json, group, n, s, block_m, block_n, str(torch.device(device)), per_row)

@@ -1,9 +1,13 @@
 """`torch.ops.attnforge.attention`: the one op every rewritten attention site calls.
 
-    attention(q, k, v, mask, causal, window, scale, impl, kernel, forms="") -> out
+    attention(q, k, v, mask, causal, window, scale, impl, kernel, forms="", padding=None) -> out
         q [B, Hq, N, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> out [B, Hq, N, Dv]
         mask:   None, or broadcastable to [B, Hq, N, S]; bool (True = attend) or additive float
         causal: top-left aligned (as SDPA's is_causal)
+        padding: None, or [B, S] bool/int key-padding flags (1 = a token, as Hugging Face's attention_mask):
+                a padded batch, every row computed as that row alone (attnforge.runtime.padding): its real
+                tokens at their own positions (queries = the last N key slots), zeros at padding queries;
+                no mask or window with it. Compacted through the same kernels where N = S.
         window: > 0 hides keys j <= i - window (sliding window, own key included); 0: no window
         impl:   "auto" | "triton" | "reference"
         kernel: key of a generated Triton source (attnforge.runtime.kernels), "" when none was generated
@@ -39,6 +43,7 @@ from torch import Tensor
 from . import kernels
 from .blockmeta import block_meta, block_reason
 from .forms import forms_from_json
+from . import padding as pad
 from .kernels import KernelUnavailable
 from .reference import attention_reference, attention_reference_backward, reference_lse
 
@@ -126,17 +131,19 @@ def _config(loaded, kernel: str, q: Tensor, v: Tensor, run):
                                  max(q.shape[-1], v.shape[-1]), q.dtype, run)
 
 
-def _plan_meta(loaded, forms: str, q: Tensor, k: Tensor):
-    """Block metadata of a plan call, tiled as the loaded plan kernel tiles (forward and backward alike)."""
+def _plan_meta(loaded, forms: str, q: Tensor, k: Tensor, per_row: bool = False):
+    """Block metadata of a plan call, tiled as the loaded plan kernel tiles (forward and backward alike);
+    per_row: a compacted padded batch whose rows take their own elastic spans."""
     return block_meta(forms, q.shape[1] // k.shape[1], q.shape[2], k.shape[2], loaded.module.BLOCK_M,
-                      loaded.module.BLOCK_N, q.device)
+                      loaded.module.BLOCK_N, q.device, per_row)
 
 
 def _planned(forms: str) -> bool:
     return bool(forms) and any(f.kind != "dense" for f in _forms(forms))
 
 
-def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms="", lse=None):
+def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms="", lse=None, lens=None, windows=None):
+    """The generated kernel on these inputs. lens / windows: a compacted padded batch (runtime.padding)."""
     loaded = kernels.load_kernel(kernel, q.device)
     is_plan = getattr(loaded.module, "PLAN", False)
     if _planned(forms) != is_plan:
@@ -146,12 +153,14 @@ def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms="", lse=None
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if q.shape[2] and k.shape[2]:
         if is_plan:
-            meta = _plan_meta(loaded, forms, q, k)
-            run = lambda config: loaded.launch(q, k, v, out, scale, meta, config=config, lse=lse)  # noqa: E731
+            meta = _plan_meta(loaded, forms, q, k, per_row=windows is not None)
+            run = lambda config: loaded.launch(q, k, v, out, scale, meta, config=config, lse=lse,  # noqa: E731
+                                               lens=lens, windows=windows)
             counters["triton_plan_blocks"] += meta.visited_blocks
             counters["triton_plan_whole_blocks"] += meta.whole_blocks     # run with no element mask
         else:
-            run = lambda config: loaded.launch(q, k, v, mask, out, scale, window, config=config, lse=lse)  # noqa: E731
+            run = lambda config: loaded.launch(q, k, v, mask, out, scale, window, config=config, lse=lse,  # noqa: E731
+                                               lens=lens)
         run(_config(loaded, kernel, q, v, run))
     else:
         out.zero_()                      # no queries or no keys: nothing to attend to
@@ -166,10 +175,12 @@ def _forms(text: str) -> tuple:
     return forms_from_json(text)
 
 
-def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None):
+def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None, padding=None):
     """The op's forward. lse: None, or a float32 [B, H, N] tensor to fill with each row's log-sum-exp wherever
     a Triton backward may read it (see attention_train)."""
     _check_args(q, k, v, mask, impl)
+    if padding is not None:
+        return _forward_padded(q, k, v, padding, mask, causal, window, scale, impl, kernel, forms, lse)
     head_forms = _forms(forms)
     if impl != "reference" and any(f.kind == "linear" for f in head_forms):
         if lse is not None:
@@ -197,6 +208,66 @@ def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None
     return _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=failed)
 
 
+def _padded_reason(q, k, v, causal, kernel, forms) -> Optional[str]:
+    """None if a padded call can run compacted through the Triton kernels, else why not."""
+    if q.shape[2] != k.shape[2]:
+        return "a padded call with fewer queries than keys (a decoding step) runs in the reference"
+    if any(f.kind == "linear" for f in _forms(forms)):
+        return _linear_reason(q, k, None, True, 0) if causal else "linear forms need causal attention"
+    return triton_check(q, k, v, None, kernel, forms, causal, 0)
+
+
+def _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse):
+    """Compact the rows (runtime.padding), run the kernels on them, scatter the result back."""
+    rows = pad.rows_of(padding)
+    qc, kc, vc = pad.gather(q, rows), pad.gather(k, rows), pad.gather(v, rows)
+    head_forms = _forms(forms)
+    if any(f.kind == "linear" for f in head_forms):
+        out = pad.scatter(_attention_linear(qc, kc, vc, None, True, 0, scale, impl, kernel, head_forms), rows)
+        if lse is not None:
+            lse.fill_(float("nan"))      # never read: a linear hybrid's gradients come from its reference
+        return out
+    lse_c = None if lse is None else torch.empty_like(lse)
+    windows = pad.row_windows(head_forms, rows.lens) if _planned(forms) else None
+    out = pad.scatter(_run_triton(qc, kc, vc, None, causal, 0, scale, kernel, forms, lse_c, rows.lens, windows), rows)
+    if lse is not None:
+        lse.copy_(pad.scatter_rows(lse_c, rows, float("inf")))
+    return out
+
+
+def _forward_padded(q, k, v, padding, mask, causal, window, scale, impl, kernel, forms, lse):
+    """A padded batch (see the module docstring): the Triton kernels over compacted rows where they can run,
+    else the reference; the same choices, errors and fallbacks as an unpadded call."""
+    if reason := pad.padding_reason(padding, q, k, causal, mask, window):
+        raise ValueError(reason)
+    counters["padded"] += 1
+    failed = False
+    if impl != "reference":
+        reason = _padded_reason(q, k, v, causal, kernel, forms)
+        if impl == "triton" and reason:
+            raise KernelUnavailable(f"impl='triton' was asked for but {reason}; use impl='auto' or "
+                                    "impl='reference'")
+        if reason is None and (impl == "triton" or _accelerated(q)):
+            try:
+                return _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse)
+            except Exception as e:
+                if impl == "triton":
+                    raise
+                reason, failed = f"Triton kernel failed: {type(e).__name__}: {e}", True
+        if _accelerated(q):
+            fallbacks[(kernel, reason)] += 1
+            warnings.warn(f"attnforge: running the reference attention because {reason}", RuntimeWarning,
+                          stacklevel=3)
+    counters["reference"] += 1
+    head_forms = _forms(forms)
+    if lse is not None:
+        if failed:                       # the backward may still choose the Triton kernels: it reads this
+            lse.copy_(pad.reference_lse(q, k, padding, causal, scale, head_forms))
+        else:
+            lse.fill_(float("nan"))
+    return pad.reference(q, k, v, padding, causal, scale, head_forms)
+
+
 def _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=False):
     """The reference's output; lse (if given) filled exactly only where the backward may still choose the
     Triton kernels (exact_lse: the checks passed but the forward kernel failed at run time), else with NaN,
@@ -212,18 +283,19 @@ def _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=
 
 @torch.library.custom_op("attnforge::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, window: int,
-              scale: float, impl: str, kernel: str, forms: str = "") -> Tensor:
-    return _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms)
+              scale: float, impl: str, kernel: str, forms: str = "", padding: Optional[Tensor] = None) -> Tensor:
+    return _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, padding=padding)
 
 
 @torch.library.custom_op("attnforge::attention_train", mutates_args=())
 def attention_train(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, window: int,
-                    scale: float, impl: str, kernel: str, forms: str = "") -> tuple[Tensor, Tensor]:
+                    scale: float, impl: str, kernel: str, forms: str = "",
+                    padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """attention, also returning each row's log-sum-exp [B, H, N] (float32) for its backward, which then
     skips the forward recomputation. The backend puts it in place of attention in graphs compiled with
     grad enabled; the values of out are the same."""
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    return _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse), lse
+    return _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse, padding), lse
 
 
 def _linear_reason(q: Tensor, k: Tensor, mask, causal: bool, window: int) -> Optional[str]:
@@ -275,18 +347,18 @@ def _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_f
 
 
 @attention.register_fake
-def _(q, k, v, mask, causal, window, scale, impl, kernel, forms=""):
+def _(q, k, v, mask, causal, window, scale, impl, kernel, forms="", padding=None):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
 @attention_train.register_fake
-def _(q, k, v, mask, causal, window, scale, impl, kernel, forms=""):
+def _(q, k, v, mask, causal, window, scale, impl, kernel, forms="", padding=None):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output, saved_outputs=()):
-    q, k, v, mask, causal, window, scale, impl, kernel, forms = inputs
-    ctx.save_for_backward(q, k, v, mask, *saved_outputs)
+    q, k, v, mask, causal, window, scale, impl, kernel, forms, padding = inputs
+    ctx.save_for_backward(q, k, v, mask, padding, *saved_outputs)
     ctx.causal, ctx.window, ctx.scale, ctx.forms = causal, window, scale, forms
     ctx.impl, ctx.kernel = impl, kernel
 
@@ -335,29 +407,41 @@ def _backward_kernel(ctx, q, k, v, mask):
     return key, forms
 
 
-def _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale):
+def _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale, padding=None):
     loaded = kernels.load_kernel(kernel, q.device)
-    meta = _plan_meta(loaded, forms, q, k)
+    rows = lens = windows = None
+    if padding is not None:              # a padded batch: the same compaction as its forward
+        rows = pad.rows_of(padding)
+        lens, windows = rows.lens, pad.row_windows(_forms(forms), rows.lens)
+        grad_out = pad.gather(grad_out, rows).masked_fill(~rows.valid[:, None, :, None], 0)
+        q, k, v = pad.gather(q, rows), pad.gather(k, rows), pad.gather(v, rows)
+        out = None if out is None else pad.gather(out, rows)
+        lse = None if lse is None else pad.gather_rows(lse, rows)
+    meta = _plan_meta(loaded, forms, q, k, per_row=windows is not None)
     if out is None or lse is None:
         # no log-sum-exp from the forward (the op was called as attention, not attention_train): recompute
         # the forward once to get it, then the dQ and dK/dV kernels
         out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-        loaded.launch(q, k, v, out, scale, meta, lse=lse)
+        loaded.launch(q, k, v, out, scale, meta, lse=lse, lens=lens, windows=windows)
         counters["triton_backward_recomputed"] += 1
-    return loaded.module.launch_backward(q, k, v, out, grad_out, lse, scale, meta, interpreted=loaded.interpreted)
+    grads = loaded.module.launch_backward(q, k, v, out, grad_out, lse, scale, meta, interpreted=loaded.interpreted,
+                                          lens=lens, windows=windows)
+    return grads if rows is None else tuple(pad.scatter(g, rows) for g in grads)
 
 
 @torch.library.custom_op("attnforge::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Optional[Tensor], lse: Optional[Tensor],
-                       scale: float, impl: str, kernel: str, forms: str) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of causal self-attention without a mask (one form per KV group, `forms`) through the backward
-    kernels of the plan kernel `kernel`; out and lse from attention_train's forward, or None (recomputed).
+                       scale: float, impl: str, kernel: str, forms: str,
+                       padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of causal self-attention without a mask (one form per KV group, `forms`; a padded batch with
+    `padding`) through the backward kernels of the plan kernel `kernel`; out and lse from attention_train's
+    forward, or None (recomputed).
     An op of its own so that a compiled training step (AOTAutograd traces the backward with fake tensors)
     keeps the kernel launches for run time. A failing kernel under impl='auto' falls back to the
     reference's gradients with a warning and a recorded fallback."""
     try:
-        grads = _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale)
+        grads = _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale, padding)
         counters["triton_backward"] += 1
         return grads
     except Exception as e:               # as in the forward: 'auto' must not lose the step to a kernel failure
@@ -366,28 +450,35 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: O
         reason = f"Triton backward failed: {type(e).__name__}: {e}"
         fallbacks[(kernel, reason)] += 1
         warnings.warn(f"attnforge: running the reference backward because {reason}", RuntimeWarning, stacklevel=2)
-    dq, dk, dv, _ = attention_reference_backward(grad_out, q, k, v, None, True, scale, 0, _forms(forms))
+    if padding is not None:
+        dq, dk, dv = pad.reference_backward(grad_out, q, k, v, padding, True, scale, _forms(forms))
+    else:
+        dq, dk, dv, _ = attention_reference_backward(grad_out, q, k, v, None, True, scale, 0, _forms(forms))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, scale, impl, kernel, forms):
+def _(grad_out, q, k, v, out, lse, scale, impl, kernel, forms, padding=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)     # contiguous, as the kernels' are
 
 
 def _backward(ctx, grad_out, out=None, lse=None):
-    q, k, v, mask = ctx.saved_tensors[:4]
+    q, k, v, mask, padding = ctx.saved_tensors[:5]
     # the choice is made from shapes, dtypes and devices only (it also runs on fake tensors, when a compiled
     # training step is traced); the kernels run inside attention_backward
-    chosen = _backward_kernel(ctx, q, k, v, mask) if q.shape[2] and k.shape[2] else None
+    square = padding is None or q.shape[2] == k.shape[2]     # a padded call runs compacted only where N = S
+    chosen = _backward_kernel(ctx, q, k, v, mask) if q.shape[2] and k.shape[2] and square else None
     if chosen is not None:
         key, forms = chosen
         dq, dk, dv = torch.ops.attnforge.attention_backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.impl, key,
-                                                            forms)
-        return dq, dk, dv, None, None, None, None, None, None, None
+                                                            forms, padding)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+    if padding is not None:
+        dq, dk, dv = pad.reference_backward(grad_out, q, k, v, padding, ctx.causal, ctx.scale, _forms(ctx.forms))
+        return dq, dk, dv, None, None, None, None, None, None, None, None
     dq, dk, dv, dmask = attention_reference_backward(grad_out, q, k, v, mask, ctx.causal, ctx.scale,
                                                      ctx.window, _forms(ctx.forms))
-    return dq, dk, dv, dmask, None, None, None, None, None, None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None
 
 
 def _setup_context_train(ctx, inputs, output):
@@ -396,7 +487,7 @@ def _setup_context_train(ctx, inputs, output):
 
 def _backward_train(ctx, grad_out, _grad_lse):
     # lse is an auxiliary output: nothing downstream differentiates it (the backend reads only out)
-    out, lse = ctx.saved_tensors[4:]
+    out, lse = ctx.saved_tensors[5:]
     return _backward(ctx, grad_out, out, lse)
 
 

@@ -24,7 +24,8 @@ from attnforge.runtime import kernels
 CONSTEXPR = ("GROUP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "EVEN_D", "PRECISION")
 
 
-def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, config=(4, 3), block_m=None):
+def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, config=(4, 3), block_m=None,
+                 varlen=False):
     src = src or codegen.render_attention(spec).source
     module = kernels._module_from_source(kernels.source_key(src), src)
     fn = triton.jit(getattr(module, module.KERNEL + suffix))
@@ -35,7 +36,7 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, 
             sig[n] = f"*{dtype}"
         elif n in ("Lse", "Delta"):
             sig[n] = "*fp32"
-        elif n in ("CNT", "FULL", "IDX", "CNT_T", "FULL_T", "IDX_T", "SINK", "WIN", "SCHED"):     # plan kernel block metadata
+        elif n in ("CNT", "FULL", "IDX", "CNT_T", "FULL_T", "IDX_T", "SINK", "WIN", "SCHED", "Lens"):  # block metadata, lengths
             sig[n] = "*i32"
         elif n == "M":
             sig[n] = "*i1" if spec.mask == "bool" else "*fp32"
@@ -43,13 +44,15 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, 
             sig[n] = "fp32"
         else:
             sig[n] = "constexpr" if n in CONSTEXPR else "i32"
-    if "STORE_LSE" in names:
-        sig["STORE_LSE"] = "constexpr"
+    for flag in ("STORE_LSE", "VARLEN"):
+        if flag in names:
+            sig[flag] = "constexpr"
     block_m = block_m or (64 if spec.plan else 128)
     consts = {"GROUP": group, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim,
               "EVEN_D": True, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     if "STORE_LSE" in names:
         consts["STORE_LSE"] = True
+    consts["VARLEN"] = varlen
     ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items() if k in names})
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": config[0], "num_stages": config[1]})
 
@@ -126,10 +129,14 @@ def main():
               (codegen.KernelSpec(causal=True, plan=True), "fp16", 128)]
     results = []
     cases += [(codegen.KernelSpec(causal=True, plan=True), "bf16", 64, suffix) for suffix in ("_bwd_dq", "_bwd_dkdv")]
-    for spec, dtype, d, *suffix in cases:
-        c = compile_sm90(spec, dtype, d, suffix=suffix[0] if suffix else "")
-        results.append({"kernel": spec.name + (suffix[0] if suffix else ""), "dtype": dtype, "head_dim": d, "cubin_bytes": len(c.asm["cubin"]),
-                        "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
+    # padded batches (runtime.padding): the same kernels with per-row lengths
+    cases += [(codegen.KernelSpec(causal=c), "bf16", 64, "", True) for c in (False, True)]
+    cases += [(codegen.KernelSpec(causal=True, plan=True), "bf16", 64, suffix, True) for suffix in ("", "_bwd_dq", "_bwd_dkdv")]
+    for spec, dtype, d, *extra in cases:
+        suffix, varlen = (list(extra) + ["", False][len(extra):])[:2]
+        c = compile_sm90(spec, dtype, d, suffix=suffix, varlen=varlen)
+        results.append({"kernel": spec.name + suffix + ("[varlen]" if varlen else ""), "dtype": dtype, "head_dim": d,
+                        "cubin_bytes": len(c.asm["cubin"]), "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
     for dtype in ("bf16", "fp16"):
         c = compile_decode_sm90(dtype)
         results.append({"kernel": codegen.render.DECODE_NAME, "dtype": dtype, "head_dim": 64,
