@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of attnforge in one command, sized for a short GPU lease (at most ~9 minutes; each step
+# Every GPU check of attnforge in one command, sized for a short GPU lease (at most ~10 minutes; each step
 # has its own time limit so one slow step cannot starve the others, and every benchmark rewrites its
 # JSON after each row, so a step cut off keeps what it finished).
 #
@@ -13,6 +13,8 @@
 #   3. benchmarks/linear_kernel.py  #7: the linear hybrid vs SDPA at 8k and 32k
 #   4. tests/test_gpu.py        the compiled kernels against float64 (forward, backward, decode, no-sync
 #                               decoding, the plan cache in a Llama), default launch configs
+#   5. benchmarks/padded.py     padded batches vs SDPA with HF's padding mask and FlexAttention (no issue
+#                               asks for it: last, in what the lease has left)
 # CPU smoke test of the same scripts (no figures): tests/test_benchmarks.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,4 +48,5 @@ step decode 130 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes
 step linear 50 "$PY" benchmarks/linear_kernel.py --json "$OUTDIR/linear_kernel.json" --lengths 8192 32768
 # default launch configs here: tuning every config of every kernel of the tests would take minutes of compiles
 step tests 110 env ATTNFORGE_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step padded 45 "$PY" benchmarks/padded.py --json "$OUTDIR/padded.json" --shapes 9x3x8192x64 32x8x8192x128
 echo "=== $(date -u +%T) done; results in $OUTDIR" | tee -a "$LOG"

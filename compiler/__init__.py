@@ -18,11 +18,19 @@ def _plan_kernel_key() -> str:
     return _attention_key(plan=True)
 
 
+def _masked_kernel_key() -> str:
+    from attnforge import codegen
+    from attnforge.runtime import kernels
+
+    return kernels.register_source(codegen.render_attention(codegen.KernelSpec(causal=False, mask="bool")).source)
+
+
 def _install() -> None:
     from attnforge.runtime import linear, ops
 
     linear.set_kernel_factory(_linear_kernel_key)
     ops.set_plan_kernel_factory(_plan_kernel_key)
+    ops.set_masked_kernel_factory(_masked_kernel_key)
 
 
 _install()

@@ -118,8 +118,13 @@ def optimize(model, plan, impl: str = "auto", compiler: str = "inductor"):
     decodes with the plan's per-head KV cache (a PlanCache: each group holds only what its form reads; one
     is made per call unless an af.PlanCache is passed; use_cache=False recomputes the whole sequence
     through the compiled forward instead); the cache of the last call is `model.attnforge_cache`.
+    A Hugging Face model that runs SDPA switches to the same SDPA with attnforge's padding masks (compiler.hf):
+    then a padded batch (`attention_mask` with zeros) runs the plan too, each row as that row alone.
     Returns the same model."""
+    from .hf import uses_padding_masks
+
     backend = Backend(plan=plan, impl=impl, compiler=compiler)
+    uses_padding_masks(model)
     eager_forward = model.forward
     model.forward = torch.compile(model.forward, backend=backend)
     model.attnforge_backend = backend

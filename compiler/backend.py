@@ -26,13 +26,13 @@ from .plan import Plan, PlanError, resolve_site
 __all__ = ["Backend", "BackendOptions", "GraphRecord", "attnforge_backend", "named_backend"]
 
 COMPILERS = ("inductor", "eager")
-_MASK_STYLE = {"none": None, "causal": None, "window": None, "boolean": "bool", "additive": "additive"}
+_MASK_STYLE = {"none": None, "causal": None, "window": None, "boolean": "bool", "additive": "additive", "padding": None}
 
 
 def kernel_spec(site: AttentionSite, planned: bool = False) -> "codegen.KernelSpec":
     """The forward kernel a detected site needs: its causal / mask / window structure, or the per-head
     plan kernel when the plan gives the site (plain causal attention) non-dense forms."""
-    if planned and site.causal and site.mask in ("none", "causal") and not site.window:
+    if planned and site.causal and site.mask in ("none", "causal", "padding") and not site.window:
         return codegen.KernelSpec(causal=True, plan=True)
     return codegen.KernelSpec(causal=site.causal, mask=_MASK_STYLE[site.mask], window=site.window > 0)
 

@@ -15,12 +15,14 @@ set: StreamingLLM, H2O, A2SF, SnapKV, KVQuant's 2/4/8-bit codes with a full-prec
 linear-hybrid group's constant-size state), so a window head really holds sink + window keys, an evicting
 head its budget and a quantized head its codes. The model's attention calls go to `attnforge_attention`
 (registered with transformers' AttentionInterface under the name "attnforge"): the prefill runs the plan's forms through
-torch.ops.attnforge.attention (exact masks; on CUDA the generated dense or per-head plan kernel, the
-reference where a padding mask is given) while the cache keeps only what
-each group will read again; every decoding step reads the cache through the split-KV Triton kernel
+torch.ops.attnforge.attention (on CUDA the generated dense or per-head plan kernel, a padded batch's rows
+compacted through the same kernels) while the cache keeps only what each group will read again; every decoding step reads the cache through the split-KV Triton kernel
 (CUDA, or CPU under TRITON_INTERPRET=1 with impl="triton") or its PyTorch reference.
-Supported: prefill of the whole prompt at once, then one token per step; no padding (batch rows of
-equal length). Anything else raises KVCacheError, never silently attends to the wrong keys.
+Supported: prefill of the whole prompt at once, then one token per step. A padded batch (prompts of
+different lengths, left-padded as generate() pads them, the `attention_mask` given) prefills every row as
+that row alone (runtime.padding) and the cache holds each row's real tokens at the row's own positions, so
+each row generates what it would generate alone; forms with KV eviction or quantization take rows of equal
+length only. Anything else raises KVCacheError, never silently attends to the wrong keys.
 """
 from __future__ import annotations
 
@@ -102,6 +104,7 @@ def _cache_classes():
             super().__init__()
             self.site = SiteKVCache(forms, max_length)
             self.forms, self.impl = forms, impl
+            self.prompt = None              # the prompt's (k, v) between update() and its attention
             # what the prefill runs: KV-compressed groups attend densely over the prompt (they act on decoding)
             prefill = tuple(map(prefill_form, forms))
             self.prefill_json = "" if all(f.kind == "dense" for f in prefill) else forms_to_json(prefill)
@@ -114,31 +117,45 @@ def _cache_classes():
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             n = key_states.shape[-2]
-            first = self.site.length == 0
+            first = self.site.length == 0 and self.prompt is None
             if not first and n != 1:
                 raise KVCacheError(f"the plan cache takes the whole prompt at once, then one token per step; got "
                                    f"{n} new tokens after {self.site.length} (chunked prefill or speculative "
                                    "decoding is not supported yet)")
-            self.site.append(key_states, value_states)
-            self.keys, self.values = self.site.k, self.site.v
-            if first:                       # prefill: attention over the full prompt, plan masks applied
+            if first:                       # prefill: attention over the full prompt, plan masks applied; the
+                # cache stores the prompt after it, when the attention has seen which tokens are padding
+                self.prompt = (key_states, value_states)
                 key_states._attnforge = (self, "prefill")
                 return key_states, value_states
+            self.site.append(key_states, value_states)
+            self.keys, self.values = self.site.k, self.site.v
             k = self.site.k
             k._attnforge = (self, "decode")
             return k, self.site.v
 
+        def store_prompt(self, padding=None) -> None:
+            """Write the prompt update() kept into the per-head cache (padding: its [B, n] key flags)."""
+            if self.prompt is not None:
+                k, v = self.prompt
+                self.prompt = None
+                self.site.append(k, v, padding)
+                self.keys, self.values = self.site.k, self.site.v
+
+        def _seen(self) -> int:
+            return self.site.length or (self.prompt[0].shape[-2] if self.prompt is not None else 0)
+
         def get_mask_sizes(self, query_length: int):
-            return self.site.length + query_length, 0
+            return self._seen() + query_length, 0
 
         def get_seq_length(self) -> int:
-            return self.site.length
+            return self._seen()
 
         def get_max_length(self) -> int:
             return -1
 
         def reset(self):
             self.site = SiteKVCache(self.forms, self.site.max_length)
+            self.prompt = None
 
         def reorder_cache(self, beam_idx):
             raise KVCacheError("beam search over the plan cache is not supported; use greedy or sampling")
@@ -149,6 +166,8 @@ def _cache_classes():
 
         def __init__(self, layer_forms: dict[int, tuple], max_length: int, impl: str = "auto"):
             layers = [PlanLayer(layer_forms[i], max_length, impl) for i in sorted(layer_forms)]
+            for i, layer in enumerate(layers):
+                layer.first = i == 0        # checks made once per step, not once per layer
             super().__init__(layers=layers)
             self.impl = impl
 
@@ -208,23 +227,26 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
                                             "auto", "", "")
         return out.transpose(1, 2).contiguous(), None
     layer, phase = tag
-    if attention_mask is not None and attention_mask.dtype == torch.bool and phase == "decode" \
-            and not bool(attention_mask.all()):
-        raise KVCacheError("the plan cache does not support padded batches yet; decode rows of equal length")
+    padding = getattr(attention_mask, "_attnforge_padding", None)       # compiler.hf's padding masks carry it
     if phase == "prefill":
-        mask = attention_mask
-        if mask is not None and mask.dtype != torch.bool:
-            raise KVCacheError("the plan cache needs a boolean (or no) attention mask at prefill")
-        # causal, no mask (no padding): the generated kernel (dense, or the per-head plan kernel) where it can
-        # run; a padding mask or an unsupported shape goes to the reference inside the op, which says why
-        kernel = _attention_key(bool(layer.prefill_json)) if mask is None else ""
+        if attention_mask is not None and padding is None:
+            raise KVCacheError("the plan cache reads a padded batch from its attention_mask (2-D, 1 = token) "
+                               "through attnforge's mask function; this prompt came with another mask (a 4-D "
+                               "mask, or one of another attention implementation): pass the 2-D attention_mask")
+        # causal: the generated kernel (dense, or the per-head plan kernel) where it can run, every row of a
+        # padded batch as that row alone (runtime.padding); the op says why where it falls back
+        kernel = _attention_key(bool(layer.prefill_json))
         impl = "reference" if layer.impl == "reference" else "auto"
-        out = torch.ops.attnforge.attention(query, key, value, mask, mask is None, 0, scale,
-                                            impl, kernel, layer.prefill_json)
+        out = torch.ops.attnforge.attention(query, key, value, None, True, 0, scale, impl, kernel,
+                                            layer.prefill_json, padding)
         runtime.counters["kvcache_prefill"] = runtime.counters.get("kvcache_prefill", 0) + 1
+        layer.store_prompt(padding)
         if layer.site.needs_select:                 # KV-evicting groups choose their keys from this prompt
             layer.site.select(query, scale)
         return out.transpose(1, 2).contiguous(), None
+    if padding is not None and layer.first and not bool(padding[:, -1].all()):
+        raise KVCacheError("a decoding step's new token is padding in some row; after the prompt every row takes "
+                           "one real token per step (left-pad the prompts)")
     if query.shape[2] != 1:
         raise KVCacheError(f"decoding takes one query token per step, got {query.shape[2]}")
     q = query[:, :, 0]
@@ -241,10 +263,12 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
 
 def _register():
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from .hf import attnforge_mask
 
     AttentionInterface.register(NAME, attnforge_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, attnforge_mask)
 
 
 @contextlib.contextmanager

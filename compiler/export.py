@@ -201,6 +201,10 @@ def _rewrite_for_export(gm):
             continue
         q, k, _v, mask, causal, window, scale = node.args[:7]
         forms = node.args[9] if len(node.args) > 9 else ""
+        if len(node.args) > 10 and node.args[10] is not None:
+            raise ExportError(f"site {node.meta.get('attnforge_site')}: a padded batch (an attention_mask) reached "
+                              "the export; the exported file runs the unpadded prefill: export without an "
+                              "attention_mask")
         qv, kv, mv = _meta_value(q), _meta_value(k), _meta_value(mask) if mask is not None else None
         if qv is None or kv is None:
             raise ExportError(f"site {node.meta.get('attnforge_site')}: no shape information on its inputs")

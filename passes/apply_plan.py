@@ -37,7 +37,7 @@ def apply_plan(gm: fx.GraphModule, entries: dict[str, tuple]) -> tuple[fx.GraphM
         if kv_heads is not None and int(kv_heads) != len(forms):
             raise PlanMismatch(f"site {site}: the plan has {len(forms)} forms but the attention has {kv_heads} "
                                "KV head groups; search a plan for this model again")
-        node.args = tuple(node.args[:9]) + (forms_to_json(forms),)
+        node.args = tuple(node.args[:9]) + (forms_to_json(forms),) + tuple(node.args[10:])     # padding stays
         changed = True
     if changed:
         gm.recompile()

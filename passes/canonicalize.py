@@ -89,7 +89,7 @@ def canonicalize(gm: fx.GraphModule, sites: list[AttentionSite], impl: str = "au
     changed = False
     for site in sites:
         out = nodes.get(site.output)
-        operands = [o for o in (site.q, site.k, site.v, site.mask_operand) if o is not None]
+        operands = [o for o in (site.q, site.k, site.v, site.mask_operand, site.padding) if o is not None]
         refs = [r for o in operands for r in o.node_refs()]
         if out is None or out.target in (ATTENTION_OP, PROFILE_OP) or any(r not in nodes for r in refs):
             continue
@@ -102,8 +102,13 @@ def canonicalize(gm: fx.GraphModule, sites: list[AttentionSite], impl: str = "au
         with gm.graph.inserting_before(out):
             q, k, v, mask = (_materialize(gm.graph, o, nodes) for o in (site.q, site.k, site.v, site.mask_operand))
             if profile_block:
-                new = gm.graph.call_function(PROFILE_OP, (q, k, v, mask, site.causal, site.window, site.scale,
-                                                          site.id, profile_block))
+                # profiling keeps a padded site's exact mask (calibration windows are not padded anyway)
+                new = gm.graph.call_function(PROFILE_OP, (q, k, v, mask, site.causal and site.mask != "padding",
+                                                          site.window, site.scale, site.id, profile_block))
+            elif site.padding is not None:      # a padded batch: the padding vector, the mask is never built
+                padding = _materialize(gm.graph, site.padding, nodes)
+                new = gm.graph.call_function(ATTENTION_OP, (q, k, v, None, site.causal, 0, site.scale, impl,
+                                                            kernels.get(site.id, ""), "", padding))
             else:
                 new = gm.graph.call_function(ATTENTION_OP, (q, k, v, mask, site.causal, site.window, site.scale,
                                                             impl, kernels.get(site.id, "")))
@@ -116,6 +121,8 @@ def canonicalize(gm: fx.GraphModule, sites: list[AttentionSite], impl: str = "au
             if "example_value" in out.meta:
                 result.meta["example_value"] = out.meta["example_value"]
         out.replace_all_uses_with(result)
+        if site.padding is not None and not profile_block:       # the padded site does not read the mask
+            refs = [r for o in (site.q, site.k, site.v, site.padding) for r in o.node_refs()]
         _erase_dead_ancestors(gm.graph, out, keep={nodes[r] for r in refs})
         changed = True
     if changed:

@@ -310,6 +310,21 @@ def _peel_scores(node: fx.Node, scores_rank: int) -> _Scores:
 
 
 # ------------------------------------------------------------------------------------------ sites
+def _padding_of(operand: Operand, nodes) -> tuple[Operand, bool] | None:
+    """(the [B, S] padding vector, causal) when the mask is attnforge's padding_mask op (compiler.hf builds
+    Hugging Face's padding masks through it), else None."""
+    import attnforge.runtime  # noqa: F401  (registers torch.ops.attnforge.padding_mask)
+
+    node = nodes[operand.node]
+    op = torch.ops.attnforge.padding_mask
+    if operand.ops or node.op != "call_function" or node.target not in (op, op.default):
+        return None
+    padding, causal = M.arg(node, 0, "padding"), M.arg(node, 2, "causal")
+    if not isinstance(padding, fx.Node) or not isinstance(causal, bool):
+        return None
+    return Operand(padding.name), causal
+
+
 def _lift(mask: Operand | None, additive: bool, graph: fx.Graph, n, s):
     """(mask or None, causal, window) after lifting pure causal / window structure out of `mask`."""
     if mask is None:
@@ -345,6 +360,15 @@ def _site(spelling, out, q, k, v, masks, out_ops, causal, scale, softmax_dtype, 
         raise NotAttention(f"batch sizes differ between q, k, v ({qs[0]}, {ks[0]}, {vs[0]})")
     if not M.same_size(ks[2], vs[2]):
         raise NotAttention(f"key length {ks[2]} differs from value length {vs[2]}")
+    padded = _padding_of(masks[0][1], nodes) if len(masks) == 1 and not causal else None
+    if padded is not None:                   # a padded batch: the op takes the padding vector, not the mask
+        padding, causal = padded
+        return AttentionSite(
+            id=site_id, module_path=path, spelling=spelling, output=out.name, q=q, k=k, v=v,
+            mask_operand=masks[0][1], out_ops=tuple(out_ops), batch=str(qs[0]), q_len=str(qs[2]),
+            kv_len=str(ks[2]), num_heads=h, num_kv_heads=hk, head_dim=d, head_dim_v=dv, causal=causal, window=0,
+            mask="padding", scale=float(scale), dtype=str(qdt).replace("torch.", ""), softmax_dtype=softmax_dtype,
+            dropout=0.0, padding=padding)
     window, remaining = 0, {}
     for style, operand in masks:             # each mask lifts on its own; the structures intersect
         operand, lifted_causal, lifted_window = _lift(operand, style == "additive", graph, qs[2], ks[2])

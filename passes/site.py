@@ -13,8 +13,10 @@ from .transforms import Operand
 __all__ = ["AttentionSite", "Decline", "MASK_KINDS", "Operand"]
 
 # none: no mask; causal / window: only that structure (no tensor); boolean / additive: an exact mask
-# tensor is carried (with causal/window structure on top when both were present).
-MASK_KINDS = ("none", "causal", "window", "boolean", "additive")
+# tensor is carried (with causal/window structure on top when both were present); padding: a padded batch
+# (attnforge's padding_mask op, see compiler.hf): the op gets the [B, S] padding vector (`padding`), causal
+# is then aligned bottom-right (queries are the last N keys) and mask_operand is the padding op's mask.
+MASK_KINDS = ("none", "causal", "window", "boolean", "additive", "padding")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,7 @@ class AttentionSite:
     dtype: str
     softmax_dtype: str      # dtype the softmax ran in, in the original graph
     dropout: float          # always 0.0 for a rewritten site: dropout sites are declined
+    padding: Operand | None = None      # mask "padding": the [B, S] key-padding vector the op takes
 
     @property
     def group_size(self) -> int:

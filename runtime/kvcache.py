@@ -12,8 +12,15 @@ per site (K [B, T, D], V [B, T, DV], T = the sum of the groups' capacities):
                               query block can reach it)
 
 Keys are stored as the model produced them (after rotary embeddings), so a slot's order does not matter
-to attention; `pos` records each slot's absolute position (-1 = empty) and the read rule works from it.
-Positions follow attnforge.runtime.forms: the newest query of a length-S sequence sits at S - 1.
+to attention; `pos` [B, T] records each slot's absolute position per sequence (-1 = empty) and the read
+rule works from it. Positions follow attnforge.runtime.forms: the newest query of a length-S sequence sits
+at S - 1.
+
+A padded batch (prompts of different lengths, left-padded as Hugging Face's generate() pads them) gives
+`append` the prompt's key-padding flags: each row stores only its real tokens, at its own positions 0 ..
+len_b - 1, so every form reads what it would read for that row alone; each decoding step then adds one
+token to every row, at its own next position (`lens`). Evicting and quantized groups take rows of equal
+length only.
 
 `SiteKVCache.append(k, v)` writes the new tokens of every group; `keep_flags()` gives the slots the
 newest query reads; `decode_reference(q)` is the PyTorch oracle for one query token per head, and
@@ -27,7 +34,7 @@ import torch
 
 from .forms import BlockSparse, Dense, ElasticWindow, KVEvict, KVQuant, Linear, SinkWindow, kv_tokens
 from .kvquant import QuantKV
-from .reference import _compute_dtype
+from .reference import _compute_dtype, _probs
 
 __all__ = ["GroupLayout", "SiteKVCache", "layout_for", "policy_scores", "policy_keep", "KVCacheError"]
 
@@ -100,11 +107,15 @@ class GroupLayout:
         """Whether the slots a query reads change with the query beyond 'every stored slot'."""
         return self.kind == "blocks" or bool(self.beta)
 
-    def reads(self, pos: torch.Tensor, query: int) -> torch.Tensor:
-        """Which stored positions the query at position `query` attends to (pos >= 0 assumed stored)."""
+    def reads(self, pos: torch.Tensor, query) -> torch.Tensor:
+        """Which stored positions the query at position `query` attends to (pos >= 0 assumed stored).
+        query: an int, or a tensor broadcasting against pos (one position per sequence, [B, 1])."""
         ok = (pos >= 0) & (pos <= query)
         if self.kind == "window" and self.beta:
-            span = max(1, int(self.alpha + self.beta * (query + 1)))
+            if isinstance(query, int):
+                span = max(1, int(self.alpha + self.beta * (query + 1)))
+            else:                          # the same double arithmetic as int(), per sequence
+                span = torch.floor(self.alpha + self.beta * (query + 1).double()).clamp(min=1).long()
             ok &= (pos < self.sink) | (pos > query - span)
         elif self.kind == "blocks":
             kb = torch.where(pos >= 0, pos // self.block, torch.zeros_like(pos))
@@ -156,7 +167,8 @@ class SiteKVCache:
             raise KVCacheError(f"max_length must be >= 1, got {max_length}")
         self.layouts = tuple(layout_for(f, max_length) for f in forms)
         self.max_length = max_length
-        self.length = 0                       # tokens seen
+        self.length = 0                       # tokens seen (padding included: what the model was fed)
+        self.lens: list[int] | None = None    # a padded batch: real tokens per row (None: every row has length)
         self.k = self.v = self.pos = self._flags = None
         self._caps: list[int] = []
         self._offs: list[int] = []
@@ -174,7 +186,7 @@ class SiteKVCache:
             self.quant = QuantKV([(gi, self.layouts[gi].form.bits) for gi in self._quant], qg, qr, max_length)
         self._linear = [gi for gi, lay in enumerate(self.layouts) if lay.kind == "linear"]
         self.linear = None                    # [batch][group] LinearState, made at the first read (needs the scale)
-        self._linear_pending = None           # (k, v) [B, nl, T, D] of Linear groups until then
+        self._linear_pending = None           # (k, v [B, nl, T, D], keep [B, T] or None) of Linear groups until then
         self.prompt = 0                       # prompt length (evicting groups size their regions by it)
         self.scores = None                    # [T] float32: accumulated attention per slot (h2o / a2sf)
         self._pending = None                  # prompt K/V of evicting groups until select() chooses
@@ -191,13 +203,13 @@ class SiteKVCache:
         total = sum(caps)
         k = like_k.new_zeros(b, total, d)
         v = like_v.new_zeros(b, total, dv)
-        pos = torch.full((total,), -1, dtype=torch.long, device=like_k.device)
+        pos = torch.full((b, total), -1, dtype=torch.int32, device=like_k.device)      # per sequence
         self._offs_old, self._caps_old = self._offs, self._caps
         if self.k is not None:                # regrow: copy each group's region
             for g, (o_old, c_old) in enumerate(zip(self._offs, self._caps)):
                 k[:, offs[g]:offs[g] + c_old] = self.k[:, o_old:o_old + c_old]
                 v[:, offs[g]:offs[g] + c_old] = self.v[:, o_old:o_old + c_old]
-                pos[offs[g]:offs[g] + c_old] = self.pos[o_old:o_old + c_old]
+                pos[:, offs[g]:offs[g] + c_old] = self.pos[:, o_old:o_old + c_old]
         self.k, self.v, self.pos, self._caps, self._offs = k, v, pos, list(caps), offs
         self._flags = (pos >= 0).to(torch.int8)
         scores = torch.zeros(total, dtype=torch.float32, device=like_k.device)
@@ -211,11 +223,13 @@ class SiteKVCache:
         self._prefix = [lay.kind in ("full", "window") for lay in self.layouts]
         self._prefix_t = torch.tensor(self._prefix, dtype=torch.int8, device=like_k.device)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the next tokens: k [B, G, n, D], v [B, G, n, DV] at positions length .. length+n-1."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Store the next tokens: k [B, G, n, D], v [B, G, n, DV] at positions length .. length+n-1 (with
+        `keep`, the prompt's [B, n] key-padding flags: each row's real tokens at its own positions)."""
         b, g, n, _ = k.shape
         if g != len(self.layouts):
             raise KVCacheError(f"{g} KV heads for a cache of {len(self.layouts)} groups")
+        keep = self._padding(keep, b, n)
         new_len = self.length + n
         if new_len > self.max_length and any(lay.beta for lay in self.layouts):
             raise KVCacheError(f"{new_len} tokens exceed the cache's max_length {self.max_length} that its "
@@ -246,10 +260,14 @@ class SiteKVCache:
             sel = self._groups(tuple(self._quant), k.device)
             self.quant.append(k[:, sel], v[:, sel])
         if self._linear:
-            self._linear_append(k[:, self._linear], v[:, self._linear])
+            self._linear_append(k[:, self._linear], v[:, self._linear], keep)
+        rest = [gi for gi, lay in enumerate(self.layouts) if lay.kind not in ("quant", "linear")]
+        if n == 1 and self.length > 0 and self.lens is not None:     # a decoding step of a padded batch
+            self._append_rows(k, v, rest)
+            self.length = new_len
+            return
         if n == 1 and self.length > 0:   # a decoding step: every group's slot in Python, one scatter for all
             p = self.length
-            rest = [gi for gi, lay in enumerate(self.layouts) if lay.kind not in ("quant", "linear")]
             slots = [self._offs[gi] + (self._evict_slot(gi, p) if self.layouts[gi].kind == "evict"
                                        else self.layouts[gi].slot(p)) for gi in rest]
             idx = _to_device([x if isinstance(x, int) else 0 for x in slots], k.device)
@@ -259,24 +277,73 @@ class SiteKVCache:
             sel = self._groups(tuple(rest), k.device)
             self.k[:, idx] = k[:, sel, 0].to(self.k.dtype)     # (nothing when every group is quantized / linear)
             self.v[:, idx] = v[:, sel, 0].to(self.v.dtype)
-            self.pos[idx] = p
-            self._flags[idx] = 1
+            self.pos[:, idx] = p
+            self._flags[:, idx] = 1
             self.scores[idx] = 0
             self.length = new_len
             return
-        pos = torch.arange(self.length, new_len, device=k.device)
         if self._evict:
             self._pending = (k, v)
-        for gi, lay in enumerate(self.layouts):
-            if lay.kind in ("evict", "quant", "linear"):
-                continue
-            stored, slot = lay.slots(pos, new_len)
-            idx = self._offs[gi] + slot[stored]
-            self.k[:, idx] = k[:, gi, stored.nonzero().squeeze(1)].to(self.k.dtype)
-            self.v[:, idx] = v[:, gi, stored.nonzero().squeeze(1)].to(self.v.dtype)
-            self.pos[idx] = pos[stored]
-            self._flags[idx] = 1
+        if keep is not None:             # a padded prompt: row by row, its real tokens at 0 .. len_b - 1
+            self.lens = keep.sum(1).tolist()
+            for row in range(b):
+                real = keep[row].nonzero().squeeze(1).to(k.device)
+                self._store(k[row:row + 1, :, real], v[row:row + 1, :, real],
+                            torch.arange(len(real), device=k.device), len(real), rest, row)
+        else:
+            self._store(k, v, torch.arange(self.length, new_len, device=k.device), new_len, rest)
         self.length = new_len
+
+    def _padding(self, keep, b: int, n: int):
+        """The prompt's key-padding flags on the host (None when no row is padded); the combinations a padded
+        batch cannot take are refused."""
+        if keep is None:
+            if self.lens is not None and n != 1:
+                raise KVCacheError("a padded batch takes one token per row per step after its prompt")
+            return None
+        if tuple(keep.shape) != (b, n):
+            raise KVCacheError(f"the key-padding flags must be [B, n] = [{b}, {n}], got {tuple(keep.shape)}")
+        keep = (keep if keep.dtype == torch.bool else keep != 0).cpu()
+        if bool(keep.all()):
+            return None
+        if self.length:
+            raise KVCacheError("padding comes with the prompt only: after it, every row takes one real token per "
+                               "step (left-pad the prompts, as Hugging Face's generate() does)")
+        if self._evict or self._quant:
+            raise KVCacheError("KV-evicting and KVQuant groups decode rows of equal length; give prompts without "
+                               "padding (one sequence at a time) to a plan with those forms")
+        return keep
+
+    def _store(self, k, v, pos, length: int, groups, row=None) -> None:
+        """Write tokens at positions `pos` (k/v [B or 1, G, n, D]) of a sequence that then holds `length`
+        tokens, in every listed group's layout; row: the one batch row written (a padded prompt), else all."""
+        rows = slice(None) if row is None else slice(row, row + 1)
+        for gi in groups:
+            lay = self.layouts[gi]
+            if lay.kind == "evict":
+                continue
+            stored, slot = lay.slots(pos, length)
+            idx = self._offs[gi] + slot[stored]
+            self.k[rows, idx] = k[:, gi, stored.nonzero().squeeze(1)].to(self.k.dtype)
+            self.v[rows, idx] = v[:, gi, stored.nonzero().squeeze(1)].to(self.v.dtype)
+            self.pos[rows, idx] = pos[stored].to(self.pos.dtype)
+            self._flags[rows, idx] = 1
+
+    def _append_rows(self, k, v, groups) -> None:
+        """One decoding step of a padded batch: row b's token at its own position lens[b], in every group."""
+        b = k.shape[0]
+        slots = [self._offs[gi] + self.layouts[gi].slot(p) for p in self.lens for gi in groups]
+        idx = _to_device(slots, k.device).view(b, len(groups))
+        key = ("rows", b, str(k.device))
+        if key not in self._heads_cache:
+            self._heads_cache[key] = torch.arange(b, device=k.device)[:, None]
+        rows = self._heads_cache[key]
+        sel = self._groups(tuple(groups), k.device)
+        self.k[rows, idx] = k[:, sel, 0].to(self.k.dtype)
+        self.v[rows, idx] = v[:, sel, 0].to(self.v.dtype)
+        self.pos[rows, idx] = _to_device(self.lens, k.device).to(self.pos.dtype)[:, None]
+        self._flags[rows, idx] = 1
+        self.lens = [p + 1 for p in self.lens]
 
     # ------------------------------------------------------------------ eviction (KVEvict groups)
     def _evict_slot(self, gi: int, p: int) -> int:
@@ -317,8 +384,8 @@ class SiteKVCache:
             idx = o + slots
             self.k[:, idx] = k[:, gi, positions].to(self.k.dtype)
             self.v[:, idx] = v[:, gi, positions].to(self.v.dtype)
-            self.pos[idx] = positions
-            self._flags[idx] = 1
+            self.pos[:, idx] = positions.to(self.pos.dtype)
+            self._flags[:, idx] = 1
             if form.policy in ("h2o", "a2sf"):
                 self.scores[idx] = policy_scores(form, qg, k[0, gi], scale)[positions].float()
                 self._free[gi] = list(range(len(keep), self._caps[gi]))[::-1]
@@ -338,13 +405,13 @@ class SiteKVCache:
             if form.policy not in ("h2o", "a2sf"):
                 continue
             o, c = self._offs[gi], self._caps[gi]
-            valid = self._flags[o:o + c].bool()
+            valid = self._flags[0, o:o + c].bool()
             s = torch.einsum("rd,nd->rn", q[0, gi * r:(gi + 1) * r].float(), self.k[0, o:o + c].float()) * scale
             p = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1).sum(0)
             self.scores[o:o + c] = torch.where(valid, form.alpha * self.scores[o:o + c] + p, torch.zeros_like(p))
             if self._held[gi] <= form.kept(self.prompt):
                 continue
-            pos = self.pos[o:o + c]
+            pos = self.pos[0, o:o + c]
             cand = valid & (pos >= form.sink) & (pos <= newest - form.recent)
             # at most sink + recent held keys are not candidates, so with more held one is and the host need
             # not look; only a prompt shorter than sink + recent may leave nothing to evict (a host read)
@@ -352,31 +419,31 @@ class SiteKVCache:
                 continue
             j = torch.where(cand, self.scores[o:o + c], torch.full_like(p, float("inf"))).argmin()
             slot = (o + j).view(1)
-            self.pos.index_fill_(0, slot, -1)
-            self._flags.index_fill_(0, slot, 0)
+            self.pos.index_fill_(1, slot, -1)
+            self._flags.index_fill_(1, slot, 0)
             self.scores.index_fill_(0, slot, 0)
             self._free[gi].append(j)             # a device index: the next step writes its key there
             self._held[gi] -= 1
 
     # ------------------------------------------------------------------ reads
     def keep_flags(self) -> torch.Tensor:
-        """[T] int8: the slots the newest query (position length - 1) attends to. Full and fixed-window
-        groups read every stored slot (kept up to date by append); elastic and block-sparse regions are
-        recomputed from slot positions."""
+        """[B, T] int8: the slots each sequence's newest query (position length - 1, or lens[b] - 1 in a padded
+        batch) attends to. Full and fixed-window groups read every stored slot (kept up to date by append);
+        elastic and block-sparse regions are recomputed from slot positions."""
         if not self._dynamic:
             return self._flags
         flags = self._flags.clone()
-        q = self.length - 1
+        q = self.length - 1 if self.lens is None else _to_device(self.lens, self.pos.device)[:, None] - 1
         for gi, lay in enumerate(self.layouts):
             if lay.dynamic:
                 o, c = self._offs[gi], self._caps[gi]
-                flags[o:o + c] = lay.reads(self.pos[o:o + c], q).to(torch.int8)
+                flags[:, o:o + c] = lay.reads(self.pos[:, o:o + c], q).to(torch.int8)
         return flags
 
     def group_views(self):
-        """Per group (K [B, cap, D], V [B, cap, DV], keep [cap] bool)."""
+        """Per group (K [B, cap, D], V [B, cap, DV], keep [B, cap] bool)."""
         flags = self.keep_flags().bool()
-        return [(self.k[:, o:o + c], self.v[:, o:o + c], flags[o:o + c]) for o, c in zip(self._offs, self._caps)]
+        return [(self.k[:, o:o + c], self.v[:, o:o + c], flags[:, o:o + c]) for o, c in zip(self._offs, self._caps)]
 
     def decode_reference(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of one query token per head q [B, H, D] over the cache: the PyTorch oracle.
@@ -389,11 +456,7 @@ class SiteKVCache:
         for gi, (k, v, keep) in enumerate(self.group_views()):
             qg = q[:, gi * r:(gi + 1) * r].to(ct)                               # [B, r, D]
             s = torch.einsum("brd,bnd->brn", qg, k.to(ct)) * scale
-            s = s.masked_fill(~keep, float("-inf"))
-            if bool(keep.any()):
-                p = torch.softmax(s, dim=-1)
-            else:
-                p = torch.zeros_like(s)
+            p = _probs(s.masked_fill(~keep[:, None, :], float("-inf")))          # zeros where nothing is kept
             outs.append(torch.einsum("brn,bnd->brd", p, v.to(ct)))
         out = torch.cat(outs, 1)
         if self.quant is not None:
@@ -422,14 +485,24 @@ class SiteKVCache:
         return self._heads_cache[key]
 
     # ------------------------------------------------------------------ Linear groups
-    def _linear_append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _linear_append(self, k: torch.Tensor, v: torch.Tensor, keep=None) -> None:
+        """Linear groups' new tokens (k/v [B, nl, n, D]); keep: a padded prompt's flags (each row's state then
+        takes its real tokens only)."""
         if self.linear is None:               # no read yet: the states need the scale the model attends with
-            self._linear_pending = (k, v) if self._linear_pending is None else tuple(
-                torch.cat([a, b], 2) for a, b in zip(self._linear_pending, (k, v)))
+            if self._linear_pending is not None:
+                pending_keep = self._linear_pending[2]
+                if pending_keep is not None or keep is not None:
+                    old = torch.ones(k.shape[0], self._linear_pending[0].shape[2], dtype=torch.bool) \
+                        if pending_keep is None else pending_keep
+                    keep = torch.cat([old, torch.ones(k.shape[0], k.shape[2], dtype=torch.bool)
+                                      if keep is None else keep], 1)
+                k, v = (torch.cat([a, b], 2) for a, b in zip(self._linear_pending[:2], (k, v)))
+            self._linear_pending = (k, v, keep)
             return
         for b, states in enumerate(self.linear):
+            real = slice(None) if keep is None else keep[b].nonzero().squeeze(1).to(k.device)
             for j, st in enumerate(states):
-                st.extend(k[b, j], v[b, j])
+                st.extend(k[b, j, real], v[b, j, real])
 
     def _linear_attend(self, q: torch.Tensor, scale: float, out: torch.Tensor, impl: str) -> None:
         """Write the Linear groups' heads of out [B, H, DV] from their states (q [B, H, D])."""
@@ -437,12 +510,12 @@ class SiteKVCache:
 
         r = q.shape[1] // len(self.layouts)
         if self.linear is None:
-            k, v = self._linear_pending
+            k, v, keep = self._linear_pending
             self.linear = [[LinearState(self.layouts[gi].form, k.shape[-1], v.shape[-1], scale, device=k.device,
                                         dtype=_compute_dtype(k.dtype))
                             for gi in self._linear] for _ in range(k.shape[0])]
             self._linear_pending = None
-            self._linear_append(k, v)
+            self._linear_append(k, v, keep)
         for b, states in enumerate(self.linear):
             for gi, st in zip(self._linear, states):
                 out[b, gi * r:(gi + 1) * r] = st.attend(q[b, gi * r:(gi + 1) * r], impl=impl).to(out.dtype)
@@ -451,9 +524,10 @@ class SiteKVCache:
         """The same through the split-KV Triton kernel `loaded` (runtime.kernels.LoadedKernel of
         codegen.render_decode()), and for KVQuant groups `loaded_quant` (codegen.render_decode_quant()),
         which dequantizes in the kernel. Returns (out [B, H, DV], splits used by the first)."""
-        longest = max(min(c, self.length) if pre else c for c, pre in zip(self._caps, self._prefix))
+        length = self.length if self.lens is None else max(self.lens)      # a padded batch: its longest row
+        longest = max(min(c, length) if pre else c for c, pre in zip(self._caps, self._prefix))
         out, used = loaded.launch(q, self.k, self.v, self.keep_flags(), self._off_t, self._cap_t, self._prefix_t,
-                                  self.length, scale, longest, splits=splits)
+                                  length, scale, longest, splits=splits)
         if self.quant is not None:
             if loaded_quant is None:
                 raise KVCacheError("this cache has KVQuant groups: pass loaded_quant (codegen.render_decode_quant())")
@@ -471,17 +545,17 @@ class SiteKVCache:
         quant = self.quant.nbytes() if self.quant is not None else 0
         linear = sum(st.nbytes() for states in self.linear or [] for st in states)
         if self._linear_pending is not None:
-            linear += sum(t.numel() * t.element_size() for t in self._linear_pending)
+            linear += sum(t.numel() * t.element_size() for t in self._linear_pending[:2])
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos)) + quant + linear
 
     def kv_entries(self) -> int:
-        """Key slots in use summed over groups (what a per-group-exact cache must hold); a KVQuant group
-        counts its bytes in float16 K+V entries (forms.kv_tokens)."""
+        """Key slots in use summed over groups, per sequence (what a per-group-exact cache must hold); a KVQuant
+        group counts its bytes in float16 K+V entries (forms.kv_tokens)."""
         if self.pos is None:
             return 0
         quant = sum(kv_tokens(self.layouts[gi].form, self.length, head_dim=self.k.shape[-1])
                     for gi in self._quant + self._linear)
-        return int((self.pos >= 0).sum()) + quant
+        return int((self.pos >= 0).sum(1).max()) + quant       # per sequence (a padded batch: its longest row)
 
     @staticmethod
     def predicted_entries(forms, length: int, max_length: int | None = None, head_dim: int = 64) -> int:

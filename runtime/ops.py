@@ -18,6 +18,9 @@ and torch.export. Two companions:
     attention_train(same arguments) -> (out, lse [B, Hq, N] float32): the same output plus each row's
                  log-sum-exp, which its backward reads instead of running the forward again (the backend
                  uses it in graphs compiled with grad enabled)
+    padding_mask(padding [B, S], N, causal) -> [B, 1, N, S] bool: the mask of a padded batch, as Hugging
+                 Face's sdpa_mask builds it; attnforge's mask function (compiler.hf) builds masks through it
+                 so that the passes see a padded batch and give the attention op `padding` instead
     attention_backward(grad_out, q, k, v, out?, lse?, scale, impl, kernel, forms) -> (dq, dk, dv): the
                  plan kernel's backward kernels, an op of their own so that AOTAutograd (which traces the
                  backward with fake tensors) keeps them for run time
@@ -47,7 +50,8 @@ from . import padding as pad
 from .kernels import KernelUnavailable
 from .reference import attention_reference, attention_reference_backward, reference_lse
 
-__all__ = ["attention", "attention_train", "attention_backward", "counters", "fallbacks", "reset_counters", "IMPLS", "triton_check", "set_plan_kernel_factory"]
+__all__ = ["attention", "attention_train", "attention_backward", "padding_mask", "counters", "fallbacks", "reset_counters",
+           "IMPLS", "triton_check", "set_plan_kernel_factory", "set_masked_kernel_factory"]
 
 IMPLS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,6 +71,10 @@ def reset_counters() -> None:
 _plan_kernel = kernels.KernelFactory()
 set_plan_kernel_factory = _plan_kernel.install
 _plan_key = _plan_kernel.key
+# the dense kernel with a boolean mask and no causality of its own: a padded call with fewer queries than keys
+# (a decoding step over a padded cache) runs it on the padding's mask (installed by the compiler)
+_masked_kernel = kernels.KernelFactory()
+set_masked_kernel_factory = _masked_kernel.install
 
 
 def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel: str,
@@ -208,10 +216,14 @@ def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None
     return _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=failed)
 
 
-def _padded_reason(q, k, v, causal, kernel, forms) -> Optional[str]:
+def _padded_reason(q, k, v, padding, causal, kernel, forms) -> Optional[str]:
     """None if a padded call can run compacted through the Triton kernels, else why not."""
     if q.shape[2] != k.shape[2]:
-        return "a padded call with fewer queries than keys (a decoding step) runs in the reference"
+        if _planned(forms):
+            return "a planned padded call with fewer queries than keys (a decoding step) runs in the reference"
+        if not (key := _masked_kernel.key()):
+            return "no masked Triton kernel was generated for a padded call with fewer queries than keys"
+        return triton_check(q, k, v, None, key, "", False, 0)
     if any(f.kind == "linear" for f in _forms(forms)):
         return _linear_reason(q, k, None, True, 0) if causal else "linear forms need causal attention"
     return triton_check(q, k, v, None, kernel, forms, causal, 0)
@@ -219,6 +231,9 @@ def _padded_reason(q, k, v, causal, kernel, forms) -> Optional[str]:
 
 def _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse):
     """Compact the rows (runtime.padding), run the kernels on them, scatter the result back."""
+    if q.shape[2] != k.shape[2]:         # (dense only, see _padded_reason) the padding's mask, read tile by tile
+        mask = pad.mask_4d(padding, q.shape[2], causal)
+        return _run_triton(q, k, v, mask, False, 0, scale, _masked_kernel.key(), "", lse)
     rows = pad.rows_of(padding)
     qc, kc, vc = pad.gather(q, rows), pad.gather(k, rows), pad.gather(v, rows)
     head_forms = _forms(forms)
@@ -243,7 +258,7 @@ def _forward_padded(q, k, v, padding, mask, causal, window, scale, impl, kernel,
     counters["padded"] += 1
     failed = False
     if impl != "reference":
-        reason = _padded_reason(q, k, v, causal, kernel, forms)
+        reason = _padded_reason(q, k, v, padding, causal, kernel, forms)
         if impl == "triton" and reason:
             raise KernelUnavailable(f"impl='triton' was asked for but {reason}; use impl='auto' or "
                                     "impl='reference'")
@@ -266,6 +281,17 @@ def _forward_padded(q, k, v, padding, mask, causal, window, scale, impl, kernel,
         else:
             lse.fill_(float("nan"))
     return pad.reference(q, k, v, padding, causal, scale, head_forms)
+
+
+@torch.library.custom_op("attnforge::padding_mask", mutates_args=())
+def padding_mask(padding: Tensor, q_length: int, causal: bool) -> Tensor:
+    """[B, 1, N, S] bool (True = attend) of a padded batch: runtime.padding.mask_4d."""
+    return pad.mask_4d(padding, q_length, causal)
+
+
+@padding_mask.register_fake
+def _(padding, q_length, causal):
+    return padding.new_empty((padding.shape[0], 1, q_length, padding.shape[1]), dtype=torch.bool)
 
 
 def _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=False):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Rows", "rows_of", "gather", "scatter", "gather_rows", "scatter_rows", "row_windows", "keep_rows",
+__all__ = ["mask_4d", "Rows", "rows_of", "gather", "scatter", "gather_rows", "scatter_rows", "row_windows", "keep_rows",
            "reference", "reference_backward", "reference_lse", "attention_rows", "padding_reason"]
 
 
@@ -41,6 +41,19 @@ class Rows:
     order: Tensor        # [B, S] int64: row b's real slots first (in order), then its padding slots
     lens: Tensor         # [B] int32: real tokens per row
     valid: Tensor        # [B, S] bool: compacted slot t holds a real token (t < lens[b])
+
+
+def mask_4d(padding: Tensor, n: int, causal: bool) -> Tensor:
+    """[B, 1, N, S] bool (True = attend): key j of row b is kept where padding[b, j] is set and, if causal,
+    j <= i + S - N (queries are the last N key slots). Hugging Face's sdpa_mask for a causal or bidirectional
+    mask with a 2-D attention_mask builds exactly this."""
+    keep = _keep(padding)
+    s = keep.shape[1]
+    out = keep[:, None, None, :].expand(keep.shape[0], 1, n, s)
+    if causal:
+        rows = torch.arange(s - n, s, device=keep.device)[:, None]
+        out = out & (torch.arange(s, device=keep.device)[None, :] <= rows)
+    return out.contiguous()
 
 
 def padding_reason(padding: Tensor, q: Tensor, k: Tensor, causal: bool, mask, window: int) -> str | None:

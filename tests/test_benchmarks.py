@@ -38,6 +38,13 @@ def test_kernels_benchmark(tmp_path):
     assert [r["n"] for r in data["new_lengths"]] == [130]
 
 
+def test_padded_benchmark(tmp_path):
+    data = _run("padded", tmp_path, "--dtype", "float16", "--shapes", "4x2x130x16", "--batch", "3")
+    rows = {r["plan"]: r for r in data["rows"]}
+    assert set(rows) == {"dense", "mixed"} and rows["dense"]["lengths"] == [32, 81, 130]
+    assert all(r["ideal_speedup"] > 1 for r in rows.values())
+
+
 def test_dense_benchmark(tmp_path):
     data = _run("dense", tmp_path, "--dtype", "float16", "--shapes", "4x2x200x32")
     assert [(r["heads"], r["n"]) for r in data["rows"]] == [(4, 200)]

@@ -46,10 +46,10 @@ def test_groups_hold_only_what_their_form_reads():
     caps = [64, 3 + 7, 2 + ElasticWindow(2, 4, 0.1).window_at(64), 2 * 4 + 3 * 4]
     assert cache._caps == caps
     assert cache.kv_entries() == sum(caps) == SiteKVCache.predicted_entries(FORMS, 64)
-    assert cache.nbytes() == 2 * sum(caps) * (16 + 16) * 8 + sum(caps) * 8      # K, V (float64) + positions
+    assert cache.nbytes() == 2 * sum(caps) * (16 + 16) * 8 + 2 * sum(caps) * 4  # K, V (float64) + int32 positions
     # the window group's ring holds exactly the sink and the last 7 positions
     o = cache._offs[1]
-    assert sorted(cache.pos[o:o + 10].tolist()) == [0, 1, 2] + list(range(57, 64))
+    assert sorted(cache.pos[0, o:o + 10].tolist()) == [0, 1, 2] + list(range(57, 64))
 
 
 def test_decode_kernel_matches_float64_under_the_interpreter():
@@ -239,7 +239,7 @@ def test_every_eviction_policy_equals_its_plain_reference(impl):
         assert cache._caps[gi] == kv_tokens(form, prompt, prompt + steps)
     assert cache._caps[4] == prompt + steps                                  # the dense group: every key
     kept = {f.policy: f.kept(prompt) for f in EVICT[:4]}
-    live = [int((cache.pos[o:o + c] >= 0).sum()) for o, c in zip(cache._offs, cache._caps)]
+    live = [int((cache.pos[0, o:o + c] >= 0).sum()) for o, c in zip(cache._offs, cache._caps)]
     assert live[:4] == [kept["streaming"], kept["h2o"], kept["a2sf"], kept["snapkv"] + steps]
     # h2o / a2sf evicted on the device (no host read per step): the host's count matches what is held, and
     # each group's last freed slot, a device index, waits for the next token
@@ -278,7 +278,7 @@ def test_evicting_plan_inside_generate_prefills_densely_and_holds_its_budget():
     with torch.no_grad():
         assert out[0, 40] == model(ids).logits[0, -1].argmax()
     site = cache.layers[0].site
-    h2o_live = int((site.pos[site._offs[0]:site._offs[0] + site._caps[0]] >= 0).sum())
+    h2o_live = int((site.pos[0, site._offs[0]:site._offs[0] + site._caps[0]] >= 0).sum())
     assert h2o_live == forms[0].kept(40)                                      # the budget held while decoding
     dense = af.PlanCache(model, None, max_length=48)
     with af.plan_attention(model), torch.no_grad():
@@ -449,7 +449,8 @@ def test_generate_under_optimize_decodes_with_the_plan_cache():
         again = model.generate(ids, max_new_tokens=3, do_sample=False, **cache_kwargs(model, mine))
     assert model.attnforge_cache is mine and torch.equal(again, want[:, :33])
     assert torch.equal(af.generate(model, ids, plan, max_new_tokens=8)[0], want)   # af.generate on it too
-    assert model.forward is compiled and model.config._attn_implementation == "sdpa"
+    # restored after generate() to what af.optimize set: SDPA with attnforge's padding masks
+    assert model.forward is compiled and model.config._attn_implementation == "attnforge_sdpa"
     with pytest.raises(ValueError, match="DynamicCache would attend to every key"):
         model.generate(ids, max_new_tokens=3, **cache_kwargs(model, transformers.DynamicCache()))
     with pytest.raises(ValueError, match="beam search"):

@@ -155,6 +155,178 @@ def test_bad_padding_says_what_is_wrong():
         call(padding.float())
     with pytest.raises(ValueError, match="not both"):
         call(padding, torch.ones(20, 20, dtype=torch.bool))
-    with pytest.raises(af.KernelUnavailable, match="fewer queries than keys"):
-        torch.ops.attnforge.attention(q[:, :, -1:], k, v, None, True, 0, 0.25, "triton", _key(causal=True), "",
-                                      padding)
+
+
+@interpreted
+def test_decoding_steps_of_a_padded_batch():
+    """Fewer queries than keys (a decoding step over a padded cache, in a compiled forward): dense, the
+    padding's own mask through the masked kernel; with a plan, the reference (impl='triton' says so)."""
+    q, k, v, padding = _data(s=90, seed=4)
+    out = torch.ops.attnforge.attention(q[:, :, -3:], k, v, None, True, 0, 0.25, "triton", _key(causal=True), "",
+                                        padding)
+    assert af.runtime.counters["triton_interpreter"] == 1
+    ref = P.attention_rows(q[:, :, -3:].double(), k.double(), v.double(), padding, True, 0.25)
+    assert_closer(out, P.reference(q[:, :, -3:], k, v, padding, True, 0.25), ref)
+    forms = forms_to_json(MIXES["window+elastic"])
+    with pytest.raises(af.KernelUnavailable, match="planned padded call with fewer queries than keys"):
+        torch.ops.attnforge.attention(q[:, :, -3:], k, v, None, True, 0, 0.25, "triton", _key(causal=True, plan=True),
+                                      forms, padding)
+
+
+# ------------------------------------------------------------------------------ Hugging Face models
+transformers = pytest.importorskip("transformers")
+
+from attnforge.compiler import hf  # noqa: E402
+from attnforge.compiler.decode import KVCacheError  # noqa: E402
+from attnforge.compiler.plan import Plan, SitePlan, fingerprint  # noqa: E402
+from attnforge.runtime.forms import KVEvict, KVQuant, Linear  # noqa: E402
+
+PLAN_FORMS = ((SinkWindow(2, 8), ElasticWindow(1, 3, 0.2)), (Dense(), BlockSparse(64, (0,), (0,))))
+
+
+def _llama(layers=2):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                   pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _plan(model, forms=PLAN_FORMS):
+    sites = af.find_attention(model, (torch.ones(1, 8, dtype=torch.long),))
+    return Plan(fingerprint(sites), "t", tuple(SitePlan(s.id, 4, 2, f) for s, f in zip(sites, forms)), {}, (30,))
+
+
+def _batch(lengths, seed=3, left=True):
+    """Token rows of these lengths, padded (left by default, as generate() pads) to the longest."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(1, 256, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        where = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, where], mask[i, where] = r, 1
+    return rows, ids, mask
+
+
+def test_mask_function_builds_what_sdpa_mask_builds():
+    """attnforge's mask function returns sdpa_mask's values, through the padding op where it is a plain causal
+    or bidirectional padding mask, through sdpa_mask itself otherwise (a sliding window here)."""
+    from transformers import masking_utils as mu
+
+    am = torch.ones(3, 12, dtype=torch.long)
+    am[0, :4] = 0
+    am[2, 9:] = 0
+    cases = [(dict(q_length=12, kv_length=12), True), (dict(q_length=1, kv_length=12, q_offset=11), True),
+             (dict(q_length=3, kv_length=10, q_offset=9, kv_offset=2), True),
+             (dict(q_length=12, kv_length=12, mask_function=mu.bidirectional_mask_function), True),
+             (dict(q_length=3, kv_length=10, q_offset=2, kv_offset=2), False),     # queries not the last keys
+             (dict(q_length=12, kv_length=12, mask_function=mu.sliding_window_causal_mask_function(4)), False)]
+    for case, ours in cases:
+        args = dict(batch_size=3, attention_mask=am, **case)
+        want, got = mu.sdpa_mask(**args), hf.attnforge_mask(**args)
+        assert torch.equal(got, want)
+        assert hasattr(got, "_attnforge_padding") == ours
+    assert hf.attnforge_mask(batch_size=3, q_length=12, kv_length=12, attention_mask=torch.ones_like(am)) is None
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_a_padded_batch_runs_the_plan_each_row_as_alone(impl):
+    """af.optimize on an SDPA model: a padded batch (left, right and a hole) compiles with padded sites, the op
+    takes the padding vector (no N x S mask is built) and every row's logits equal that row run alone; an
+    all-ones attention_mask equals no mask at all."""
+    if impl == "triton" and not kernels.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    model = _llama()
+    plan = _plan(model)
+    af.optimize(model, plan, impl=impl, compiler="eager")
+    rows, ids, mask = _batch((30, 17, 24))
+    mask[2, 10] = 0                                    # a hole: the row is its other tokens
+    positions = (mask.cumsum(1) - 1).clamp(min=0)      # the model's own positions as generate() gives them
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=positions).logits
+        records = model.attnforge_backend.records
+        assert [s.mask for s in records[-1].sites] == ["padding", "padding"] and records[-1].planned
+        assert "padding_mask" not in records[-1].code and records[-1].code.count("attnforge.attention") == 2
+        assert af.runtime.counters["padded"] == 2
+        if impl == "triton":
+            assert af.runtime.counters["triton_interpreter"] == 2 and af.runtime.counters["reference"] == 0
+        for i in range(3):
+            real = mask[i].nonzero().squeeze(1)
+            alone = model(ids[i:i + 1, real]).logits
+            assert (out[i, real] - alone[0]).abs().max() < 1e-4
+        assert torch.equal(model(ids[:1], attention_mask=torch.ones_like(ids[:1])).logits, model(ids[:1]).logits)
+
+
+def test_padded_generation_is_each_row_generated_alone():
+    """model.generate() with left-padded prompts over the plan's per-head cache: each row's tokens are the
+    tokens that row generates alone; with no plan, Hugging Face's own padded generate(). Each row's cache
+    holds only its own tokens."""
+    model = _llama()
+    plan = _plan(model)
+    rows, ids, mask = _batch((30, 17, 24))
+    for p in (None, plan):
+        out, cache = af.generate(model, ids, p, max_new_tokens=6, attention_mask=mask)
+        for i, r in enumerate(rows):
+            alone, single = af.generate(model, r[None], p, max_new_tokens=6)
+            assert torch.equal(out[i, 30:], alone[0, len(r):])
+        if p is None:
+            with torch.no_grad():
+                assert torch.equal(out, model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
+            site = cache.layers[0].site
+            assert site.lens == [30 + 5, 17 + 5, 24 + 5]            # real tokens per row (the last step's not yet)
+            assert [int(x) for x in (site.pos >= 0).sum(1)] == [2 * n for n in site.lens]
+    af.optimize(model, plan, compiler="eager")                 # the same through model.generate()
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), out)
+
+
+@interpreted
+def test_padded_decoding_kernel_reads_each_rows_own_cache():
+    model = _llama()
+    plan = _plan(model)
+    rows, ids, mask = _batch((30, 9, 24), seed=5)
+    want, _ = af.generate(model, ids, plan, max_new_tokens=5, impl="reference", attention_mask=mask)
+    af.runtime.reset_counters()
+    got, _ = af.generate(model, ids, plan, max_new_tokens=5, impl="triton", attention_mask=mask)
+    assert torch.equal(got, want) and af.runtime.counters["kvcache_decode_triton"] == 2 * 4
+
+
+def test_linear_groups_of_a_padded_batch_take_each_rows_tokens():
+    model = _llama()
+    plan = _plan(model, ((Linear("taylor2", window=4), Dense()), (Dense(), SinkWindow(1, 6))))
+    rows, ids, mask = _batch((20, 11))
+    out, _ = af.generate(model, ids, plan, max_new_tokens=4, attention_mask=mask)
+    for i, r in enumerate(rows):
+        assert torch.equal(out[i, 20:], af.generate(model, r[None], plan, max_new_tokens=4)[0][0, len(r):])
+
+
+def test_evicting_and_quantized_groups_refuse_padded_prompts():
+    model = _llama()
+    rows, ids, mask = _batch((12, 7))
+    for forms in (KVEvict("h2o", 0.5, recent=2), KVQuant(4, group=4, residual=4)):
+        plan = _plan(model, ((forms, Dense()), (Dense(), Dense())))
+        with pytest.raises(KVCacheError, match="rows of equal length"):
+            af.generate(model, ids, plan, max_new_tokens=2, attention_mask=mask)
+
+
+def test_padded_training_step_through_inductor():
+    """A compiled training step on a right-padded batch (labels -100 at padding): the loss and every weight's
+    gradient equal eager SDPA's on the same batch (padding rows feed no real token), and the attention ran as
+    padded sites (the reference's backward traced by AOTAutograd)."""
+    rows, ids, mask = _batch((24, 13, 19), left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    eager = _llama()
+    loss = eager(ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    model = _llama()
+    be = af.Backend(impl="reference")
+    hf.uses_padding_masks(model)
+    ours = torch.compile(model, backend=be)(ids, attention_mask=mask, labels=labels).loss
+    ours.backward()
+    assert [s.mask for s in be.records[0].sites] == ["padding", "padding"]
+    assert abs(ours.item() - loss.item()) < 1e-5
+    for (name, a), b in zip(model.named_parameters(), eager.parameters()):
+        assert (a.grad - b.grad).abs().max() < 1e-5, name

@@ -1,0 +1,117 @@
+"""Padded batches: SDPA with Hugging Face's padding mask, FlexAttention with the same mask, attnforge's padded
+path (rows compacted, per-row lengths), side by side in one run (needs a CUDA GPU).
+
+    python benchmarks/padded.py [--json padded.json] [--shapes 9x3x8192x64 ...] [--batch 8] [--plans dense mixed]
+
+A batch of B rows whose lengths spread evenly from N/4 to N, left-padded to N (what generate() builds) and
+masked as Hugging Face's sdpa path masks them: key j of row b kept where it is a token and j <= i. SDPA gets
+that [B, 1, N, N] boolean mask (HF's SDPA attention); FlexAttention the same mask_mod (padding and
+causality, and for the mixed plan each row's per-head windows from its own first token); attnforge the
+[B, N] padding flags (runtime.padding). The work that matters is the real tokens' causal pairs; the ideal
+speed-up over SDPA is B * N^2 (what a masked SDPA computes) over the kept pairs of the real rows. Results
+are checked against SDPA on every real query row before timing (padding rows are zeros in attnforge, as in
+Hugging Face's flash-attention-2 path, and are not compared). The JSON is rewritten after every row.
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from _common import Device, Results
+
+SHAPES = [(9, 3, 8192, 64), (32, 8, 8192, 128)]       # SmolLM2 and Llama-3-8B shaped layers
+SINK = 64
+
+
+def lengths_of(batch: int, n: int) -> list[int]:
+    return [n // 4 + (n - n // 4) * i // max(1, batch - 1) for i in range(batch)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: smoke-test this script through Triton's interpreter (tiny shapes; no figures)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--plans", nargs="+", default=["dense", "mixed"], choices=("dense", "mixed"))
+    ap.add_argument("--shapes", nargs="+", default=["x".join(map(str, s)) for s in SHAPES],
+                    help="HxHKVxNxD (query heads, kv heads, padded length, head dim)")
+    args = ap.parse_args()
+    dev = Device(args.device)
+    dev.require("benchmarks/padded.py")
+    import triton
+
+    from attnforge import codegen, runtime
+    from attnforge.runtime.forms import Dense, SinkWindow, forms_to_json, kept_pairs
+
+    dtype = getattr(torch, args.dtype)
+    keys = {plan: runtime.kernels.register_source(codegen.render_attention(
+        codegen.KernelSpec(causal=True, plan=plan == "mixed")).source) for plan in args.plans}
+    flex = dev.flex()
+    res = Results(args.json, device=dev.name(), torch=torch.__version__, triton=triton.__version__, dtype=args.dtype,
+                  batch=args.batch)
+    print(f"device: {dev.name()}, torch {torch.__version__}, triton {triton.__version__}, batch {args.batch}")
+    print(f"{'shape':>20} {'plan':>6} {'SDPA+mask':>10} {'Flex':>8} {'ours':>8} {'x SDPA':>7} {'ideal':>6} {'x Flex':>7}")
+    for shape in args.shapes:
+        h, hk, n, d = (int(x) for x in shape.split("x"))
+        group, scale = h // hk, d ** -0.5
+        lens = lengths_of(args.batch, n)
+        padding = torch.zeros(args.batch, n, dtype=torch.bool, device=dev.kind)
+        for b, length in enumerate(lens):
+            padding[b, n - length:] = True
+        first = torch.tensor([n - length for length in lens], device=dev.kind)      # each row's first token
+        q = torch.randn(args.batch, h, n, d, device=dev.kind, dtype=dtype)
+        k, v = (torch.randn(args.batch, hk, n, d, device=dev.kind, dtype=dtype) for _ in range(2))
+        causal = torch.ones(n, n, dtype=torch.bool, device=dev.kind).tril()
+        hf_mask = padding[:, None, None, :] & causal                                  # [B, 1, N, N], as HF's
+        sdpa_ms = dev.bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=hf_mask, scale=scale,
+                                                                   enable_gqa=True), warmup=25, rep=100)
+        for plan in args.plans:
+            try:
+                forms = (Dense(),) * hk if plan == "dense" else tuple(
+                    Dense() if g % 2 == 0 else SinkWindow(SINK, 256 * (1 + g % 16)) for g in range(hk))
+                win = torch.tensor([f.window_at(0) or 0 for f in forms], device=dev.kind)
+
+                def mask_mod(b, hq, qi, ki, win=win):
+                    w = win[hq // group]
+                    rel_k = ki - first[b]                     # positions from the row's first token
+                    return (qi >= ki) & (rel_k >= 0) & ((w == 0) | (rel_k < SINK) | (qi - ki < w))
+
+                block_mask = dev.block_mask(mask_mod, args.batch, h, n, n)
+                fj = "" if plan == "dense" else forms_to_json(forms)
+                fns = {
+                    "flex": lambda: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True),
+                    "attnforge": lambda: torch.ops.attnforge.attention(q, k, v, None, True, 0, scale, "triton",
+                                                                       keys[plan], fj, padding),
+                }
+                if plan == "dense":
+                    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=hf_mask, scale=scale, enable_gqa=True)
+                else:
+                    ref = fns["flex"]()
+                real = padding[:, None, :, None]
+                times = {}
+                for name, fn in fns.items():
+                    torch.testing.assert_close(fn().masked_fill(~real, 0), ref.masked_fill(~real, 0),
+                                               rtol=2e-2, atol=2e-2)
+                    times[name] = dev.bench(fn, warmup=25, rep=100)
+                kept = sum(kept_pairs(f, length) for f in forms for length in lens) * group
+                ideal = args.batch * h * n * n / kept
+                ours = times["attnforge"]
+                row = {"heads": h, "kv_heads": hk, "n": n, "d": d, "plan": plan, "lengths": lens,
+                       "sdpa_masked_ms": sdpa_ms, "flex_ms": times["flex"], "attnforge_ms": ours,
+                       "kept_pairs": kept, "speedup_vs_sdpa": sdpa_ms / ours, "ideal_speedup": ideal,
+                       "fraction_of_ideal": sdpa_ms / ours / ideal, "vs_flex": times["flex"] / ours,
+                       "attnforge_tflops": 4 * d * kept / ours / 1e9,
+                       "checked_against": "sdpa" if plan == "dense" else "flex"}
+                res.add(row)
+                print(f"{f'{h}/{hk} N={n} d={d}':>20} {plan:>6} {sdpa_ms:10.3f} {times['flex']:8.3f} {ours:8.3f} "
+                      f"{row['speedup_vs_sdpa']:6.2f}x {ideal:5.2f}x {row['vs_flex']:6.2f}x", flush=True)
+            except Exception as e:        # record it, keep the other rows
+                res.error({"heads": h, "kv_heads": hk, "n": n, "d": d, "plan": plan}, e)
+            dev.empty_cache()
+        del causal, hf_mask
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Hugging Face glue: padding masks that attnforge can read, and the attention implementation it registers.
+
+Hugging Face builds a padded batch's mask from the 2-D `attention_mask` (1 = token, 0 = padding) as a
+[B, 1, N, S] boolean tensor: causal & padding[b, j] (or padding alone, bidirectional). Traced, that tensor
+is an opaque N x S mask to the passes, so a plan (searched for causal attention) could not run on it and
+the kernels read it tile by tile. Under attnforge's implementation the same mask is built by one op,
+
+    torch.ops.attnforge.padding_mask(padding [B, S], N, causal)      (the same values as sdpa_mask)
+
+which the detector recognizes: the site becomes a padded one (`mask="padding"`), the rewrite hands the
+attention op the [B, S] padding vector instead of the mask (runtime.padding: every row computed as that row
+alone, the plan's forms at the row's own positions), and the N x S mask is never built. Any other mask
+(sliding windows, packed sequences, custom mask functions, a 4-D mask given by the caller) is built by
+Hugging Face's own sdpa_mask, unchanged, and stays an exact mask.
+
+    SDPA_NAME ("attnforge_sdpa")   Hugging Face's SDPA attention with this mask function: what af.optimize
+                                   switches an SDPA model to, so that its compiled forward sees padding
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SDPA_NAME", "attnforge_mask", "register", "uses_padding_masks"]
+
+SDPA_NAME = "attnforge_sdpa"
+
+
+def attnforge_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask=None, local_size=None, allow_is_causal_skip=True, allow_is_bidirectional_skip=False,
+                   use_vmap=False, device="cpu", **kwargs):
+    """A mask interface function (transformers.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS): sdpa_mask's
+    result, built through attnforge's padding_mask op where it is a plain causal or bidirectional mask with a
+    2-D padding mask (queries the last q_length of the keys); sdpa_mask itself for anything else."""
+    from transformers import masking_utils as mu
+
+    mask_function = mask_function or mu.causal_mask_function
+    args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
+                allow_is_causal_skip=allow_is_causal_skip, allow_is_bidirectional_skip=allow_is_bidirectional_skip,
+                use_vmap=use_vmap, device=device, **kwargs)
+    causal = mask_function is mu.causal_mask_function
+    plain = causal or mask_function is getattr(mu, "bidirectional_mask_function", None)
+    skips = [getattr(mu, n, None) for n in ("prepare_padding_mask", "_ignore_causal_mask_sdpa",
+                                             "_ignore_bidirectional_mask_sdpa")]
+    if not plain or use_vmap or attention_mask is None or attention_mask.dim() != 2 or None in skips or \
+            (causal and q_offset - kv_offset != kv_length - q_length):
+        return mu.sdpa_mask(**args)
+    prepare, ignore_causal, ignore_bidirectional = skips
+    padding = prepare(attention_mask, kv_length, kv_offset)
+    # the same early exits as sdpa_mask: no mask where SDPA's is_causal (or nothing) says it all
+    if causal and allow_is_causal_skip and ignore_causal(padding, q_length, kv_length, q_offset, kv_offset, local_size):
+        return None
+    if not causal and allow_is_bidirectional_skip and ignore_bidirectional(padding, kv_length, local_size):
+        return None
+    keys = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
+    mask = torch.ops.attnforge.padding_mask(keys, q_length, causal)
+    if not torch.compiler.is_compiling():
+        mask._attnforge_padding = keys          # eager callers (the plan cache's attention) read it back
+    return mask
+
+
+def register() -> None:
+    """Register SDPA_NAME with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(SDPA_NAME, sdpa_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_NAME, attnforge_mask)
+
+
+def uses_padding_masks(model) -> bool:
+    """Switch a Hugging Face model that runs SDPA to SDPA_NAME (the same attention, padding masks built through
+    attnforge's op); True if it did. Other implementations (eager, flash, flex) are left as they are."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not callable(getattr(model, "set_attn_implementation",
+                                                                                         None)):
+        return False
+    register()
+    model.set_attn_implementation(SDPA_NAME)
+    return True
