@@ -7,10 +7,21 @@ fails is kept with its error so that one bad shape does not cost the others.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
 import traceback
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every GPU benchmark takes: --json (results file), --dtype, --device (cpu: a smoke test)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: smoke-test this script through Triton's interpreter (tiny shapes; no figures)")
+    return ap
 
 
 class Results:

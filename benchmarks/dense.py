@@ -8,12 +8,11 @@ before it is timed. Prints ms, effective TFLOP/s (causal work only) and the rati
 rewritten after every row; a failed row is recorded under "errors". (benchmarks/kernels.py times the same
 dense kernel in its dense rows, next to the plan kernel.)
 """
-import argparse
 
 import torch
 import torch.nn.functional as F
 
-from _common import Device, Results
+from _common import Device, Results, arguments
 
 SHAPES = [  # (query heads, kv heads, N, head dim)
     (32, 32, 4096, 128), (32, 32, 16384, 128), (32, 8, 32768, 128), (9, 3, 8192, 64),
@@ -26,11 +25,7 @@ def causal_flops(h, n, d):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                    help="cpu: smoke-test this script through Triton's interpreter (tiny shapes; no figures)")
+    ap = arguments(__doc__)
     ap.add_argument("--shapes", nargs="+", default=["x".join(map(str, s)) for s in SHAPES],
                     help="shapes as HxHKVxNxD (query heads, kv heads, length, head dim); default: all of SHAPES")
     args = ap.parse_args()

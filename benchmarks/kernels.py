@@ -18,13 +18,12 @@ for a site whose groups are all dense); the others the plan kernel. Every result
 FlexAttention beyond (an H x N x N mask would not fit). The JSON is rewritten after every row; a row
 that fails is recorded under "errors" and the run goes on.
 """
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
-from _common import Device, Results
+from _common import Device, Results, arguments
 
 SHAPES = [  # (query heads, kv heads, N, head dim)
     (32, 32, 4096, 128), (32, 32, 16384, 128), (32, 8, 32768, 128), (9, 3, 8192, 64),
@@ -53,11 +52,7 @@ def _name(shape) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                    help="cpu: smoke-test this script through Triton's interpreter (tiny shapes; no figures)")
+    ap = arguments(__doc__)
     ap.add_argument("--new-lengths", type=int, nargs="*", default=[4000, 4096, 5003, 6144, 7001],
                     help="lengths whose first call is timed (a new length must not recompile)")
     ap.add_argument("--backward", action="store_true", help="also time forward + backward (a training step)")

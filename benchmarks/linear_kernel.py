@@ -10,26 +10,21 @@ against its float32 reference on a short prefix before it is timed. Prints ms an
 SDPA dense causal for the same head: the issue's criterion is hedgehog faster than SDPA at 32k.
 The JSON is rewritten after every row; a failed row is recorded under "errors".
 """
-import argparse
 import math
 
 import torch
 import torch.nn.functional as F
 
-from _common import Device, Results
+from _common import Device, Results, arguments
 
 SHAPES = [(3, 1, 64), (4, 1, 128)]                # (query heads of the group, kv heads, head dim)
 LENGTHS = (4096, 8192, 16384, 32768)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    ap = arguments(__doc__)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--sink", type=int, default=64)
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                    help="cpu: smoke-test this script through Triton's interpreter (tiny shapes; no figures)")
     ap.add_argument("--shapes", nargs="+", default=["x".join(map(str, s)) for s in SHAPES],
                     help="KV groups as GxHKVxD (query heads of the group, kv heads, head dim); default: all of SHAPES")
     ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))

@@ -12,12 +12,11 @@ speed-up over SDPA is B * N^2 (what a masked SDPA computes) over the kept pairs 
 are checked against SDPA on every real query row before timing (padding rows are zeros in attnforge, as in
 Hugging Face's flash-attention-2 path, and are not compared). The JSON is rewritten after every row.
 """
-import argparse
 
 import torch
 import torch.nn.functional as F
 
-from _common import Device, Results
+from _common import Device, Results, arguments
 
 SHAPES = [(9, 3, 8192, 64), (32, 8, 8192, 128)]       # SmolLM2 and Llama-3-8B shaped layers
 SINK = 64
@@ -28,11 +27,7 @@ def lengths_of(batch: int, n: int) -> list[int]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                    help="cpu: smoke-test this script through Triton's interpreter (tiny shapes; no figures)")
+    ap = arguments(__doc__)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--plans", nargs="+", default=["dense", "mixed"], choices=("dense", "mixed"))
     ap.add_argument("--shapes", nargs="+", default=["x".join(map(str, s)) for s in SHAPES],
@@ -110,7 +105,6 @@ def main():
             except Exception as e:        # record it, keep the other rows
                 res.error({"heads": h, "kv_heads": hk, "n": n, "d": d, "plan": plan}, e)
             dev.empty_cache()
-        del causal, hf_mask
 
 
 if __name__ == "__main__":
