@@ -56,6 +56,7 @@ class GroupLayout:
     verticals: tuple = ()
     slashes: tuple = ()
     form: object = None             # kind 'evict': the KVEvict form (its region is sized at prefill)
+    horizon: int = 0                # kind 'blocks': > 0 when verticals past this length were left out
 
     def capacity(self, length: int) -> int:
         """Slots this group needs for a sequence of `length` tokens (= forms.kv_tokens of its form)."""
@@ -150,8 +151,11 @@ def layout_for(form, max_length: int) -> GroupLayout:
     if isinstance(form, KVEvict):
         return GroupLayout("evict", sink=form.sink, ring=form.recent, alpha=0, beta=0.0, form=form)
     if isinstance(form, BlockSparse):
+        # vertical blocks past max_length hold no key of this cache's sequences (queries see no later keys):
+        # they get no slots, so the ring starts right after the ones that do
+        reached = tuple(v for v in form.verticals if v * form.block < max_length)
         return GroupLayout("blocks", ring=(max(form.slashes) + 1) * form.block, block=form.block,
-                           verticals=form.verticals, slashes=form.slashes)
+                           verticals=reached, slashes=form.slashes, horizon=max_length if reached != form.verticals else 0)
     if isinstance(form, KVQuant):
         return GroupLayout("quant", form=form)
     if isinstance(form, Linear):
@@ -231,9 +235,10 @@ class SiteKVCache:
             raise KVCacheError(f"{g} KV heads for a cache of {len(self.layouts)} groups")
         keep = self._padding(keep, b, n)
         new_len = self.length + n
-        if new_len > self.max_length and any(lay.beta for lay in self.layouts):
+        if new_len > self.max_length and any(lay.beta or lay.horizon for lay in self.layouts):
             raise KVCacheError(f"{new_len} tokens exceed the cache's max_length {self.max_length} that its "
-                               "elastic windows were sized for; build the cache with a larger max_length")
+                               "elastic windows or block-sparse verticals were sized for; build the cache with a "
+                               "larger max_length")
         if self._evict and self.length == 0:
             if b != 1:
                 raise KVCacheError("eviction policies choose keys per sequence; decode one sequence (batch 1) "

@@ -455,3 +455,18 @@ def test_generate_under_optimize_decodes_with_the_plan_cache():
         model.generate(ids, max_new_tokens=3, **cache_kwargs(model, transformers.DynamicCache()))
     with pytest.raises(ValueError, match="beam search"):
         model.generate(ids, max_new_tokens=3, num_beams=2)
+
+
+def test_block_sparse_verticals_past_max_length_take_no_slots():
+    """A vertical block the cache's sequences never reach (past max_length) holds no slot, and the ring after
+    the reached ones stays inside the group's region (it used to start after every vertical and overflow)."""
+    forms = (BlockSparse(4, (0, 2, 9), (0, 1)),)
+    q, k, v = _data(1, 30)
+    cache = SiteKVCache(forms, max_length=30)                   # block 9 starts at 36: never reached
+    cache.append(k[:, :, :20], v[:, :, :20])
+    for t in range(20, 30):
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        assert (cache.decode_reference(q[:, :, t], 0.25) - _want(q, k, v, t, forms)).abs().max() < 1e-12
+    assert cache._caps == [2 * 4 + 2 * 4] == [SiteKVCache.predicted_entries(forms, 30)]
+    with pytest.raises(KVCacheError, match="block-sparse verticals"):
+        cache.append(k[:, :, :1], v[:, :, :1])
