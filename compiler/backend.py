@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -21,7 +22,7 @@ from attnforge import codegen, runtime
 from attnforge.passes import AttentionSite, Decline, canonicalize, detect
 from attnforge.passes.apply_plan import apply_plan
 
-from .plan import Plan, PlanError, resolve_site
+from .plan import Plan, PlanError, fingerprint, resolve_site
 
 __all__ = ["Backend", "BackendOptions", "GraphRecord", "attnforge_backend", "named_backend"]
 
@@ -77,6 +78,7 @@ class GraphRecord:
     compiler: str
     code: str = field(repr=False)       # the rewritten graph's Python code (a reproducer to read)
     planned: tuple[str, ...] = ()       # site ids running a non-dense plan entry
+    unplanned: tuple[tuple[str, str], ...] = ()    # (site id, why) the plan names but this graph runs dense
 
     @property
     def fallbacks(self) -> dict[str, int]:
@@ -132,7 +134,7 @@ class Backend:
         self._dump("after detect", gm, sites=sites, declined=declined)
         kernels: dict[str, str] = {}
         kernel_records = []
-        entries = self._plan_entries(sites) if opts.plan is not None and opts.rewrite and sites else {}
+        entries, unplanned = self._plan_entries(sites) if opts.plan is not None and opts.rewrite and sites else ({}, ())
         if opts.rewrite and opts.impl != "reference":
             for site in sites:
                 spec = kernel_spec(site, planned=any(f.kind != "dense" for f in entries.get(site.id, ())))
@@ -152,12 +154,17 @@ class Backend:
         rewritten = tuple(s.id for s in sites) if changed else ()
         with self._lock:
             record = GraphRecord(len(self.records), tuple(sites), rewritten, tuple(declined),
-                                 tuple(kernel_records), opts.impl, opts.compiler, gm.code, planned)
+                                 tuple(kernel_records), opts.impl, opts.compiler, gm.code, planned, unplanned)
             self.records.append(record)
         return gm, record
 
-    def _plan_entries(self, sites) -> dict:
-        """The plan's forms for the sites of this graph; a site with other head counts is an error."""
+    def _plan_entries(self, sites) -> tuple[dict, tuple]:
+        """The plan's forms for the sites of this graph, and the sites it names that run dense here, with why.
+        A site with other head counts (or a plan for another model) is an error. When the sites differ from
+        the plan's only in that some carry an exact mask where the plan was searched on causal ones (a
+        causal model traced with symbolic lengths, where Hugging Face builds its masks from the positions,
+        comes this way), those sites run dense, exactly as the model wrote them: the forms are causal
+        restrictions at positions that mask does not give; the record and a warning say so."""
         plan = self.options.plan
         by_id = {sp.site: sp for sp in plan.sites}
         resolved = {s.id: resolve_site(s.id, by_id) for s in sites}
@@ -171,9 +178,29 @@ class Backend:
             if sp is not None and (sp.num_heads, sp.num_kv_heads) != (s.num_heads, s.num_kv_heads):
                 raise PlanError(f"site {s.id}: the plan expects {sp.num_heads} heads / {sp.num_kv_heads} KV heads, "
                                 f"the graph has {s.num_heads} / {s.num_kv_heads}; the plan is for another model")
+        opaque = []
         if {s.id for s in sites} == set(by_id):
-            plan.check(sites)
-        return {sid: by_id[pid].forms for sid, pid in resolved.items()}
+            try:
+                plan.check(sites)
+            except PlanError:
+                # the plan fits if the sites with an exact mask were causal: the mask hides the structure the
+                # plan was searched on (not another model), so its forms cannot be placed there
+                opaque = [s for s in sites if s.mask in ("boolean", "additive") and not s.causal]
+                as_causal = [replace(s, causal=True) if s in opaque else s for s in sites]
+                if not opaque or fingerprint(as_causal) != plan.fingerprint:
+                    raise
+        entries = {sid: by_id[pid].forms for sid, pid in resolved.items()}
+        why = ("its mask is an exact tensor attnforge cannot read as causal, padding or window structure "
+               "(the plan's forms are causal restrictions at positions it does not give); it runs dense")
+        unplanned = tuple((s.id, why) for s in opaque if any(f.kind != "dense" for f in entries.get(s.id, ())))
+        for sid, _ in unplanned:
+            entries.pop(sid)
+        if unplanned:
+            warnings.warn(f"attnforge: the plan is not applied to {len(unplanned)} site(s) of this graph "
+                          f"({unplanned[0][0]}, ...): {why}. Pass the attention_mask (a 2-D padding mask) to "
+                          "a Hugging Face model optimized by attnforge, or compile with static shapes",
+                          RuntimeWarning, stacklevel=3)
+        return entries, unplanned
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
         gm, _ = self.transform(gm)

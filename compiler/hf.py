@@ -15,12 +15,19 @@ Hugging Face's own sdpa_mask, unchanged, and stays an exact mask.
 
     SDPA_NAME ("attnforge_sdpa")   Hugging Face's SDPA attention with this mask function: what af.optimize
                                    switches an SDPA model to, so that its compiled forward sees padding
+
+Without a cache and without an attention_mask (use_cache=False, the training setup), Hugging Face cannot tell
+at trace time whether the positions pack several sequences into one row, so it builds a packed-sequence mask
+from them: opaque again once the length is symbolic (the second length Dynamo sees), where no plan could run.
+`with_full_mask` gives such calls an all-ones mask made inside the compiled forward: the same attention (no
+packing was asked for: no position_ids were given), and the detector knows a padding vector made by
+ones_like has no padding, so the sites are plain causal at every length.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["SDPA_NAME", "attnforge_mask", "register", "uses_padding_masks"]
+__all__ = ["SDPA_NAME", "attnforge_mask", "register", "uses_padding_masks", "with_full_mask"]
 
 SDPA_NAME = "attnforge_sdpa"
 
@@ -79,3 +86,28 @@ def uses_padding_masks(model) -> bool:
     register()
     model.set_attn_implementation(SDPA_NAME)
     return True
+
+
+def with_full_mask(forward, model):
+    """`forward` (a Hugging Face causal LM's) with an all-ones attention_mask where the call gives none, no
+    position_ids and no cache and the model would keep none (see the module docstring); other calls as given."""
+    import functools
+    import inspect
+
+    params = inspect.signature(forward).parameters
+    cache_names = [n for n in ("past_key_values", "cache") if n in params]
+    if not ({"input_ids", "attention_mask", "position_ids"} <= set(params) and cache_names):
+        return forward
+
+    @functools.wraps(forward)
+    def call(*args, **kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        use_cache = kwargs.get("use_cache")
+        use_cache = getattr(model.config, "use_cache", True) if use_cache is None else use_cache
+        if len(args) <= 1 and torch.is_tensor(ids) and ids.dim() == 2 and kwargs.get("attention_mask") is None \
+                and kwargs.get("position_ids") is None and not use_cache \
+                and all(kwargs.get(n) is None for n in cache_names):
+            kwargs["attention_mask"] = torch.ones_like(ids)
+        return forward(*args, **kwargs)
+
+    return call

@@ -310,9 +310,32 @@ def _peel_scores(node: fx.Node, scores_rank: int) -> _Scores:
 
 
 # ------------------------------------------------------------------------------------------ sites
-def _padding_of(operand: Operand, nodes) -> tuple[Operand, bool] | None:
-    """(the [B, S] padding vector, causal) when the mask is attnforge's padding_mask op (compiler.hf builds
-    Hugging Face's padding masks through it), else None."""
+_ONES = {torch.ones, torch.ones_like, "new_ones", "ones_like"}
+_SAME_VALUES = {"to", "bool", "contiguous", "clone", torch.Tensor.to, operator.getitem}
+
+
+def _all_ones(node: fx.Node) -> bool:
+    """Whether a padding vector is all ones by construction (ones_like of the ids, sliced or cast): whatever
+    its size, no key is padding. (attnforge's optimize passes such a mask where Hugging Face would otherwise
+    build an opaque packed-sequence mask from the positions.)"""
+    for _ in range(16):
+        if node.op not in ("call_function", "call_method"):
+            return False
+        if node.target in _ONES:
+            return True
+        if node.target not in _SAME_VALUES or not isinstance(node.args[0], fx.Node):
+            return False
+        if node.target is operator.getitem and not all(isinstance(i, slice) or i is None or i is Ellipsis
+                                                       for i in (node.args[1] if isinstance(node.args[1], tuple)
+                                                                 else (node.args[1],))):
+            return False                 # a slice keeps ones ones; an index tensor could repeat anything
+        node = node.args[0]
+    return False
+
+
+def _padding_of(operand: Operand, nodes) -> tuple[Operand, bool, bool] | None:
+    """(the [B, S] padding vector, whether it is all ones by construction, causal) when the mask is attnforge's
+    padding_mask op (compiler.hf builds Hugging Face's padding masks through it), else None."""
     import attnforge.runtime  # noqa: F401  (registers torch.ops.attnforge.padding_mask)
 
     node = nodes[operand.node]
@@ -322,7 +345,7 @@ def _padding_of(operand: Operand, nodes) -> tuple[Operand, bool] | None:
     padding, causal = M.arg(node, 0, "padding"), M.arg(node, 2, "causal")
     if not isinstance(padding, fx.Node) or not isinstance(causal, bool):
         return None
-    return Operand(padding.name), causal
+    return Operand(padding.name), _all_ones(padding), causal
 
 
 def _lift(mask: Operand | None, additive: bool, graph: fx.Graph, n, s):
@@ -361,8 +384,10 @@ def _site(spelling, out, q, k, v, masks, out_ops, causal, scale, softmax_dtype, 
     if not M.same_size(ks[2], vs[2]):
         raise NotAttention(f"key length {ks[2]} differs from value length {vs[2]}")
     padded = _padding_of(masks[0][1], nodes) if len(masks) == 1 and not causal else None
-    if padded is not None:                   # a padded batch: the op takes the padding vector, not the mask
-        padding, causal = padded
+    if padded is not None and padded[1] and M.same_size(qs[2], ks[2]):
+        masks, causal = [], padded[2]        # no key is padding and N = S: plain (causal) attention, no mask
+    elif padded is not None:                 # a padded batch: the op takes the padding vector, not the mask
+        padding, _, causal = padded
         return AttentionSite(
             id=site_id, module_path=path, spelling=spelling, output=out.name, q=q, k=k, v=v,
             mask_operand=masks[0][1], out_ops=tuple(out_ops), batch=str(qs[0]), q_len=str(qs[2]),

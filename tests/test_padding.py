@@ -330,3 +330,52 @@ def test_padded_training_step_through_inductor():
     assert abs(ours.item() - loss.item()) < 1e-5
     for (name, a), b in zip(model.named_parameters(), eager.parameters()):
         assert (a.grad - b.grad).abs().max() < 1e-5, name
+
+
+def test_an_optimized_model_without_a_cache_keeps_its_plan_at_every_length():
+    """use_cache=False (SmolLM2 as attnforge loads it, or training): Hugging Face then builds a packed-sequence
+    mask from the positions, opaque once Dynamo compiles the length symbolically. af.optimize gives such calls
+    an all-ones mask made in the graph, so every length runs the plan: two compilations for four lengths, the
+    same logits as a static compile of each length."""
+    import copy
+
+    model = _llama()
+    model.config.use_cache = False
+    plan = _plan(model)
+    static = copy.deepcopy(model)
+    xs = [torch.randint(1, 256, (1, n), generator=torch.Generator().manual_seed(n)) for n in (30, 20, 25, 41)]
+    with torch.no_grad():
+        wants = []
+        for x in xs:
+            torch._dynamo.reset()
+            wants.append(torch.compile(static, backend=af.Backend(plan=plan, impl="reference", compiler="eager"))(x).logits)
+        torch._dynamo.reset()
+        af.optimize(model, plan, impl="reference", compiler="eager")
+        for x, want in zip(xs, wants):
+            assert torch.equal(model(x).logits, want)
+    records = model.attnforge_backend.records
+    assert len(records) == 2 and records[-1].sites[0].q_len.startswith("s")         # one symbolic-length graph
+    assert all(r.planned and not r.unplanned and [s.mask for s in r.sites] == ["causal"] * 2 for r in records)
+
+
+def test_a_mask_attnforge_cannot_read_runs_dense_and_says_so():
+    """The same model compiled by hand (no af.optimize): the symbolic-length graph's masks are opaque, so its
+    sites run dense, exactly as the model wrote them, with a warning and the reason in the record (before,
+    the plan's fingerprint check failed the compile)."""
+    model = _llama()
+    model.config.use_cache = False
+    plan = _plan(model)
+    torch._dynamo.reset()                   # (finding the sites compiled one length already)
+    be = af.Backend(plan=plan, impl="reference", compiler="eager")
+    compiled = torch.compile(model, backend=be)
+    x = torch.randint(1, 256, (1, 33), generator=torch.Generator().manual_seed(7))
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(x[:, :30])
+        out = compiled(x).logits
+        assert (out - model(x).logits).abs().max() < 1e-5                 # dense: the model's own attention
+    assert any("the plan is not applied to 2 site" in str(w.message) for w in caught)
+    assert be.records[0].planned and not be.records[0].unplanned
+    assert not be.records[-1].planned and [sid for sid, _ in be.records[-1].unplanned] == [s.id for s in be.records[-1].sites]
