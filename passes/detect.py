@@ -384,18 +384,13 @@ def _site(spelling, out, q, k, v, masks, out_ops, causal, scale, softmax_dtype, 
     if not M.same_size(ks[2], vs[2]):
         raise NotAttention(f"key length {ks[2]} differs from value length {vs[2]}")
     padded = _padding_of(masks[0][1], nodes) if len(masks) == 1 and not causal else None
+    padding = None
     if padded is not None and padded[1] and M.same_size(qs[2], ks[2]):
         masks, causal = [], padded[2]        # no key is padding and N = S: plain (causal) attention, no mask
     elif padded is not None:                 # a padded batch: the op takes the padding vector, not the mask
         padding, _, causal = padded
-        return AttentionSite(
-            id=site_id, module_path=path, spelling=spelling, output=out.name, q=q, k=k, v=v,
-            mask_operand=masks[0][1], out_ops=tuple(out_ops), batch=str(qs[0]), q_len=str(qs[2]),
-            kv_len=str(ks[2]), num_heads=h, num_kv_heads=hk, head_dim=d, head_dim_v=dv, causal=causal, window=0,
-            mask="padding", scale=float(scale), dtype=str(qdt).replace("torch.", ""), softmax_dtype=softmax_dtype,
-            dropout=0.0, padding=padding)
     window, remaining = 0, {}
-    for style, operand in masks:             # each mask lifts on its own; the structures intersect
+    for style, operand in masks if padding is None else ():     # each mask lifts on its own; they intersect
         operand, lifted_causal, lifted_window = _lift(operand, style == "additive", graph, qs[2], ks[2])
         causal = causal or lifted_causal
         if lifted_window:
@@ -412,11 +407,14 @@ def _site(spelling, out, q, k, v, masks, out_ops, causal, scale, softmax_dtype, 
             raise NotAttention("the mask has more than 4 dims; it must broadcast to [B, H, N, S]")
     kind = ("boolean" if mask_is_bool else "additive") if mask is not None else \
         ("window" if window else "causal" if causal else "none")
+    if padding is not None:                  # the padding op's mask stays the site's (profiling reads it)
+        mask, kind = masks[0][1], "padding"
     return AttentionSite(
         id=site_id, module_path=path, spelling=spelling, output=out.name, q=q, k=k, v=v, mask_operand=mask,
         out_ops=tuple(out_ops), batch=str(qs[0]), q_len=str(qs[2]), kv_len=str(ks[2]), num_heads=h,
         num_kv_heads=hk, head_dim=d, head_dim_v=dv, causal=causal, window=window, mask=kind,
         scale=float(scale), dtype=str(qdt).replace("torch.", ""), softmax_dtype=softmax_dtype, dropout=0.0,
+        padding=padding,
     )
 
 

@@ -238,7 +238,10 @@ def forms_from_json(text: str) -> tuple:
     return tuple(form_from_dict(d) for d in json.loads(text)) if text else ()
 
 
-def _keep_one(form: Form, rows, cols, s: int) -> torch.Tensor:
+def _keep_one(form: Form, rows, cols, s: int, window=None) -> torch.Tensor:
+    """One form's keep rule at query positions `rows` and key positions `cols` (broadcasting tensors) of a
+    length-s sequence; window: a window-like form's span instead of window_at(s) (a tensor, e.g. one span
+    per sequence of a padded batch)."""
     form = prefill_form(form)
     causal = cols <= rows
     if isinstance(form, Linear):        # every causal key is weighed (the window exactly, the rest linearly)
@@ -246,7 +249,7 @@ def _keep_one(form: Form, rows, cols, s: int) -> torch.Tensor:
     if isinstance(form, Dense):
         return causal
     if isinstance(form, (SinkWindow, ElasticWindow)):
-        w = form.window_at(s)
+        w = form.window_at(s) if window is None else window
         return causal & ((cols < form.sink) | (cols > rows - w))
     qb, kb = rows // form.block, cols // form.block
     # key blocks (and block diagonals) run 0 .. (s - 1) // block: sizes from s, not from the tensors, so that

@@ -34,6 +34,7 @@ import torch
 
 from .forms import BlockSparse, Dense, ElasticWindow, KVEvict, KVQuant, Linear, SinkWindow, kv_tokens
 from .kvquant import QuantKV
+from .padding import _keep
 from .reference import _compute_dtype, _probs
 
 __all__ = ["GroupLayout", "SiteKVCache", "layout_for", "policy_scores", "policy_keep", "KVCacheError"]
@@ -308,7 +309,7 @@ class SiteKVCache:
             return None
         if tuple(keep.shape) != (b, n):
             raise KVCacheError(f"the key-padding flags must be [B, n] = [{b}, {n}], got {tuple(keep.shape)}")
-        keep = (keep if keep.dtype == torch.bool else keep != 0).cpu()
+        keep = _keep(keep).cpu()
         if bool(keep.all()):
             return None
         if self.length:

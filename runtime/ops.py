@@ -196,24 +196,31 @@ def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None
         return _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_forms)
     if impl == "reference":
         return _reference(q, k, v, mask, causal, scale, window, head_forms, lse)
-    reason = triton_check(q, k, v, mask, kernel, forms, causal, window)
-    if impl == "triton":
-        if reason:
-            raise KernelUnavailable(f"impl='triton' was asked for but {reason}; use impl='auto' or "
-                                    "impl='reference'")
-        return _run_triton(q, k, v, mask, causal, window, scale, kernel, forms, lse)
-    # auto
+    return _choose(impl, q, kernel, triton_check(q, k, v, mask, kernel, forms, causal, window),
+                   lambda: _run_triton(q, k, v, mask, causal, window, scale, kernel, forms, lse),
+                   lambda failed: _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=failed))
+
+
+def _choose(impl, q, kernel, reason, triton, reference):
+    """The choice every call makes once impl is 'triton' or 'auto': `triton()` where the kernel can run
+    (reason None) and is asked for or the tensors are on CUDA, else `reference(failed)`, on CUDA with a
+    warning and a recorded fallback (failed: the kernel was tried and raised at run time). impl='triton'
+    never falls back: KernelUnavailable says why, a kernel failure propagates."""
+    if impl == "triton" and reason:
+        raise KernelUnavailable(f"impl='triton' was asked for but {reason}; use impl='auto' or impl='reference'")
     failed = False
-    if reason is None and _accelerated(q):
+    if reason is None and (impl == "triton" or _accelerated(q)):
         try:
-            return _run_triton(q, k, v, mask, causal, window, scale, kernel, forms, lse)
+            return triton()
         except Exception as e:             # a kernel that fails to load or compile must not lose the run
+            if impl == "triton":
+                raise
             reason, failed = f"Triton kernel failed: {type(e).__name__}: {e}", True
     if _accelerated(q):
         fallbacks[(kernel, reason)] += 1
         warnings.warn(f"attnforge: running the reference attention because {reason}", RuntimeWarning,
-                      stacklevel=3)
-    return _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=failed)
+                      stacklevel=4)
+    return reference(failed)
 
 
 def _padded_reason(q, k, v, padding, causal, kernel, forms) -> Optional[str]:
@@ -256,31 +263,21 @@ def _forward_padded(q, k, v, padding, mask, causal, window, scale, impl, kernel,
     if reason := pad.padding_reason(padding, q, k, causal, mask, window):
         raise ValueError(reason)
     counters["padded"] += 1
-    failed = False
-    if impl != "reference":
-        reason = _padded_reason(q, k, v, padding, causal, kernel, forms)
-        if impl == "triton" and reason:
-            raise KernelUnavailable(f"impl='triton' was asked for but {reason}; use impl='auto' or "
-                                    "impl='reference'")
-        if reason is None and (impl == "triton" or _accelerated(q)):
-            try:
-                return _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse)
-            except Exception as e:
-                if impl == "triton":
-                    raise
-                reason, failed = f"Triton kernel failed: {type(e).__name__}: {e}", True
-        if _accelerated(q):
-            fallbacks[(kernel, reason)] += 1
-            warnings.warn(f"attnforge: running the reference attention because {reason}", RuntimeWarning,
-                          stacklevel=3)
-    counters["reference"] += 1
     head_forms = _forms(forms)
-    if lse is not None:
-        if failed:                       # the backward may still choose the Triton kernels: it reads this
-            lse.copy_(pad.reference_lse(q, k, padding, causal, scale, head_forms))
-        else:
-            lse.fill_(float("nan"))
-    return pad.reference(q, k, v, padding, causal, scale, head_forms)
+
+    def reference(failed):
+        counters["reference"] += 1
+        if lse is not None:
+            if failed:                   # the backward may still choose the Triton kernels: it reads this
+                lse.copy_(pad.reference_lse(q, k, padding, causal, scale, head_forms))
+            else:
+                lse.fill_(float("nan"))
+        return pad.reference(q, k, v, padding, causal, scale, head_forms)
+
+    if impl == "reference":
+        return reference(False)
+    return _choose(impl, q, kernel, _padded_reason(q, k, v, padding, causal, kernel, forms),
+                   lambda: _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse), reference)
 
 
 @torch.library.custom_op("attnforge::padding_mask", mutates_args=())

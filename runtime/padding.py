@@ -43,6 +43,11 @@ class Rows:
     valid: Tensor        # [B, S] bool: compacted slot t holds a real token (t < lens[b])
 
 
+def _keep(padding: Tensor) -> Tensor:
+    """The key-padding flags as bool (True = a token)."""
+    return padding if padding.dtype == torch.bool else padding != 0
+
+
 def mask_4d(padding: Tensor, n: int, causal: bool) -> Tensor:
     """[B, 1, N, S] bool (True = attend): key j of row b is kept where padding[b, j] is set and, if causal,
     j <= i + S - N (queries are the last N key slots). Hugging Face's sdpa_mask for a causal or bidirectional
@@ -75,7 +80,7 @@ def padding_reason(padding: Tensor, q: Tensor, k: Tensor, causal: bool, mask, wi
 
 def rows_of(padding: Tensor) -> Rows:
     """The compaction of a [B, S] key-padding vector (device ops only: no synchronization)."""
-    keep = padding if padding.dtype == torch.bool else padding != 0
+    keep = _keep(padding)
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
     lens = keep.sum(1, dtype=torch.int32)
     valid = torch.arange(keep.shape[1], device=keep.device)[None, :] < lens[:, None]
@@ -138,7 +143,7 @@ def attention_rows(q: Tensor, k: Tensor, v: Tensor, padding: Tensor, causal: boo
 
     b, hq, n, _ = q.shape
     s = k.shape[2]
-    keep = (padding if padding.dtype == torch.bool else padding != 0).cpu()
+    keep = _keep(padding).cpu()
     out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
     rows = []
     for r in range(b):
@@ -151,12 +156,12 @@ def attention_rows(q: Tensor, k: Tensor, v: Tensor, padding: Tensor, causal: boo
         kr = k[r:r + 1, :, slots.to(k.device)]
         vr = v[r:r + 1, :, slots.to(v.device)]
         qr = q[r:r + 1, :, q_slots.to(q.device)]
-        ranks = torch.searchsorted(slots, q_slots + (s - n))       # each real query's position in its row
         row_forms = tuple(forms) or ((Dense(),) * k.shape[1] if causal else ())
         if row_forms and all(getattr(f, "kind", "") != "linear" for f in row_forms):
             if len(q_slots) == length:                            # every real token queries: the row alone
                 o = attention_reference(qr, kr, vr, None, False, scale, 0, row_forms)
-            else:
+            else:                                                 # each real query at its rank in the row
+                ranks = torch.searchsorted(slots, q_slots + (s - n))
                 g_keep = keep_mask(row_forms, length, length, device=q.device)[:, ranks.to(q.device)]
                 mask = g_keep.repeat_interleave(hq // k.shape[1], 0)[None]        # [1, Hq, n_r, len]
                 o = attention_reference(qr, kr, vr, mask, False, scale)
@@ -170,10 +175,6 @@ def attention_rows(q: Tensor, k: Tensor, v: Tensor, padding: Tensor, causal: boo
         full = full.index_copy(2, q_slots.to(q.device), o)
         rows.append(full)
     return torch.cat(rows, 0)
-
-
-def _keep(padding: Tensor) -> Tensor:
-    return padding if padding.dtype == torch.bool else padding != 0
 
 
 def keep_rows(forms, padding: Tensor, n: int, causal: bool, heads: int) -> Tensor:
@@ -193,14 +194,9 @@ def keep_rows(forms, padding: Tensor, n: int, causal: bool, heads: int) -> Tenso
     if not forms:
         return (base & (cols <= qpos) if causal else base)[:, None]
     windows = row_windows(forms, lens.to(torch.int32))
-    groups = []
-    for g, f in enumerate(forms):
-        if isinstance(f, ElasticWindow):
-            w = windows[:, g, None, None]
-            rule = (cols <= qpos) & ((cols < f.sink) | (cols > qpos - w))
-        else:
-            rule = _keep_one(f, qpos, cols, s)          # length-free forms: s only sizes block-sparse tables
-        groups.append(base & rule)
+    # an elastic span per row; the other forms are length-free (s only sizes block-sparse tables)
+    groups = [base & _keep_one(f, qpos, cols, s, windows[:, g, None, None] if isinstance(f, ElasticWindow) else None)
+              for g, f in enumerate(forms)]
     per_group = torch.stack(groups, 1)                                          # [B, G, N, S]
     return per_group.repeat_interleave(heads // len(forms), 1)
 

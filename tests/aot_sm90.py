@@ -133,7 +133,7 @@ def main():
     cases += [(codegen.KernelSpec(causal=c), "bf16", 64, "", True) for c in (False, True)]
     cases += [(codegen.KernelSpec(causal=True, plan=True), "bf16", 64, suffix, True) for suffix in ("", "_bwd_dq", "_bwd_dkdv")]
     for spec, dtype, d, *extra in cases:
-        suffix, varlen = (list(extra) + ["", False][len(extra):])[:2]
+        suffix, varlen = extra[0] if extra else "", len(extra) > 1 and extra[1]
         c = compile_sm90(spec, dtype, d, suffix=suffix, varlen=varlen)
         results.append({"kernel": spec.name + suffix + ("[varlen]" if varlen else ""), "dtype": dtype, "head_dim": d,
                         "cubin_bytes": len(c.asm["cubin"]), "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
