@@ -121,12 +121,12 @@ def optimize(model, plan, impl: str = "auto", compiler: str = "inductor"):
     A Hugging Face model that runs SDPA switches to the same SDPA with attnforge's padding masks (compiler.hf):
     then a padded batch (`attention_mask` with zeros) runs the plan too, each row as that row alone.
     Returns the same model."""
-    from .hf import uses_padding_masks, with_full_mask
+    from .hf import uses_padding_masks, with_masks
 
     backend = Backend(plan=plan, impl=impl, compiler=compiler)
     hf_masks = uses_padding_masks(model)
     eager_forward = model.forward
-    model.forward = torch.compile(with_full_mask(eager_forward, model) if hf_masks else eager_forward, backend=backend)
+    model.forward = torch.compile(with_masks(eager_forward, model) if hf_masks else eager_forward, backend=backend)
     model.attnforge_backend = backend
     if callable(getattr(model, "generate", None)) and hasattr(getattr(model, "config", None), "num_hidden_layers"):
         model.generate = _plan_generate(model, backend.options.plan, eager_forward, impl)

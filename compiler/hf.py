@@ -10,24 +10,34 @@ the kernels read it tile by tile. Under attnforge's implementation the same mask
 which the detector recognizes: the site becomes a padded one (`mask="padding"`), the rewrite hands the
 attention op the [B, S] padding vector instead of the mask (runtime.padding: every row computed as that row
 alone, the plan's forms at the row's own positions), and the N x S mask is never built. Any other mask
-(sliding windows, packed sequences, custom mask functions, a 4-D mask given by the caller) is built by
-Hugging Face's own sdpa_mask, unchanged, and stays an exact mask.
+(sliding windows, custom mask functions, a 4-D mask given by the caller) is built by Hugging Face's
+own sdpa_mask, unchanged, and stays an exact mask; packed sequences are read from the positions (below).
 
     SDPA_NAME ("attnforge_sdpa")   Hugging Face's SDPA attention with this mask function: what af.optimize
                                    switches an SDPA model to, so that its compiled forward sees padding
 
-Without a cache and without an attention_mask (use_cache=False, the training setup), Hugging Face cannot tell
-at trace time whether the positions pack several sequences into one row, so it builds a packed-sequence mask
-from them: opaque again once the length is symbolic (the second length Dynamo sees), where no plan could run.
-`with_full_mask` gives such calls an all-ones mask made inside the compiled forward: the same attention (no
-packing was asked for: no position_ids were given), and the detector knows a padding vector made by
-ones_like has no padding, so the sites are plain causal at every length.
+Without a cache and without an attention_mask (use_cache=False, the training setup), Hugging Face reads the
+positions for packed sequences (several sequences in one row, each restarting its positions, as a collator
+that flattens a batch makes them) and builds a packed-sequence mask from them: opaque to the passes, so no
+plan could run, and opaque even without packing once the length is symbolic (the second length Dynamo
+sees). `with_masks` makes those calls readable, inside the compiled forward:
+
+    no position_ids     an all-ones attention_mask: the same attention (no packing was asked for), and the
+                        detector knows a padding vector made by ones_like has no padding, so the sites are
+                        plain causal at every length
+    position_ids        the same sequence labels Hugging Face derives from them (a new sequence wherever a
+                        position is not the previous one plus 1), given to the model as the 4-D mask of
+                        attnforge's padding_mask op over those labels: the same values as Hugging Face's
+                        packed-sequence mask, and a packed site to the detector, whose kernels run each
+                        sequence as that sequence alone (runtime.padding). Only for models whose every layer
+                        takes the full causal mask (no sliding-window layers: they would be handed the same
+                        4-D mask); other models keep Hugging Face's own
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["SDPA_NAME", "attnforge_mask", "register", "uses_padding_masks", "with_full_mask"]
+__all__ = ["SDPA_NAME", "attnforge_mask", "register", "uses_padding_masks", "with_masks"]
 
 SDPA_NAME = "attnforge_sdpa"
 
@@ -88,9 +98,29 @@ def uses_padding_masks(model) -> bool:
     return True
 
 
-def with_full_mask(forward, model):
-    """`forward` (a Hugging Face causal LM's) with an all-ones attention_mask where the call gives none, no
-    position_ids and no cache and the model would keep none (see the module docstring); other calls as given."""
+def _full_causal(config) -> bool:
+    """Whether every layer of this config takes the one causal mask (so a 4-D mask given to the model is what
+    every layer would have built)."""
+    if not getattr(config, "is_causal", True):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return set(layer_types) <= {"full_attention"}
+    return not getattr(config, "sliding_window", None) and not getattr(config, "attention_chunk_size", None)
+
+
+def packed_labels(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """[B, S] int64 sequence labels (1, 1, 2, 2, 2, ...) of packed positions: a new sequence wherever a position
+    is not the previous one plus 1 (Hugging Face's find_packed_sequence_indices, plus 1: 0 means padding)."""
+    position_ids = position_ids.expand(batch, -1)
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    return (step != 1).cumsum(-1) + 1
+
+
+def with_masks(forward, model):
+    """`forward` (a Hugging Face causal LM's) where the call gives no attention_mask and no cache and the model
+    would keep none: an all-ones attention_mask without position_ids, the packed-sequence mask of
+    attnforge's padding_mask op with them (see the module docstring); other calls as given."""
     import functools
     import inspect
 
@@ -98,16 +128,22 @@ def with_full_mask(forward, model):
     cache_names = [n for n in ("past_key_values", "cache") if n in params]
     if not ({"input_ids", "attention_mask", "position_ids"} <= set(params) and cache_names):
         return forward
+    packing = _full_causal(getattr(model, "config", None))
 
     @functools.wraps(forward)
     def call(*args, **kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
         use_cache = kwargs.get("use_cache")
         use_cache = getattr(model.config, "use_cache", True) if use_cache is None else use_cache
-        if len(args) <= 1 and torch.is_tensor(ids) and ids.dim() == 2 and kwargs.get("attention_mask") is None \
-                and kwargs.get("position_ids") is None and not use_cache \
-                and all(kwargs.get(n) is None for n in cache_names):
+        if len(args) > 1 or not torch.is_tensor(ids) or ids.dim() != 2 or kwargs.get("attention_mask") is not None \
+                or use_cache or any(kwargs.get(n) is not None for n in cache_names):
+            return forward(*args, **kwargs)
+        positions = kwargs.get("position_ids")
+        if positions is None:
             kwargs["attention_mask"] = torch.ones_like(ids)
+        elif packing and torch.is_tensor(positions) and positions.dim() == 2 and positions.shape[-1] == ids.shape[1]:
+            labels = packed_labels(positions.to(ids.device), ids.shape[0])
+            kwargs["attention_mask"] = torch.ops.attnforge.padding_mask(labels, ids.shape[1], True)
         return forward(*args, **kwargs)
 
     return call

@@ -309,6 +309,13 @@ class SiteKVCache:
             return None
         if tuple(keep.shape) != (b, n):
             raise KVCacheError(f"the key-padding flags must be [B, n] = [{b}, {n}], got {tuple(keep.shape)}")
+        if keep.dtype != torch.bool and keep.numel():
+            labels, bound = keep.cpu().to(torch.int64), torch.iinfo(torch.int64)
+            high = labels.masked_fill(labels == 0, bound.min).amax(1)
+            low = labels.masked_fill(labels == 0, bound.max).amin(1)
+            if bool(((high != low) & (labels != 0).any(1)).any()):
+                raise KVCacheError("a row of the prompt holds several sequences (packed labels); a cache holds one "
+                                   "sequence per row: give each sequence its own row (padded)")
         keep = _keep(keep).cpu()
         if bool(keep.all()):
             return None

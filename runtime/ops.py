@@ -4,10 +4,11 @@
         q [B, Hq, N, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> out [B, Hq, N, Dv]
         mask:   None, or broadcastable to [B, Hq, N, S]; bool (True = attend) or additive float
         causal: top-left aligned (as SDPA's is_causal)
-        padding: None, or [B, S] bool/int key-padding flags (1 = a token, as Hugging Face's attention_mask):
-                a padded batch, every row computed as that row alone (attnforge.runtime.padding): its real
-                tokens at their own positions (queries = the last N key slots), zeros at padding queries;
-                no mask or window with it. Compacted through the same kernels where N = S.
+        padding: None, or [B, S] key flags: bool (True = a token, as Hugging Face's attention_mask) or integer
+                labels (0 = padding, equal nonzero labels = one sequence: packed rows). A padded or packed
+                batch, every sequence computed as that sequence alone (attnforge.runtime.padding): its tokens
+                at their own positions (queries = the last N key slots), zeros at padding queries; no mask or
+                window with it. Compacted through the same kernels where N = S (one row per sequence).
         window: > 0 hides keys j <= i - window (sliding window, own key included); 0: no window
         impl:   "auto" | "triton" | "reference"
         kernel: key of a generated Triton source (attnforge.runtime.kernels), "" when none was generated
@@ -241,7 +242,9 @@ def _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse):
     if q.shape[2] != k.shape[2]:         # (dense only, see _padded_reason) the padding's mask, read tile by tile
         mask = pad.mask_4d(padding, q.shape[2], causal)
         return _run_triton(q, k, v, mask, False, 0, scale, _masked_kernel.key(), "", lse)
-    rows = pad.rows_of(padding)
+    rows = pad.segments_of(padding)     # one compacted row per sequence (per row, unless rows are packed)
+    if rows.src is not None:
+        counters["packed"] += 1
     qc, kc, vc = pad.gather(q, rows), pad.gather(k, rows), pad.gather(v, rows)
     head_forms = _forms(forms)
     if any(f.kind == "linear" for f in head_forms):
@@ -249,7 +252,7 @@ def _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse):
         if lse is not None:
             lse.fill_(float("nan"))      # never read: a linear hybrid's gradients come from its reference
         return out
-    lse_c = None if lse is None else torch.empty_like(lse)
+    lse_c = None if lse is None else lse.new_empty(qc.shape[:-1])
     windows = pad.row_windows(head_forms, rows.lens) if _planned(forms) else None
     out = pad.scatter(_run_triton(qc, kc, vc, None, causal, 0, scale, kernel, forms, lse_c, rows.lens, windows), rows)
     if lse is not None:
@@ -434,7 +437,7 @@ def _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale, padding=
     loaded = kernels.load_kernel(kernel, q.device)
     rows = lens = windows = None
     if padding is not None:              # a padded batch: the same compaction as its forward
-        rows = pad.rows_of(padding)
+        rows = pad.segments_of(padding)
         lens, windows = rows.lens, pad.row_windows(_forms(forms), rows.lens)
         grad_out = pad.gather(grad_out, rows).masked_fill(~rows.valid[:, None, :, None], 0)
         q, k, v = pad.gather(q, rows), pad.gather(k, rows), pad.gather(v, rows)
