@@ -40,8 +40,10 @@ def test_kernels_benchmark(tmp_path):
 
 def test_padded_benchmark(tmp_path):
     data = _run("padded", tmp_path, "--dtype", "float16", "--shapes", "4x2x130x16", "--batch", "3")
-    rows = {r["plan"]: r for r in data["rows"]}
-    assert set(rows) == {"dense", "mixed"} and rows["dense"]["lengths"] == [32, 81, 130]
+    rows = {(r["layout"], r["plan"]): r for r in data["rows"]}
+    assert set(rows) == {(lay, plan) for lay in ("padded", "packed") for plan in ("dense", "mixed")}, data["errors"]
+    assert rows["padded", "dense"]["lengths"] == [32, 81, 130]
+    assert rows["packed", "dense"]["lengths"] == [65, 32, 16, 17, 32, 16, 17, 65, 16, 17, 65, 32]
     assert all(r["ideal_speedup"] > 1 for r in rows.values())
 
 
