@@ -13,7 +13,7 @@ from attnforge.runtime import padding as P
 from attnforge.runtime.forms import ElasticWindow, SinkWindow, forms_to_json
 
 from conftest import assert_closer
-from test_padding import MIXES, _key, _llama, _plan, interpreted
+from test_padding import MIXES, _key, _llama, _plan, backward_against_alone, interpreted
 
 
 def _labels(s=150):
@@ -117,22 +117,9 @@ def test_packed_kernels_match_float64(mix, dtype):
 def test_packed_backward_matches_float64(mix):
     """attention_train + backward through the plan kernel's backward, compacted per sequence like the forward:
     gradients within PyTorch's own error of the float64 sequences alone."""
-    forms = MIXES[mix]
     q, k, v, lab = _data(seed=1)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    af.runtime.reset_counters()
-    out, lse = torch.ops.attnforge.attention_train(*leaves, None, True, 0, 0.25, "triton",
-                                                   _key(causal=True, plan=bool(forms)), forms_to_json(forms), lab)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    out.backward(grad)
-    assert af.runtime.counters["triton_backward"] == 1 and af.runtime.counters["packed"] == 1
-    assert af.runtime.counters.get("triton_backward_recomputed", 0) == 0        # the forward's lse was read
-    ref_in = [x.double().requires_grad_() for x in (q, k, v)]
-    P.attention_rows(*ref_in, lab, True, 0.25, forms).backward(grad.double())
-    theirs = [x.clone().requires_grad_() for x in (q, k, v)]
-    P.reference(*theirs, lab, True, 0.25, forms).backward(grad)
-    for ours, mine, exact in zip(leaves, theirs, ref_in):
-        assert_closer(ours.grad, mine.grad, exact.grad, slack=8.0)
+    leaves, lse = backward_against_alone(q, k, v, lab, MIXES[mix])
+    assert af.runtime.counters["packed"] == 1
     assert not leaves[1].grad[1, :, :10].any() and torch.isinf(lse[1, :, :10]).all() and torch.isfinite(lse[0]).all()
 
 

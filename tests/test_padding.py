@@ -89,18 +89,14 @@ def test_padded_kernels_match_float64(mix, dtype):
         assert not out[1, :, :70].any() and not out[2, :, 100:].any() and not out[2, :, 3].any()
 
 
-@interpreted
-@pytest.mark.parametrize("mix", sorted(MIXES))
-def test_padded_backward_matches_float64(mix):
-    """attention_train + backward through the plan kernel's backward (compacted like the forward): gradients
-    of the rows alone; padding slots get none."""
-    forms = MIXES[mix]
-    q, k, v, padding = _data(seed=1)
-    key = _key(causal=True, plan=bool(forms))
+def backward_against_alone(q, k, v, padding, forms):
+    """attention_train + backward through the plan kernel's backward (causal): the gradients within PyTorch's
+    own error of each sequence alone in float64, the forward's log-sum-exp read. Returns (q, k, v leaves, lse)."""
+    af.runtime.reset_counters()
     ours = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = torch.ops.attnforge.attention_train(*ours, None, True, 0, 0.25, "triton", key, forms_to_json(forms),
-                                                   padding)
-    grad = torch.randn_like(out)
+    out, lse = torch.ops.attnforge.attention_train(*ours, None, True, 0, 0.25, "triton",
+                                                   _key(causal=True, plan=bool(forms)), forms_to_json(forms), padding)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     out.backward(grad)
     assert af.runtime.counters["triton_backward"] == 1 and af.runtime.counters["reference"] == 0
     assert af.runtime.counters.get("triton_backward_recomputed", 0) == 0        # the forward's lse was read
@@ -110,6 +106,16 @@ def test_padded_backward_matches_float64(mix):
     P.reference(*theirs_in, padding, True, 0.25, forms).backward(grad)
     for a, b, c in zip(ours, theirs_in, ref_in):
         assert_closer(a.grad, b.grad, c.grad, slack=8.0)
+    return ours, lse
+
+
+@interpreted
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_padded_backward_matches_float64(mix):
+    """attention_train + backward through the plan kernel's backward (compacted like the forward): gradients
+    of the rows alone; padding slots get none."""
+    q, k, v, padding = _data(seed=1)
+    ours, lse = backward_against_alone(q, k, v, padding, MIXES[mix])
     assert not ours[1].grad[1, :, :70].any() and not ours[2].grad[2, :, 100:].any()
     # the log-sum-exp has +inf at padding queries, each row's own value elsewhere
     assert torch.isinf(lse[1, :, :70]).all() and torch.isfinite(lse[1, :, 70:]).all()
