@@ -233,6 +233,10 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
             raise KVCacheError("the plan cache reads a padded batch from its attention_mask (2-D, 1 = token) "
                                "through attnforge's mask function; this prompt came with another mask (a 4-D "
                                "mask, or one of another attention implementation): pass the 2-D attention_mask")
+        if padding is not None and layer.first and not bool(padding[:, -1].all()):
+            raise KVCacheError("a right-padded prompt: the last slot of some row is padding, so its next token "
+                               "would be predicted from a padding slot. Pad the prompts on the left "
+                               "(tokenizer.padding_side = 'left'), as generate() expects")
         # causal: the generated kernel (dense, or the per-head plan kernel) where it can run, every row of a
         # padded batch as that row alone (runtime.padding); the op says why where it falls back
         kernel = _attention_key(bool(layer.prefill_json))

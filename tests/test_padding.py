@@ -289,6 +289,18 @@ def test_padded_generation_is_each_row_generated_alone():
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), out)
 
 
+def test_right_padded_prompts_are_refused_with_what_to_do():
+    """Right padding puts a padding slot last: the next token would be predicted from it (Hugging Face warns
+    and generates from what its mask leaves there); the plan cache refuses and says to pad on the left."""
+    model = _llama()
+    rows, ids, mask = _batch((30, 17, 24), left=False)
+    for p in (None, _plan(model)):
+        with pytest.raises(KVCacheError, match="right-padded prompt.*padding_side = 'left'"):
+            af.generate(model, ids, p, max_new_tokens=2, attention_mask=mask)
+    out, _ = af.generate(model, ids[:1], None, max_new_tokens=2, attention_mask=mask[:1])   # the full row is fine
+    assert out.shape == (1, 32)
+
+
 @interpreted
 def test_padded_decoding_kernel_reads_each_rows_own_cache():
     model = _llama()
