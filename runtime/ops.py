@@ -233,7 +233,10 @@ def _padded_reason(q, k, v, padding, causal, kernel, forms) -> Optional[str]:
             return "no masked Triton kernel was generated for a padded call with fewer queries than keys"
         return triton_check(q, k, v, None, key, "", False, 0)
     if any(f.kind == "linear" for f in _forms(forms)):
-        return _linear_reason(q, k, None, True, 0) if causal else "linear forms need causal attention"
+        if not causal:
+            return "linear forms need causal attention"
+        return _linear_reason(q, k, None, True, 0) or triton_check(q, k, v, None, kernel, _linear_rest(_forms(forms)),
+                                                                   True, 0)
     return triton_check(q, k, v, None, kernel, forms, causal, 0)
 
 
@@ -248,7 +251,10 @@ def _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse):
     qc, kc, vc = pad.gather(q, rows), pad.gather(k, rows), pad.gather(v, rows)
     head_forms = _forms(forms)
     if any(f.kind == "linear" for f in head_forms):
-        out = pad.scatter(_attention_linear(qc, kc, vc, None, True, 0, scale, impl, kernel, head_forms), rows)
+        # the plan kernel's groups at each sequence's own length (elastic spans), the Linear groups length-free
+        windows = pad.row_windows(forms_from_json(_linear_rest(head_forms)), rows.lens)
+        out = pad.scatter(_attention_linear(qc, kc, vc, None, True, 0, scale, impl, kernel, head_forms, rows.lens,
+                                            windows), rows)
         if lse is not None:
             lse.fill_(float("nan"))      # never read: a linear hybrid's gradients come from its reference
         return out
@@ -343,22 +349,28 @@ def _linear_reason(q: Tensor, k: Tensor, mask, causal: bool, window: int) -> Opt
     return None
 
 
-def _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_forms):
-    """A site with Linear groups: the other groups through the plan kernel (or the reference), the Linear
-    groups through the chunked linear kernel; the reference for everything where the kernel cannot run."""
+def _linear_rest(head_forms) -> str:
+    """The forms the plan kernel runs at a site with Linear groups: each Linear group as a cheap exact
+    stand-in (its sink + window), whose output slots the linear kernel then fills."""
     from .forms import Linear, SinkWindow, forms_to_json
+
+    return forms_to_json(tuple(SinkWindow(f.sink, f.window) if isinstance(f, Linear) else f for f in head_forms))
+
+
+def _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_forms, lens=None, windows=None):
+    """A site with Linear groups: the other groups through the plan kernel (or the reference), the Linear
+    groups through the chunked linear kernel; the reference for everything where the kernel cannot run.
+    lens / windows: a compacted padded or packed batch (the caller checked that the plan kernel runs)."""
     from .linear import linear_triton
 
     reason = _linear_reason(q, k, mask, causal, window)
     if reason is None and (impl == "triton" or _accelerated(q)):
-        # linear groups' slots are filled by the linear kernel; give them a cheap exact form meanwhile
-        rest = tuple(SinkWindow(f.sink, f.window) if isinstance(f, Linear) else f for f in head_forms)
-        rest_json = forms_to_json(rest)
-        if triton_check(q, k, v, None, kernel, rest_json, True, 0) is None:
-            out = _run_triton(q, k, v, None, True, 0, scale, kernel, rest_json)
+        rest_json = _linear_rest(head_forms)
+        if lens is not None or triton_check(q, k, v, None, kernel, rest_json, True, 0) is None:
+            out = _run_triton(q, k, v, None, True, 0, scale, kernel, rest_json, None, lens, windows)
         else:
             counters["reference"] += 1
-            out = attention_reference(q, k, v, None, True, scale, 0, rest)
+            out = attention_reference(q, k, v, None, True, scale, 0, forms_from_json(rest_json))
         linear_triton(q, k, v, head_forms, scale, out=out)
         counters["triton_linear"] += 1
         return out

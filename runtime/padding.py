@@ -297,17 +297,33 @@ def _linear(forms) -> bool:
     return any(getattr(f, "kind", "") == "linear" for f in forms)
 
 
+def _per_head(forms, heads: int) -> tuple[Tensor, Tensor]:
+    """([G] bool, [H] bool): which KV groups, and which of their query heads, are Linear."""
+    groups = torch.tensor([getattr(f, "kind", "") == "linear" for f in forms])
+    return groups, groups.repeat_interleave(heads // len(forms))
+
+
+def _select(flags: Tensor, linear: Tensor, other: Tensor) -> Tensor:
+    """Per head (dim 1) of [B, H, ...]: `linear` where flags are set, else `other`."""
+    return torch.where(flags.to(other.device)[None, :, None, None], linear, other)
+
+
 def reference(q: Tensor, k: Tensor, v: Tensor, padding: Tensor, causal: bool, scale: float, forms=()) -> Tensor:
-    """The padded call in PyTorch (see the module docstring): out [B, H, N, DV], zeros at padding queries."""
+    """The padded call in PyTorch (see the module docstring): out [B, H, N, DV], zeros at padding queries.
+    Linear groups: causal self-attention over one compacted row per sequence (a linear hybrid is the same at
+    every length); every other group through the mask over the compacted keys (its span at the sequence's own
+    length)."""
+    from .linear import linear_reference
     from .reference import attention_reference
 
-    if _linear(forms):                        # linear hybrids: causal self-attention, one row per sequence
-        rows = segments_of(padding)
-        qc, kc, vc = gather(q, rows), gather(k, rows), gather(v, rows)
-        return scatter(attention_reference(qc, kc, vc, None, True, scale, 0, forms), rows)
     rows = rows_of(padding)
     mask = keep_rows(forms, padding, q.shape[2], causal, q.shape[1])
-    return attention_reference(q, gather(k, rows), gather(v, rows), mask, False, scale)
+    out = attention_reference(q, gather(k, rows), gather(v, rows), mask, False, scale)
+    if not _linear(forms):
+        return out
+    seqs = segments_of(padding)
+    lin = linear_reference(gather(q, seqs), gather(k, seqs), gather(v, seqs), forms, scale)
+    return _select(_per_head(forms, q.shape[1])[1], scatter(lin, seqs), out)
 
 
 def reference_lse(q: Tensor, k: Tensor, padding: Tensor, causal: bool, scale: float, forms=()) -> Tensor:
@@ -323,16 +339,20 @@ def reference_lse(q: Tensor, k: Tensor, padding: Tensor, causal: bool, scale: fl
 
 def reference_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, padding: Tensor, causal: bool,
                        scale: float, forms=()) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of `reference` (explicit formulas, traceable; zeros at padding slots)."""
+    """dq, dk, dv of `reference` (explicit formulas, traceable without Linear groups; zeros at padding slots).
+    Each KV group's gradients come from the path that computed it (they touch only that group's K and V)."""
     from .reference import attention_reference_backward
 
-    if _linear(forms):
-        rows = segments_of(padding)
-        goc = gather(grad_out, rows).masked_fill(~rows.valid[:, None, :, None], 0)
-        dq, dk, dv, _ = attention_reference_backward(goc, gather(q, rows), gather(k, rows), gather(v, rows), None,
-                                                     True, scale, 0, forms)
-        return scatter(dq, rows), scatter(dk, rows), scatter(dv, rows)
     rows = rows_of(padding)
     mask = keep_rows(forms, padding, q.shape[2], causal, q.shape[1])
     dq, dkc, dvc, _ = attention_reference_backward(grad_out, q, gather(k, rows), gather(v, rows), mask, False, scale)
-    return dq, scatter(dkc, rows), scatter(dvc, rows)
+    dk, dv = scatter(dkc, rows), scatter(dvc, rows)
+    if not _linear(forms):
+        return dq, dk, dv
+    seqs = segments_of(padding)
+    goc = gather(grad_out, seqs).masked_fill(~seqs.valid[:, None, :, None], 0)
+    lq, lk, lv, _ = attention_reference_backward(goc, gather(q, seqs), gather(k, seqs), gather(v, seqs), None,
+                                                 True, scale, 0, forms)
+    groups, heads = _per_head(forms, q.shape[1])
+    return (_select(heads, scatter(lq, seqs), dq), _select(groups, scatter(lk, seqs), dk),
+            _select(groups, scatter(lv, seqs), dv))

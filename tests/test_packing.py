@@ -138,6 +138,33 @@ def test_linear_forms_take_each_sequence_alone_and_a_trace_says_why_not():
         P.segments_of(mode.from_tensor(lab))
 
 
+@pytest.mark.parametrize("keys", ["padding", "labels"])
+def test_linear_and_elastic_groups_take_each_sequences_own_length(keys):
+    """A site mixing a Linear group with an elastic window: the window's span is the sequence's own length
+    in the reference, its backward and the kernels (the linear path used to run every group over the
+    compacted width, so the elastic span came from the longest row: error 0.85 on a left-padded row)."""
+    from attnforge.runtime.forms import Linear
+
+    import test_padding
+
+    q, k, v, lab = _data(dtype=torch.float64)
+    vector = test_padding._data()[3] if keys == "padding" else lab
+    forms = (Linear("taylor2", 6, 2), ElasticWindow(1, 4, 0.2))
+    want = P.attention_rows(q, k, v, vector, True, 0.25, forms)
+    assert torch.allclose(P.reference(q, k, v, vector, True, 0.25, forms), want, atol=1e-10)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    grad = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    P.attention_rows(*leaves, vector, True, 0.25, forms).backward(grad)
+    for got, leaf in zip(P.reference_backward(grad, q, k, v, vector, True, 0.25, forms), leaves):
+        assert torch.allclose(got, leaf.grad, atol=1e-10)
+    if kernels.interpreter_enabled():
+        af.runtime.reset_counters()
+        out = torch.ops.attnforge.attention(q.float(), k.float(), v.float(), None, True, 0, 0.25, "triton",
+                                            _key(causal=True, plan=True), forms_to_json(forms), vector)
+        assert af.runtime.counters["triton_linear"] == 1 and af.runtime.counters["reference"] == 0
+        assert (out.double() - want).abs().max() < 1e-5
+
+
 def test_a_cache_refuses_a_packed_prompt():
     from attnforge.compiler.decode import KVCacheError
     from attnforge.runtime.kvcache import SiteKVCache
