@@ -160,15 +160,16 @@ def _capture(model, example_inputs, dynamic):
 
 
 # ------------------------------------------------------------------- the node the exporter keeps
-def export_attention(q, k, v, mask, causal, window, scale, impl, kernel, forms, *, site: str, op: str):
+def export_attention(q, k, v, mask, causal, window, scale, impl, kernel, forms, padding=None, *, site: str, op: str):
     """Stands in for torch.ops.attnforge.attention in the graph handed to torch.onnx.export: one
-    `attnforge::<op>` node whose function body (added after export) computes the site's plan."""
+    `attnforge::<op>` node whose function body (added after export) computes the site's plan (a padded
+    site also takes the [B, S] padding flags)."""
     if torch.onnx.is_in_onnx_export():
-        inputs = [q, k, v] + ([mask] if mask is not None else [])
+        inputs = [q, k, v] + ([mask] if mask is not None else []) + ([padding] if padding is not None else [])
         return torch.onnx.ops.symbolic(f"{DOMAIN}::{op}", inputs, {}, dtype=q.dtype,
                                        shape=(*q.shape[:3], v.shape[-1]), version=1,
                                        metadata_props={"attnforge.site": site, "attnforge.forms": forms or "dense"})
-    return torch.ops.attnforge.attention(q, k, v, mask, causal, window, scale, "reference", kernel, forms)
+    return torch.ops.attnforge.attention(q, k, v, mask, causal, window, scale, "reference", kernel, forms, padding)
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ class _SiteConfig:
     mask: str | None            # None | "bool" | "float"
     heads: int
     kv_heads: int
+    padded: bool = False        # a padded batch: the function takes the [B, S] padding flags as "P"
 
     def op_name(self) -> str:
         digest = hashlib.sha1(repr(self).encode()).hexdigest()[:8]
@@ -201,22 +203,22 @@ def _rewrite_for_export(gm):
             continue
         q, k, _v, mask, causal, window, scale = node.args[:7]
         forms = node.args[9] if len(node.args) > 9 else ""
-        if len(node.args) > 10 and node.args[10] is not None:
-            raise ExportError(f"site {node.meta.get('attnforge_site')}: a padded batch (an attention_mask) reached "
-                              "the export; the exported file runs the unpadded prefill: export without an "
-                              "attention_mask")
+        padding = node.args[10] if len(node.args) > 10 else None
+        if padding is not None and (pv := _meta_value(padding)) is not None and pv.dtype != torch.bool:
+            raise ExportError(f"site {node.meta.get('attnforge_site')}: integer sequence labels (packed sequences) "
+                              "reached the export; the exported file takes a 0/1 attention_mask: export with one")
         qv, kv, mv = _meta_value(q), _meta_value(k), _meta_value(mask) if mask is not None else None
         if qv is None or kv is None:
             raise ExportError(f"site {node.meta.get('attnforge_site')}: no shape information on its inputs")
         mkind = None if mask is None else ("bool" if mv is not None and mv.dtype == torch.bool else "float")
         cfg = _SiteConfig(forms or "", bool(causal), int(window), float(scale), mkind, int(qv.shape[1]),
-                          int(kv.shape[1]))
+                          int(kv.shape[1]), padding is not None)
         op = cfg.op_name()
         configs[op] = cfg
         site = node.meta.get("attnforge_site", node.name)
         sites.append({"site": site, "function": op, "forms": json.loads(forms) if forms else "dense"})
         node.target = export_attention
-        node.args = tuple(node.args[:10]) + ("",) * (10 - len(node.args))
+        node.args = tuple(node.args[:10]) + ("",) * (10 - len(node.args)) + (padding,)
         node.kwargs = {"site": site, "op": op}
     gm.recompile()
     return configs, sites
@@ -274,13 +276,14 @@ def _block_keep(b: _Body, form: BlockSparse, jrow, pcol) -> str:
     return b.op("Or", vert, slash)
 
 
-def _linear_groups(b: _Body, cfg: _SiteConfig, forms, jrow: str, pcol: str, causal: str) -> None:
+def _linear_groups(b: _Body, cfg: _SiteConfig, forms, jrow: str, pcol: str, causal: str, out: str = "Y") -> None:
     """Y = the Attention output "YA" with every Linear group's heads replaced by the hybrid, written out
     exactly as runtime.linear's reference (quadratic in the length; the window/linear split from
     positions, so the length stays dynamic):
         m = max over exact keys of s;  w = exp(s - m) on exact keys, c * kappa on the linear ones
         taylor2: kappa = 1 + s + s^2 / 2, c = exp(-m);  hedgehog: kappa = gain * phi_q(q) . phi_k(k)
-        Y_g = (w V) / sum(w)"""
+        Y_g = (w V) / sum(w)
+    (into `out`; positions and `causal` broadcast against the [B, r, N, S] scores, per row for a padded site)"""
     from attnforge.runtime.linear import maps_for
 
     r = cfg.heads // cfg.kv_heads
@@ -320,17 +323,66 @@ def _linear_groups(b: _Body, cfg: _SiteConfig, forms, jrow: str, pcol: str, caus
         w = b.op("Add", w_exact, b.op("Where", lin, kappa, zero_f))
         yg = b.op("Div", b.op("MatMul", w, vg), b.op("ReduceSum", w, last, keepdims=1))
         parts.append(b.op("CastLike", yg, ya))
-    b.nodes.append(b.helper.make_node("Concat", parts, ["Y"], axis=1))
+    b.nodes.append(b.helper.make_node("Concat", parts, [out], axis=1))
+
+
+def _group_keeps(b: _Body, forms, causal: str, jrow: str, pcol: str, length: str) -> list[str]:
+    """One keep per KV group (the form's rule on top of `causal`), in the positions' broadcast shape."""
+    groups = []
+    for form in map(prefill_form, forms):       # KV-compressed forms prefill densely
+        if isinstance(form, (Dense, Linear)):   # (a Linear group is replaced by the hybrid's own decomposition)
+            groups.append(causal)
+        elif isinstance(form, (SinkWindow, ElasticWindow)):
+            groups.append(b.op("And", causal, _window_keep(b, form, jrow, pcol, length)))
+        elif isinstance(form, BlockSparse):
+            groups.append(b.op("And", causal, _block_keep(b, form, jrow, pcol)))
+        else:
+            raise ExportError(f"form {form.kind!r} has no ONNX decomposition yet; export a plan "
+                              "without it (search with that candidate off)")
+    return groups
+
+
+def _padded_keep(b: _Body, cfg: _SiteConfig, forms, n1: str, s1: str):
+    """A padded site's [B, H or 1, N, S] keep from the [B, S] flags "P": every position is a rank among the
+    row's tokens (CumSum), so causality, windows (an elastic span from the row's own length) and block
+    tables act at the row's own positions, as runtime.padding computes them; returns (keep, the [B, 1, N, 1]
+    real-query flags, key ranks, query ranks, the causal keep), the ranks and causal keep for _linear_groups."""
+    real = b.op("Cast", "P", to=9)                                              # [B, S] bool
+    tokens = b.op("Cast", real, to=7)
+    one = b.const(1, np.int64)
+    rank = b.op("Sub", b.op("CumSum", tokens, b.const(1, np.int64)), one)     # [B, S]: the row's position
+    start = b.op("Sub", s1, n1)                                                 # queries: the last N slots
+    axis1 = b.const([1], np.int64)
+    q_rank = b.op("Slice", rank, start, s1, axis1)
+    q_real = b.op("Unsqueeze", b.op("Slice", real, start, s1, axis1), b.const([1, 3], np.int64))   # [B, 1, N, 1]
+    jrow = b.op("Unsqueeze", rank, b.const([1, 2], np.int64))                  # [B, 1, 1, S]
+    pcol = b.op("Unsqueeze", q_rank, b.const([1, 3], np.int64))                # [B, 1, N, 1]
+    keep = b.op("And", b.op("Unsqueeze", real, b.const([1, 2], np.int64)), q_real)    # [B, 1, N, S]
+    if cfg.causal:
+        keep = b.op("And", keep, b.op("LessOrEqual", jrow, pcol))
+    causal = keep
+    if forms:
+        length = b.op("ReduceSum", tokens, axis1, keepdims=1)                   # [B, 1]: the row's length
+        length = b.op("Unsqueeze", length, b.const([2, 3], np.int64))          # [B, 1, 1, 1]
+        per_group = b.op("Concat", *_group_keeps(b, forms, causal, jrow, pcol, length), axis=1)     # [B, G, N, S]
+        r = cfg.heads // cfg.kv_heads
+        expanded = b.op("Expand", b.op("Unsqueeze", per_group, b.const([2], np.int64)),
+                        b.const([1, 1, r, 1, 1], np.int64))                       # [B, G, r, N, S]
+        keep = b.op("Reshape", expanded, b.op("Concat", b.const([0, -1], np.int64), n1, s1, axis=0))
+    return keep, q_real, jrow, pcol, causal
 
 
 def _function(cfg: _SiteConfig, name: str):
     from onnx import helper
 
     b = _Body()
-    inputs = ["Q", "K", "V"] + (["M"] if cfg.mask else [])
+    inputs = ["Q", "K", "V"] + (["M"] if cfg.mask else []) + (["P"] if cfg.padded else [])
     forms = forms_from_json(cfg.forms)
-    keep = None
-    if cfg.causal or cfg.window or forms:
+    keep = q_real = None
+    if cfg.padded:
+        n1, s1 = b.op("Shape", "Q", start=2, end=3), b.op("Shape", "K", start=2, end=3)
+        keep, q_real, jrow, pcol, causal = _padded_keep(b, cfg, forms, n1, s1)
+    elif cfg.causal or cfg.window or forms:
         n1 = b.op("Shape", "Q", start=2, end=3)
         s1 = b.op("Shape", "K", start=2, end=3)
         n, s = b.op("Squeeze", n1), b.op("Squeeze", s1)
@@ -347,20 +399,7 @@ def _function(cfg: _SiteConfig, name: str):
         if forms:
             pcol = b.op("Unsqueeze", b.op("Add", i, b.op("Sub", s, n)), b.const([1], np.int64))
             causal = b.op("LessOrEqual", jrow, pcol)
-            groups = []
-            for form in map(prefill_form, forms):       # KV-compressed forms prefill densely
-                if isinstance(form, Dense):
-                    g = causal
-                elif isinstance(form, (SinkWindow, ElasticWindow)):
-                    g = b.op("And", causal, _window_keep(b, form, jrow, pcol, s))
-                elif isinstance(form, BlockSparse):
-                    g = b.op("And", causal, _block_keep(b, form, jrow, pcol))
-                elif isinstance(form, Linear):
-                    g = causal                  # replaced below by the hybrid's own decomposition
-                else:
-                    raise ExportError(f"form {form.kind!r} has no ONNX decomposition yet; export a plan "
-                                      "without it (search with that candidate off)")
-                groups.append(b.op("Unsqueeze", g, b.const([0], np.int64)))
+            groups = [b.op("Unsqueeze", g, b.const([0], np.int64)) for g in _group_keeps(b, forms, causal, jrow, pcol, s)]
             per_group = b.op("Concat", *groups, axis=0)                           # [G, N, S]
             r = cfg.heads // cfg.kv_heads
             expanded = b.op("Expand", b.op("Unsqueeze", per_group, b.const([1], np.int64)),
@@ -373,15 +412,22 @@ def _function(cfg: _SiteConfig, name: str):
     elif cfg.mask == "float":
         mask = "M" if keep is None else b.op("Where", keep, "M",
                                               b.op("CastLike", b.const(-np.inf, np.float32), "M"))
+    if q_real is not None:              # padding queries attend to everything here (no empty softmax), zeroed below
+        mask = b.op("Or", mask, b.op("Not", q_real))
     linear = [gi for gi, f in enumerate(forms) if isinstance(f, Linear)]
+    out = "Y" if q_real is None else "Y0"
     b.nodes.append(helper.make_node("Attention", ["Q", "K", "V"] + ([mask] if mask else []),
-                                    ["YA" if linear else "Y"], scale=cfg.scale))
+                                    ["YA" if linear else out], scale=cfg.scale))
     if linear:
-        _linear_groups(b, cfg, forms, jrow, pcol, causal)
+        _linear_groups(b, cfg, forms, jrow, pcol, causal, out)
+    if q_real is not None:              # zeros at padding queries, as the attention op writes them
+        b.nodes.append(helper.make_node("Where", [q_real, out, b.op("CastLike", b.const(0.0, np.float32), out)],
+                                        ["Y"]))
     return helper.make_function(DOMAIN, name, inputs, ["Y"], b.nodes,
                                 [helper.make_opsetid("", OPSET)], [],
                                 doc_string=f"attnforge site function: {cfg.forms or 'dense'}; causal={cfg.causal}, "
-                                           f"window={cfg.window}, scale={cfg.scale}, mask={cfg.mask}")
+                                           f"window={cfg.window}, scale={cfg.scale}, mask={cfg.mask}, "
+                                           f"padded={cfg.padded}")
 
 
 def _check_no_square_constants(model, lengths) -> None:
@@ -415,13 +461,34 @@ def export_onnx(model, example_inputs, path, plan=None, *, dynamic=None, check: 
         import onnx
     except ImportError as e:
         raise ExportError("ONNX export needs the onnx extra: pip install 'attnforge[onnx]'") from e
-    from .backend import Backend
     from .plan import Plan
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     plan = original = Plan.load(plan) if isinstance(plan, (str, Path)) else plan
+    with _padding_masks(model):
+        return _export(model, example_inputs, path, plan, original, dynamic, check, onnx)
+
+
+@contextlib.contextmanager
+def _padding_masks(model):
+    """A Hugging Face SDPA model builds its padding masks through attnforge's op while it is captured
+    (compiler.hf: the same values), so that an attention_mask among the inputs makes padded sites, which the
+    file runs from the [B, S] flags; switched back afterwards."""
+    from .hf import uses_padding_masks
+
+    switched = uses_padding_masks(model)
+    try:
+        yield
+    finally:
+        if switched:
+            model.set_attn_implementation("sdpa")
+
+
+def _export(model, example_inputs, path, plan, original, dynamic, check, onnx) -> ExportResult:
+    from .backend import Backend
+
     if plan is not None:
         # The plan was searched on the graph torch.compile sees (static lengths, where a mask that is
         # only causal structure is lifted). Check it against that; the dynamic graph may keep such a

@@ -104,6 +104,77 @@ def test_linear_hybrid_heads_export_exactly(tmp_path):
     _check_no_square_constants(m, {40, 77})
 
 
+def _padded(n, pads, seed=0):
+    """A batch of len(pads) rows of n tokens, row i left-padded by pads[i]; positions as generate() gives them."""
+    ids = torch.cat([_ids(n, seed=seed + i) for i in range(len(pads))])
+    mask = torch.ones_like(ids)
+    for i, p in enumerate(pads):
+        mask[i, :p] = 0
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def _run_all(path, *inputs):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs)})[0]
+
+
+def _torch_padded(model, plan, ids, mask, positions):
+    import copy
+
+    from attnforge.compiler import hf
+
+    ours = copy.deepcopy(model)
+    hf.uses_padding_masks(ours)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(ours, backend=af.Backend(plan=plan, impl="reference", compiler="eager"))
+        return compiled(ids, attention_mask=mask, position_ids=positions).logits.numpy()
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_a_padded_batch_exports_and_runs_each_row_as_pytorch_does(tmp_path, linear):
+    """An attention_mask among the inputs: every site is a padded one in the file (its function takes the
+    [B, S] flags and builds each row's positions by CumSum), and ONNX Runtime equals the PyTorch run of the
+    plan on padded batches of two lengths and other padding, at every position (zeros at padding queries
+    feed the same layers in both); the plan really ran, and the model is back on plain SDPA afterwards."""
+    from attnforge.runtime.forms import Linear
+
+    model = _llama()
+    plan = _mixed_plan(model)
+    if linear:
+        plan = Plan(plan.fingerprint, plan.model, (SitePlan(plan.sites[0].site, 4, 2, (Linear("taylor2", 6, 2),
+                                                                                        af.ElasticWindow(1, 4, 0.2))),
+                                                   plan.sites[1]), plan.budget, plan.lengths)
+    res = export_onnx(model, _padded(40, (0, 13)), tmp_path / "p.onnx", plan=plan)
+    assert model.config._attn_implementation == "sdpa" and not res.declined
+    m = onnx.load(str(tmp_path / "p.onnx"))
+    assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask", "position_ids"]
+    for f in (f for f in m.functions if f.domain == DOMAIN):
+        assert list(f.input) == ["Q", "K", "V", "P"] and "CumSum" in {nd.op_type for nd in f.node}
+    for n, pads in ((40, (0, 13)), (57, (21, 3))):
+        inputs = _padded(n, pads, seed=n)
+        ours = _run_all(tmp_path / "p.onnx", *inputs)
+        want = _torch_padded(model, plan, *inputs)
+        with torch.no_grad():
+            dense = model(inputs[0], attention_mask=inputs[1], position_ids=inputs[2]).logits.numpy()
+        real = inputs[1].bool().numpy()
+        assert np.abs(ours - want).max() < 1e-4
+        assert np.abs(ours - dense)[real].max() > 1e-2
+    _check_no_square_constants(m, {40, 57})
+
+
+def test_a_padded_dense_export_is_the_models_padded_forward(tmp_path):
+    """No plan: the file's padded batch equals Hugging Face's own padded forward at every real position."""
+    model = _llama()
+    export_onnx(model, _padded(30, (0, 9)), tmp_path / "pd.onnx")
+    for n, pads in ((30, (0, 9)), (45, (17, 0))):
+        ids, mask, positions = _padded(n, pads, seed=n)
+        with torch.no_grad():
+            want = model(ids, attention_mask=mask, position_ids=positions).logits.numpy()
+        real = mask.bool().numpy()
+        assert np.abs(_run_all(tmp_path / "pd.onnx", ids, mask, positions) - want)[real].max() < 1e-4
+
+
 def test_dense_export_matches_the_model(tmp_path):
     model = _llama()
     res = export_onnx(model, (_ids(24),), tmp_path / "d.onnx")
