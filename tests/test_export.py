@@ -175,6 +175,34 @@ def test_a_padded_dense_export_is_the_models_padded_forward(tmp_path):
         assert np.abs(_run_all(tmp_path / "pd.onnx", ids, mask, positions) - want)[real].max() < 1e-4
 
 
+def test_a_padded_encoder_exports_bidirectional_rows(tmp_path):
+    """A BERT-style encoder with right padding (as tokenizers pad encoders): padded bidirectional sites, and
+    the file equals Hugging Face's own forward at every real position at two lengths."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128)
+    cfg._attn_implementation = "sdpa"
+    model = transformers.BertModel(cfg).eval()
+
+    def batch(n, pads):
+        ids = torch.randint(1, 256, (len(pads), n), generator=torch.Generator().manual_seed(n))
+        mask = torch.ones_like(ids)
+        for i, p in enumerate(pads):
+            mask[i, n - p:] = 0
+        return ids, mask
+
+    res = export_onnx(model, batch(30, (0, 9)), tmp_path / "e.onnx")
+    assert len(res.sites) == 2 and not res.declined
+    functions = [f for f in onnx.load(str(tmp_path / "e.onnx")).functions if f.domain == DOMAIN]
+    assert [list(f.input) for f in functions] == [["Q", "K", "V", "P"]]       # from the flags, no N x S mask input
+    for n, pads in ((30, (0, 9)), (47, (20, 3))):
+        ids, mask = batch(n, pads)
+        with torch.no_grad():
+            want = model(ids, attention_mask=mask).last_hidden_state.numpy()
+        real = mask.bool().numpy()
+        assert np.abs(_run_all(tmp_path / "e.onnx", ids, mask) - want)[real].max() < 1e-4
+
+
 def test_dense_export_matches_the_model(tmp_path):
     model = _llama()
     res = export_onnx(model, (_ids(24),), tmp_path / "d.onnx")
