@@ -90,8 +90,8 @@ def _dynamic_shapes(example_inputs, dynamic, bounds=None):
     max)}; a length range the model itself imposes (a mask buffer of 512 rows, say)."""
     from torch.export import Dim
 
-    if dynamic is None:         # token ids [B, N]: the sequence dim is dynamic
-        dynamic = {i: {1: "seq"} for i, x in enumerate(example_inputs)
+    if dynamic is None:         # token ids [B, N]: the sequence dim is dynamic, the batch too from two rows on
+        dynamic = {i: ({0: "batch", 1: "seq"} if x.shape[0] > 1 else {1: "seq"}) for i, x in enumerate(example_inputs)
                    if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point()}
     bounds = bounds or {}
     dims: dict[str, Dim] = {}
@@ -454,8 +454,9 @@ def _check_no_square_constants(model, lengths) -> None:
 def export_onnx(model, example_inputs, path, plan=None, *, dynamic=None, check: bool = True) -> ExportResult:
     """Export `model` running `plan` (None: every site dense) to an ONNX file at `path`.
 
-    example_inputs: a tuple of tensors (token ids [B, N] for text models). dynamic: {input index: {dim:
-    name}} (default: the sequence dim of every 2-D integer input). Returns an ExportResult naming each
+    example_inputs: a tuple of tensors (token ids [B, N] for text models; with an attention_mask, a padded
+    batch). dynamic: {input index: {dim: name}} (default: the sequence dim of every 2-D integer input, and
+    its batch dim where the example has two rows or more: a batch of one is specialized by torch.export). Returns an ExportResult naming each
     site's function and every attention the passes left untouched (with the reason)."""
     try:
         import onnx

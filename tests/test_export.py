@@ -135,7 +135,7 @@ def _torch_padded(model, plan, ids, mask, positions):
 def test_a_padded_batch_exports_and_runs_each_row_as_pytorch_does(tmp_path, linear):
     """An attention_mask among the inputs: every site is a padded one in the file (its function takes the
     [B, S] flags and builds each row's positions by CumSum), and ONNX Runtime equals the PyTorch run of the
-    plan on padded batches of two lengths and other padding, at every position (zeros at padding queries
+    plan on padded batches of two lengths, other padding and another batch size, at every position (zeros at padding queries
     feed the same layers in both); the plan really ran, and the model is back on plain SDPA afterwards."""
     from attnforge.runtime.forms import Linear
 
@@ -151,7 +151,7 @@ def test_a_padded_batch_exports_and_runs_each_row_as_pytorch_does(tmp_path, line
     assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask", "position_ids"]
     for f in (f for f in m.functions if f.domain == DOMAIN):
         assert list(f.input) == ["Q", "K", "V", "P"] and "CumSum" in {nd.op_type for nd in f.node}
-    for n, pads in ((40, (0, 13)), (57, (21, 3))):
+    for n, pads in ((40, (0, 13)), (57, (21, 3, 0))):         # the batch is dynamic too (two example rows)
         inputs = _padded(n, pads, seed=n)
         ours = _run_all(tmp_path / "p.onnx", *inputs)
         want = _torch_padded(model, plan, *inputs)
