@@ -135,6 +135,9 @@ def with_masks(forward, model):
         ids = args[0] if args else kwargs.get("input_ids")
         use_cache = kwargs.get("use_cache")
         use_cache = getattr(model.config, "use_cache", True) if use_cache is None else use_cache
+        if use_cache and getattr(model, "is_gradient_checkpointing", False) and model.training \
+                and torch.is_grad_enabled():
+            use_cache = False            # as Hugging Face decides: checkpointed training keeps no cache
         if len(args) > 1 or not torch.is_tensor(ids) or ids.dim() != 2 or kwargs.get("attention_mask") is not None \
                 or use_cache or any(kwargs.get(n) is not None for n in cache_names):
             return forward(*args, **kwargs)

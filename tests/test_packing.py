@@ -281,3 +281,9 @@ def test_models_with_sliding_layers_keep_hugging_faces_packed_mask():
         assert (seen[0] is not None and seen[0].dim() == 4) == packs, type(config).__name__
         hf.with_masks(forward, type("M", (), {"config": config})())(ids, position_ids=positions, use_cache=True)
         assert seen[-1] is None                                  # a cache: no packing (as Hugging Face decides)
+    # checkpointed training keeps no cache even where the config says use_cache (Hugging Face's own rule)
+    config = transformers.LlamaConfig(use_cache=True)
+    for checkpointing, training, packs in ((True, True, True), (False, True, False), (True, False, False)):
+        model = type("M", (), {"config": config, "is_gradient_checkpointing": checkpointing, "training": training})()
+        hf.with_masks(forward, model)(ids, position_ids=positions)
+        assert (seen[-1] is not None) == packs
