@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from attnforge import runtime
-from attnforge.passes import AttentionSite, Decline, detect
+from attnforge.passes import AttentionSite, Decline
+from attnforge.passes.regions import detect_regions
 
 from .backend import Backend
 from .capture import capture
@@ -17,8 +18,12 @@ __all__ = ["find_attention", "detect_model", "compile_and_compare", "CompareResu
 
 def detect_model(model, example_inputs, method: str = "dynamo") -> tuple[list[AttentionSite], list[Decline]]:
     """Sites and near misses over every captured graph; the model is not changed."""
+    def on_graph(gm):                        # the graph and its activation-checkpointed regions
+        found = detect_regions(gm)[1]
+        return [s for ss, _ in found for s in ss], [d for _, dd in found for d in dd]
+
     sites, declined = [], []
-    for s, d in capture(model, example_inputs, method, on_graph=detect):
+    for s, d in capture(model, example_inputs, method, on_graph=on_graph):
         sites += s
         declined += d
     return sites, declined

@@ -19,8 +19,9 @@ import torch
 from torch import fx
 
 from attnforge import codegen, runtime
-from attnforge.passes import AttentionSite, Decline, canonicalize, detect
+from attnforge.passes import AttentionSite, Decline, canonicalize
 from attnforge.passes.apply_plan import apply_plan
+from attnforge.passes.regions import bodies, detect_regions
 
 from .plan import Plan, PlanError, fingerprint, resolve_site
 
@@ -128,9 +129,12 @@ class Backend:
         return sum(len(r.rewritten) for r in self.records)
 
     def transform(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, GraphRecord]:
-        """Detect, emit kernels, rewrite. Returns the (rewritten) graph and its record."""
+        """Detect, emit kernels, rewrite. Returns the (rewritten) graph and its record. Activation-checkpointed
+        regions (passes.regions) are rewritten inside their bodies, as part of this graph."""
         opts = self.options
-        sites, declined = detect(gm)
+        graphs, found = detect_regions(gm)
+        sites = [s for graph_sites, _ in found for s in graph_sites]
+        declined = [d for _, graph_declined in found for d in graph_declined]
         self._dump("after detect", gm, sites=sites, declined=declined)
         kernels: dict[str, str] = {}
         kernel_records = []
@@ -145,16 +149,22 @@ class Backend:
         changed = False
         planned: tuple[str, ...] = ()
         if opts.rewrite and sites:
-            gm, changed = canonicalize(gm, sites, impl=opts.impl, kernels=kernels, profile_block=opts.profile_block)
-            self._dump("after canonicalize", gm)
+            for graph, (graph_sites, _) in zip(graphs, found):
+                if not graph_sites:
+                    continue
+                graph, graph_changed = canonicalize(graph, graph_sites, impl=opts.impl, kernels=kernels,
+                                                    profile_block=opts.profile_block)
+                changed |= graph_changed
+                if opts.plan is not None and graph_changed:
+                    apply_plan(graph, entries)
+            self._dump("after canonicalize" + (" and apply_plan" if opts.plan is not None else ""), gm)
             if opts.plan is not None and changed:
-                gm, _ = apply_plan(gm, entries)
                 planned = tuple(sid for sid, forms in entries.items() if any(f.kind != "dense" for f in forms))
-                self._dump("after apply_plan", gm)
         rewritten = tuple(s.id for s in sites) if changed else ()
+        code = "\n".join([gm.code] + [f"# region {i}\n{g.code}" for i, g in enumerate(graphs[1:])])
         with self._lock:
             record = GraphRecord(len(self.records), tuple(sites), rewritten, tuple(declined),
-                                 tuple(kernel_records), opts.impl, opts.compiler, gm.code, planned, unplanned)
+                                 tuple(kernel_records), opts.impl, opts.compiler, code, planned, unplanned)
             self.records.append(record)
         return gm, record
 
@@ -189,6 +199,11 @@ class Backend:
                 as_causal = [replace(s, causal=True) if s in opaque else s for s in sites]
                 if not opaque or fingerprint(as_causal) != plan.fingerprint:
                     raise
+        else:
+            # sites named otherwise than the plan's (a graph resumed after a break names them relative to a
+            # submodule) are not checked against its fingerprint: there a site whose causality is an exact
+            # mask does not take forms (nothing says the mask is the causal structure they were searched on)
+            opaque = [s for s in sites if s.mask in ("boolean", "additive") and not s.causal]
         entries = {sid: by_id[pid].forms for sid, pid in resolved.items()}
         why = ("its mask is an exact tensor attnforge cannot read as causal, padding or window structure "
                "(the plan's forms are causal restrictions at positions it does not give); it runs dense")
@@ -206,8 +221,11 @@ class Backend:
         gm, _ = self.transform(gm)
         if torch.is_grad_enabled():
             # a graph that may be differentiated: its sites also return the log-sum-exp the backward kernels
-            # need, so the backward does not run the forward again (Dynamo compiles per grad mode)
+            # need, so the backward does not run the forward again (Dynamo compiles per grad mode); inside a
+            # checkpointed region too, where the region's recomputation then keeps it for the backward
             gm = _with_saved_lse(gm)
+            for _, _, body in bodies(gm):
+                _with_saved_lse(body)
         if self.options.compiler == "eager":
             return gm.forward
         from torch._inductor.compile_fx import compile_fx

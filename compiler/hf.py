@@ -137,7 +137,9 @@ def with_masks(forward, model):
         use_cache = getattr(model.config, "use_cache", True) if use_cache is None else use_cache
         if use_cache and getattr(model, "is_gradient_checkpointing", False) and model.training \
                 and torch.is_grad_enabled():
-            use_cache = False            # as Hugging Face decides: checkpointed training keeps no cache
+            # as Hugging Face decides (checkpointed training keeps no cache), said here so that its warning,
+            # a graph break, does not split the forward where the mask is made from where it is read
+            use_cache = kwargs["use_cache"] = False
         if len(args) > 1 or not torch.is_tensor(ids) or ids.dim() != 2 or kwargs.get("attention_mask") is not None \
                 or use_cache or any(kwargs.get(n) is not None for n in cache_names):
             return forward(*args, **kwargs)

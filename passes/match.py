@@ -26,8 +26,9 @@ _BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}
 _EINSUM = {torch.einsum, torch.functional.einsum}
 _MASKED_FILL = {torch.masked_fill, torch.Tensor.masked_fill}
 _WHERE = {torch.where}
-# the traced root: L['self'], G['...'], or (transformers >= 5.24 wraps forward) L['args'][0]
-_DYNAMO_ROOT = re.compile(r"^([LG]\['[^']*'\](\[\d+\])*|self)\.?")
+# the traced root: L['self'], G['...'], (transformers >= 5.24 wraps forward) L['args'][0], or a bound forward
+# a wrapper closes over, L['forward'].__self__
+_DYNAMO_ROOT = re.compile(r"^([LG]\['[^']*'\](\[\d+\])*(\.__self__)?|self)\.?")
 _CASTS = {"to", "float", "half", "bfloat16", "double", "type", "type_as"}
 
 

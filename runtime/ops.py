@@ -500,8 +500,9 @@ def _(grad_out, q, k, v, out, lse, scale, impl, kernel, forms, padding=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)     # contiguous, as the kernels' are
 
 
-def _backward(ctx, grad_out, out=None, lse=None):
-    q, k, v, mask, padding = ctx.saved_tensors[:5]
+def _backward(ctx, grad_out, out=None, lse=None, saved=None):
+    # saved: ctx.saved_tensors, read once by the caller (a non-reentrant checkpoint refuses a second unpack)
+    q, k, v, mask, padding = (ctx.saved_tensors if saved is None else saved)[:5]
     # the choice is made from shapes, dtypes and devices only (it also runs on fake tensors, when a compiled
     # training step is traced); the kernels run inside attention_backward
     square = padding is None or q.shape[2] == k.shape[2]     # a padded call runs compacted only where N = S
@@ -525,8 +526,8 @@ def _setup_context_train(ctx, inputs, output):
 
 def _backward_train(ctx, grad_out, _grad_lse):
     # lse is an auxiliary output: nothing downstream differentiates it (the backend reads only out)
-    out, lse = ctx.saved_tensors[5:]
-    return _backward(ctx, grad_out, out, lse)
+    saved = ctx.saved_tensors
+    return _backward(ctx, grad_out, *saved[5:], saved=saved)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
