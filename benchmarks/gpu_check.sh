@@ -13,8 +13,8 @@
 #   3. benchmarks/linear_kernel.py  #7: the linear hybrid vs SDPA at 8k and 32k
 #   4. tests/test_gpu.py        the compiled kernels against float64 (forward, backward, decode, no-sync
 #                               decoding, the plan cache in a Llama), default launch configs
-#   5. benchmarks/padded.py     padded batches vs SDPA with HF's padding mask and FlexAttention (no issue
-#                               asks for it: last, in what the lease has left)
+#   5. benchmarks/padded.py     padded and packed batches vs SDPA with HF's mask and FlexAttention (no
+#                               issue asks for it: last, in what the lease has left)
 # CPU smoke test of the same scripts (no figures): tests/test_benchmarks.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,6 @@ step decode 130 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes
     --contexts 8192 32768 --steps 16
 step linear 50 "$PY" benchmarks/linear_kernel.py --json "$OUTDIR/linear_kernel.json" --lengths 8192 32768
 # default launch configs here: tuning every config of every kernel of the tests would take minutes of compiles
-step tests 110 env ATTNFORGE_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step padded 45 "$PY" benchmarks/padded.py --json "$OUTDIR/padded.json" --shapes 9x3x8192x64 32x8x8192x128
+step tests 100 env ATTNFORGE_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step padded 60 "$PY" benchmarks/padded.py --json "$OUTDIR/padded.json" --shapes 9x3x8192x64 32x8x8192x128
 echo "=== $(date -u +%T) done; results in $OUTDIR" | tee -a "$LOG"

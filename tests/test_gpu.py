@@ -107,11 +107,13 @@ def test_dense_site_backward_through_the_plan_kernel(dtype):
         assert_closer(a, t, e, slack=8.0, floor=2e-3)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_padded_batch_forward_and_backward(dtype):
+def test_padded_batch_forward_and_backward(dtype, packed):
     """A padded batch (left padding, right padding, a hole) through the compiled plan kernel, compacted:
     against the rows alone in float64, forward and backward, PyTorch's own error (the compacted reference in
-    the same dtype) as the yardstick."""
+    the same dtype) as the yardstick; packed: integer labels, several sequences per row, one compacted row
+    per sequence."""
     from attnforge.runtime import padding as P
 
     key = kernels.register_source(codegen.render_attention(codegen.KernelSpec(causal=True, plan=True)).source)
@@ -122,12 +124,17 @@ def test_padded_batch_forward_and_backward(dtype):
     padding[1, :300] = False
     padding[2, 500:] = False
     padding[2, 77] = False
+    if packed:                              # row 0: sequences of 200, 400 and 177 tokens; row 1: 300 padding, 2 more
+        padding = padding.long()
+        padding[0, 200:600], padding[0, 600:] = 2, 3
+        padding[1, 650:] = 5
     grad = torch.randn(3, 12, n, 64, device=DEVICE, dtype=dtype)
     fj = forms_to_json(MIXED)
     af.runtime.reset_counters()
     out, _ = torch.ops.attnforge.attention_train(q, k, v, None, True, 0, scale, "triton", key, fj, padding)
     ours = torch.autograd.grad(out, (q, k, v), grad)
     assert af.runtime.counters[RAN] == 1 and af.runtime.counters["triton_backward"] == 1
+    assert af.runtime.counters["packed"] == (1 if packed else 0)            # the forward, compacted per sequence
     t64 = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
     ref = P.attention_rows(*t64, padding, True, scale, MIXED)
     ref_grads = torch.autograd.grad(ref, t64, grad.double())
