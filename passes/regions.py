@@ -11,10 +11,10 @@ model's module paths, so site ids are the same as without checkpointing), and th
 rewritten attention in the backward as it would have recomputed the model's.
 
 One thing is lost at the boundary: a padded batch's mask is built outside the region (attnforge's
-padding_mask op, compiler.hf) and handed in as a plain tensor, where the detector cannot read it. `lift_padding`
-passes the [B, S] padding vector into the region as one more operand and rebuilds the mask from it inside
-(the same op, so the detector sees a padded site, or a causal one where the vector is all ones by
-construction); the mask operand is then unused in the body.
+padding_mask op, compiler.hf) and handed in as a plain tensor, where the detector cannot read it.
+`lift_padding` passes the [B, S] padding vector into the region instead of the mask and rebuilds the mask
+from it inside (the same op, so the detector sees a padded site, or a causal one where the vector is all
+ones by construction; the rewrite then drops the mask, so the N x S mask is built nowhere).
 """
 from __future__ import annotations
 
