@@ -56,6 +56,8 @@ class Rows:
     valid: Tensor                # [R, L] bool: compacted slot t holds a token (t < lens[r])
     src: Tensor | None = None    # [R] int64: the source row of each compacted row; None: row r is row r (R = B)
     source: tuple = ()           # (B, S) of the source where src is given
+    take: Tensor | None = None   # where src is given: the compacted tokens' flat indices among R * L ...
+    dest: Tensor | None = None   # ... and their flat slots among B * S (each once: scatters write no slot twice)
 
 
 def _keep(padding: Tensor) -> Tensor:
@@ -149,18 +151,19 @@ def segments_of(padding: Tensor) -> Rows:
     width = int(lens.max())
     t = torch.arange(width, device=padding.device)[None, :]
     valid = t < lens[:, None]
-    slots = order[row[:, None], (at[:, None] + t).clamp(max=padding.shape[1] - 1)]
-    return Rows(torch.where(valid, slots, 0), lens.to(torch.int32), valid, row, tuple(padding.shape))
+    slots = torch.where(valid, order[row[:, None], (at[:, None] + t).clamp(max=padding.shape[1] - 1)], 0)
+    take = valid.reshape(-1).nonzero().squeeze(1)
+    dest = (row[:, None] * padding.shape[1] + slots).reshape(-1)[take]
+    return Rows(slots, lens.to(torch.int32), valid, row, tuple(padding.shape), take, dest)
 
 
 def _index(rows: Rows, x: Tensor) -> Tensor:
     return rows.order[:, None, :, None].expand(x.shape[0], x.shape[1], rows.order.shape[1], x.shape[3])
 
 
-def _flat(rows: Rows, dummy: bool = False) -> Tensor:
-    """[R * L] index of each compacted slot among the source's B * S slots (dummy: B * S for tail slots)."""
-    flat = rows.src[:, None] * rows.source[1] + rows.order
-    return (torch.where(rows.valid, flat, rows.source[0] * rows.source[1]) if dummy else flat).reshape(-1)
+def _flat(rows: Rows) -> Tensor:
+    """[R * L] index of each compacted slot among the source's B * S slots (tail slots: any of the row's)."""
+    return (rows.src[:, None] * rows.source[1] + rows.order).reshape(-1)
 
 
 def _slots_first(x: Tensor) -> Tensor:
@@ -185,8 +188,8 @@ def scatter(xc: Tensor, rows: Rows) -> Tensor:
     if rows.src is None:
         return torch.zeros_like(xc).scatter_(2, _index(rows, xc), xc)
     b, s = rows.source
-    out = xc.new_zeros((b * s + 1,) + (xc.shape[1], xc.shape[3])).index_copy_(0, _flat(rows, True), _slots_first(xc))
-    return _from_slots(out[:-1], b, s)
+    out = xc.new_zeros((b * s,) + (xc.shape[1], xc.shape[3]))
+    return _from_slots(out.index_copy_(0, rows.dest, _slots_first(xc).index_select(0, rows.take)), b, s)
 
 
 def scatter_rows(xc: Tensor, rows: Rows, fill: float) -> Tensor:
@@ -196,8 +199,8 @@ def scatter_rows(xc: Tensor, rows: Rows, fill: float) -> Tensor:
         index = rows.order[:, None, :].expand_as(xc)
         return torch.full_like(xc, fill).scatter_(2, index, xc)
     b, s = rows.source
-    out = xc.new_full((b * s + 1, xc.shape[1]), fill).index_copy_(0, _flat(rows, True), _slots_first(xc))
-    return _from_slots(out[:-1], b, s)
+    out = xc.new_full((b * s, xc.shape[1]), fill)
+    return _from_slots(out.index_copy_(0, rows.dest, _slots_first(xc).index_select(0, rows.take)), b, s)
 
 
 def gather_rows(x: Tensor, rows: Rows) -> Tensor:
