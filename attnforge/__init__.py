@@ -21,11 +21,13 @@ from attnforge.compiler.decode import PlanCache, generate, plan_attention  # noq
 from attnforge.compiler.export import ExportError, export_onnx  # noqa: E402
 from attnforge.compiler.plan import Plan, PlanError  # noqa: E402
 from attnforge.compiler.search import Budget  # noqa: E402
+from attnforge.compiler.varlen import varlen_attention  # noqa: E402
 from attnforge.runtime import KernelUnavailable  # noqa: E402
 from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, SinkWindow  # noqa: E402
 
 __all__ = [
     "AttentionSite", "Backend", "BackendOptions", "BlockSparse", "Budget", "Decline", "Dense", "ElasticWindow",
     "ExportError", "GraphRecord", "KernelUnavailable", "Plan", "PlanCache", "PlanError", "SinkWindow", "compile_and_compare",
-    "export_onnx", "find_attention", "generate", "optimize", "plan_attention", "runtime", "search", "__version__",
+    "export_onnx", "find_attention", "generate", "optimize", "plan_attention", "runtime", "search", "varlen_attention",
+    "__version__",
 ]
