@@ -228,12 +228,15 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
         return out.transpose(1, 2).contiguous(), None
     layer, phase = tag
     padding = getattr(attention_mask, "_attnforge_padding", None)       # compiler.hf's padding masks carry it
+    # the newest slot of every row must be a token: the prompt's last (right padding would predict from a
+    # padding slot), then each step's new one
+    last_is_padding = padding is not None and layer.first and not bool(padding[:, -1].all())
     if phase == "prefill":
         if attention_mask is not None and padding is None:
             raise KVCacheError("the plan cache reads a padded batch from its attention_mask (2-D, 1 = token) "
                                "through attnforge's mask function; this prompt came with another mask (a 4-D "
                                "mask, or one of another attention implementation): pass the 2-D attention_mask")
-        if padding is not None and layer.first and not bool(padding[:, -1].all()):
+        if last_is_padding:
             raise KVCacheError("a right-padded prompt: the last slot of some row is padding, so its next token "
                                "would be predicted from a padding slot. Pad the prompts on the left "
                                "(tokenizer.padding_side = 'left'), as generate() expects")
@@ -248,7 +251,7 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
         if layer.site.needs_select:                 # KV-evicting groups choose their keys from this prompt
             layer.site.select(query, scale)
         return out.transpose(1, 2).contiguous(), None
-    if padding is not None and layer.first and not bool(padding[:, -1].all()):
+    if last_is_padding:
         raise KVCacheError("a decoding step's new token is padding in some row; after the prompt every row takes "
                            "one real token per step (left-pad the prompts)")
     if query.shape[2] != 1:

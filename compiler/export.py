@@ -456,8 +456,9 @@ def export_onnx(model, example_inputs, path, plan=None, *, dynamic=None, check: 
 
     example_inputs: a tuple of tensors (token ids [B, N] for text models; with an attention_mask, a padded
     batch). dynamic: {input index: {dim: name}} (default: the sequence dim of every 2-D integer input, and
-    its batch dim where the example has two rows or more: a batch of one is specialized by torch.export). Returns an ExportResult naming each
-    site's function and every attention the passes left untouched (with the reason)."""
+    its batch dim where the example has two rows or more: a batch of one is specialized by torch.export).
+    Returns an ExportResult naming each site's function and every attention the passes left untouched
+    (with the reason)."""
     try:
         import onnx
     except ImportError as e:

@@ -111,7 +111,7 @@ def _sorted(padding: Tensor):
     [B, S]: each row's tokens ordered by label then slot, padding last (device ops only)."""
     lab = _labels(padding)
     b, s = lab.shape
-    order = torch.argsort(torch.where(lab == 0, _LAST, lab), dim=1, stable=True)
+    order = _order(lab)
     ordered = lab.gather(1, order)
     t = torch.arange(s, device=lab.device).expand(b, s)
     edge = ordered[:, 1:] != ordered[:, :-1]
@@ -122,10 +122,16 @@ def _sorted(padding: Tensor):
     return order, ordered, t - start, end - start
 
 
-def rows_of(padding: Tensor) -> Rows:
-    """The per-row compaction of a [B, S] key vector: tokens first, by label then slot (device ops only)."""
+def _order(lab: Tensor) -> Tensor:
+    """[B, S]: each row's slots, its tokens first by label then slot (a stable argsort), padding last."""
+    return torch.argsort(torch.where(lab == 0, _LAST, lab), dim=1, stable=True)
+
+
+def rows_of(padding: Tensor, order: Tensor | None = None) -> Rows:
+    """The per-row compaction of a [B, S] key vector: tokens first, by label then slot (device ops only).
+    order: _order of these labels where the caller has it already."""
     lab = _labels(padding)
-    order = torch.argsort(torch.where(lab == 0, _LAST, lab), dim=1, stable=True)
+    order = _order(lab) if order is None else order
     lens = (lab != 0).sum(1, dtype=torch.int32)
     valid = torch.arange(lab.shape[1], device=lab.device)[None, :] < lens[:, None]
     return Rows(order, lens, valid)
@@ -145,7 +151,7 @@ def segments_of(padding: Tensor) -> Rows:
     order, ordered, rank, length = _sorted(padding)
     starts = (rank == 0) & (ordered != 0)
     if int(starts.sum(1).max()) <= 1:
-        return rows_of(padding)
+        return rows_of(padding, order)
     row, at = starts.nonzero(as_tuple=True)                        # row-major: sequences in slot order
     lens = length[row, at]
     width = int(lens.max())
@@ -175,38 +181,46 @@ def _from_slots(flat: Tensor, b: int, s: int) -> Tensor:
     return flat.view(b, s, *flat.shape[1:]).transpose(1, 2).contiguous()
 
 
+def _gather_sequences(x: Tensor, rows: Rows) -> Tensor:
+    """x [B, H, S, ...] -> [R, H, L, ...]: one compacted row per sequence (rows.src given)."""
+    return _from_slots(_slots_first(x)[_flat(rows)], *rows.order.shape)
+
+
+def _scatter_sequences(xc: Tensor, rows: Rows, out: Tensor) -> Tensor:
+    """Each compacted token of xc [R, H, L, ...] written into `out` [B * S, H, ...] at its slot: [B, H, S, ...]."""
+    return _from_slots(out.index_copy_(0, rows.dest, _slots_first(xc).index_select(0, rows.take)), *rows.source)
+
+
 def gather(x: Tensor, rows: Rows) -> Tensor:
     """x [B, H, S, D] -> each compacted row's tokens at [0, len_r), then its tail (contiguous)."""
     if rows.src is None:
         return x.gather(2, _index(rows, x))
-    return _from_slots(_slots_first(x)[_flat(rows)], *rows.order.shape)
+    return _gather_sequences(x, rows)
 
 
 def scatter(xc: Tensor, rows: Rows) -> Tensor:
     """The inverse of gather for a compacted result [R, H, L, D]; padding slots get zeros."""
-    xc = xc.masked_fill(~rows.valid[:, None, :, None], 0)
     if rows.src is None:
+        xc = xc.masked_fill(~rows.valid[:, None, :, None], 0)
         return torch.zeros_like(xc).scatter_(2, _index(rows, xc), xc)
-    b, s = rows.source
-    out = xc.new_zeros((b * s,) + (xc.shape[1], xc.shape[3]))
-    return _from_slots(out.index_copy_(0, rows.dest, _slots_first(xc).index_select(0, rows.take)), b, s)
+    b, s = rows.source                   # (only the compacted tokens are written: the tail needs no clearing)
+    return _scatter_sequences(xc, rows, xc.new_zeros((b * s,) + (xc.shape[1], xc.shape[3])))
 
 
 def scatter_rows(xc: Tensor, rows: Rows, fill: float) -> Tensor:
     """The same for a per-row value [R, H, L] (a log-sum-exp): `fill` at padding slots."""
-    xc = xc.masked_fill(~rows.valid[:, None, :], fill)
     if rows.src is None:
+        xc = xc.masked_fill(~rows.valid[:, None, :], fill)
         index = rows.order[:, None, :].expand_as(xc)
         return torch.full_like(xc, fill).scatter_(2, index, xc)
     b, s = rows.source
-    out = xc.new_full((b * s, xc.shape[1]), fill)
-    return _from_slots(out.index_copy_(0, rows.dest, _slots_first(xc).index_select(0, rows.take)), b, s)
+    return _scatter_sequences(xc, rows, xc.new_full((b * s, xc.shape[1]), fill))
 
 
 def gather_rows(x: Tensor, rows: Rows) -> Tensor:
     if rows.src is None:
         return x.gather(2, rows.order[:, None, :].expand_as(x))
-    return _from_slots(_slots_first(x)[_flat(rows)], *rows.order.shape)
+    return _gather_sequences(x, rows)
 
 
 def row_windows(forms, lens: Tensor) -> Tensor | None:
@@ -240,6 +254,7 @@ def attention_rows(q: Tensor, k: Tensor, v: Tensor, padding: Tensor, causal: boo
     b, hq, n, _ = q.shape
     s = k.shape[2]
     labels = _labels(padding).cpu()
+    seq_forms = tuple(forms) or ((Dense(),) * k.shape[1] if causal else ())
     rows = []
     for r in range(b):
         full = q.new_zeros(1, hq, n, v.shape[-1])
@@ -252,7 +267,6 @@ def attention_rows(q: Tensor, k: Tensor, v: Tensor, padding: Tensor, causal: boo
             kr = k[r:r + 1, :, slots.to(k.device)]
             vr = v[r:r + 1, :, slots.to(v.device)]
             qr = q[r:r + 1, :, q_slots.to(q.device)]
-            seq_forms = tuple(forms) or ((Dense(),) * k.shape[1] if causal else ())
             if seq_forms and all(getattr(f, "kind", "") != "linear" for f in seq_forms):
                 if len(q_slots) == length:                        # every token queries: the sequence alone
                     o = attention_reference(qr, kr, vr, None, False, scale, 0, seq_forms)
