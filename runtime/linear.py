@@ -37,7 +37,8 @@ from .reference import _compute_dtype
 
 __all__ = ["FEATURE_MAPS", "FeatureMaps", "register_maps", "maps_for", "feature_dim", "phi", "linear_reference",
            "linear_group_reference", "distill", "LinearMapError", "ROW_CHUNK", "decode_step_reference",
-           "LinearState", "linear_triton", "set_kernel_factory", "kernel_key"]
+           "LinearState", "linear_triton", "set_kernel_factory", "kernel_key", "linear_group_chunked",
+           "linear_backward"]
 
 FEATURE_MAPS = ("taylor2", "hedgehog")
 ROW_CHUNK = 512
@@ -168,6 +169,114 @@ def linear_reference(q: Tensor, k: Tensor, v: Tensor, forms, scale: float | None
             o = linear_group_reference(qg[:, :, r0:r1], kg[:, :hi], vg[:, :hi], form, scale, s - n + r0, maps)
             out[:, gi * g:(gi + 1) * g, r0:r1] = o.to(out.dtype)
     return out
+
+
+def _taylor2_features(x: Tensor, scale: float) -> Tensor:
+    """[..., D] -> [..., 1 + D + D (D + 1) / 2] with phi(q) . phi(k) = 1 + s + s^2 / 2, s = q.k * scale: the
+    (q.k)^2 term from the upper triangle of x x^T (a < b weighed twice), half the D^2 of the full product."""
+    d = x.shape[-1]
+    a, b = torch.triu_indices(d, d, device=x.device)
+    weight = torch.full(a.shape, scale, dtype=x.dtype, device=x.device).masked_fill(a == b, scale / math.sqrt(2))
+    pairs = (x[..., :, None] * x[..., None, :]).flatten(-2).index_select(-1, a * d + b) * weight
+    return torch.cat([torch.ones_like(x[..., :1]), x * math.sqrt(scale), pairs], -1)
+
+
+def linear_group_chunked(qg: Tensor, kg: Tensor, vg: Tensor, form, scale: float, maps=None,
+                         chunk: int = 64) -> Tensor:
+    """The same as linear_group_reference for causal self-attention (qg [B, G, N, D], kg [B, N, D],
+    vg [B, N, Dv], positions 0 .. N-1), computed chunk by chunk as the Triton kernel does, in plain
+    differentiable PyTorch: per query chunk of `chunk` rows, the exact part over its sink keys and the
+    keys of its window span, the linear part from the prefix of the key chunks' states
+    phi(K_c)^T V_c (chunks wholly below every row's window) plus a band of at most 2 chunks weighed key
+    by key. Time and memory are linear in N: O(N (sink + window + chunk) G) scores and O(N F (G + Dv /
+    chunk)) features and states, F the feature dim (taylor2: 1 + D + D (D+1) / 2; hedgehog: 2D), instead of the
+    reference's N x N. Autograd through it gives the hybrid's gradients (the op's backward)."""
+    b, g, n, d = qg.shape
+    c = chunk
+    nc = -(-n // c)
+    npad = nc * c
+    dev = qg.device
+    if maps is None:
+        maps = _form_maps(form, dev, qg.dtype)
+    # rows past N (zeros) are positions N .. npad-1: causal, so no real row sees them; each sees itself
+    qp = torch.nn.functional.pad(qg, (0, 0, 0, npad - n))
+    kp = torch.nn.functional.pad(kg, (0, 0, 0, npad - n))
+    vp = torch.nn.functional.pad(vg, (0, 0, 0, npad - n))
+    qc = qp.unflatten(2, (nc, c))                                      # [B, G, nc, C, D]
+    rows = torch.arange(npad, device=dev).view(nc, c)[:, :, None]      # [nc, C, 1]
+    i0 = torch.arange(nc, device=dev) * c
+    win, sink = form.window, min(form.sink, npad)
+
+    # ---- exact part: the sink keys, then the span i0 + C - E_w .. i0 + C - 1 that holds every window
+    e_w = min(win + c - 1, npad)
+    span = (i0[:, None] + c - e_w).clamp(min=0) + torch.arange(e_w, device=dev)[None, :]
+    idx = torch.cat([torch.arange(sink, device=dev).expand(nc, sink), span], 1)      # [nc, E]
+    j = idx[:, None, :]
+    keep = (j <= rows) & torch.cat([torch.ones(nc, c, sink, dtype=torch.bool, device=dev),
+                                    (span[:, None, :] > rows - win) & (span[:, None, :] >= form.sink).expand(nc, c, e_w)], 2)
+    ke, ve = kp[:, idx], vp[:, idx]                                    # [B, nc, E, D]
+    s = torch.einsum("bgcid,bced->bgcie", qc, ke) * scale
+    s = s.masked_fill(~keep, float("-inf"))                            # every row keeps its own key
+    m = s.amax(-1, keepdim=True)
+    w = torch.exp(s - m)
+    num = torch.einsum("bgcie,bcev->bgciv", w, ve)
+    den = w.sum(-1)
+
+    # ---- linear part: the keys sink <= j <= p - window
+    if form.feature_map == "taylor2":
+        fk = _taylor2_features(kp, scale)
+    else:
+        wq, wk, gain = maps
+        fk = phi(kp, wk)
+    fk = fk.masked_fill((torch.arange(npad, device=dev) < form.sink)[:, None], 0.0)
+    fkc = fk.unflatten(1, (nc, c))                                     # [B, nc, C, F]
+    states = torch.einsum("bcjf,bcjv->bcfv", fkc, vp.unflatten(1, (nc, c)))
+    zs = fkc.sum(2)
+    cstar = (i0 - win + 1).clamp(min=0) // c                           # chunks < cstar: linear for every row
+    prefix = torch.cat([torch.zeros_like(states[:, :1]), states.cumsum(1)[:, :-1]], 1)[:, cstar]
+    zprefix = torch.cat([torch.zeros_like(zs[:, :1]), zs.cumsum(1)[:, :-1]], 1)[:, cstar]
+    band = cstar[:, None] * c + torch.arange(2 * c, device=dev)[None, :]               # [nc, 2C]
+    jb = band[:, None, :]
+    lin = (jb >= form.sink) & (jb <= rows - win) & (jb < npad)
+    band = band.clamp(max=npad - 1)
+    kb, vb = kp[:, band], vp[:, band]                                  # [B, nc, 2C, D]
+    if form.feature_map == "taylor2":
+        x = torch.einsum("bgcid,bced->bgcie", qc, kb) * scale
+        kappa = 1 + x + 0.5 * x * x
+        fq = _taylor2_features(qc, scale)
+    else:
+        fq = phi(qc, wq) * gain
+        kappa = torch.einsum("bgcif,bcef->bgcie", fq, fk[:, band])
+    kappa = kappa.masked_fill(~lin, 0.0)
+    num_l = torch.einsum("bgcif,bcfv->bgciv", fq, prefix) + torch.einsum("bgcie,bcev->bgciv", kappa, vb)
+    den_l = torch.einsum("bgcif,bcf->bgci", fq, zprefix) + kappa.sum(-1)
+    # one normalizer (see the module docstring): taylor2's linear weights carry exp(-m), hedgehog's the gain
+    cm = torch.exp(-m) if form.feature_map == "taylor2" else torch.ones_like(m)
+    out = (num + cm * num_l) / (den + cm[..., 0] * den_l)[..., None]
+    return out.flatten(2, 3)[:, :, :n]
+
+
+def linear_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, forms, scale: float,
+                    grads: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of the Linear groups of `forms` (causal self-attention, q [B, Hq, N, D]), by autograd
+    through linear_group_chunked (linear in N). The slots of the other groups are left as in `grads`
+    (zeros when None). Math in float64 for float64 inputs, else float32."""
+    from .forms import Linear
+
+    g = q.shape[1] // k.shape[1]
+    ct = _compute_dtype(q.dtype)
+    dq, dk, dv = grads if grads is not None else (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+    for gi, form in enumerate(forms):
+        if not isinstance(form, Linear):
+            continue
+        heads = slice(gi * g, (gi + 1) * g)
+        maps = _form_maps(form, q.device, ct)
+        # torch.func.vjp, not torch.autograd.grad: this runs inside a custom op, below the autograd keys
+        _, vjp = torch.func.vjp(lambda a, b, c: linear_group_chunked(a, b, c, form, scale, maps),
+                                q[:, heads].to(ct), k[:, gi].to(ct), v[:, gi].to(ct))
+        gq, gk, gv = vjp(grad_out[:, heads].to(ct))
+        dq[:, heads], dk[:, gi], dv[:, gi] = gq.to(dq.dtype), gk.to(dk.dtype), gv.to(dv.dtype)
+    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------- decoding

@@ -192,9 +192,7 @@ def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None
         return _forward_padded(q, k, v, padding, mask, causal, window, scale, impl, kernel, forms, lse)
     head_forms = _forms(forms)
     if impl != "reference" and any(f.kind == "linear" for f in head_forms):
-        if lse is not None:
-            lse.fill_(float("nan"))      # never read: a linear hybrid's gradients come from its reference
-        return _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_forms)
+        return _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_forms, lse=lse)
     if impl == "reference":
         return _reference(q, k, v, mask, causal, scale, window, head_forms, lse)
     return _choose(impl, q, kernel, triton_check(q, k, v, mask, kernel, forms, causal, window),
@@ -253,10 +251,11 @@ def _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse):
     if any(f.kind == "linear" for f in head_forms):
         # the plan kernel's groups at each sequence's own length (elastic spans), the Linear groups length-free
         windows = pad.row_windows(forms_from_json(_linear_rest(head_forms)), rows.lens)
+        lse_c = None if lse is None else lse.new_empty(qc.shape[:-1])
         out = pad.scatter(_attention_linear(qc, kc, vc, None, True, 0, scale, impl, kernel, head_forms, rows.lens,
-                                            windows), rows)
+                                            windows, lse_c), rows)
         if lse is not None:
-            lse.fill_(float("nan"))      # never read: a linear hybrid's gradients come from its reference
+            lse.copy_(pad.scatter_rows(lse_c, rows, float("inf")))
         return out
     lse_c = None if lse is None else lse.new_empty(qc.shape[:-1])
     windows = pad.row_windows(head_forms, rows.lens) if _planned(forms) else None
@@ -357,17 +356,24 @@ def _linear_rest(head_forms) -> str:
     return forms_to_json(tuple(SinkWindow(f.sink, f.window) if isinstance(f, Linear) else f for f in head_forms))
 
 
-def _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_forms, lens=None, windows=None):
+def _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_forms, lens=None, windows=None,
+                      lse=None):
     """A site with Linear groups: the other groups through the plan kernel (or the reference), the Linear
     groups through the chunked linear kernel; the reference for everything where the kernel cannot run.
-    lens / windows: a compacted padded or packed batch (the caller checked that the plan kernel runs)."""
+    lens / windows: a compacted padded or packed batch (the caller checked that the plan kernel runs).
+    lse: filled with the plan kernel's log-sum-exp of the other groups where it ran them (their backward
+    kernels read it, see linear_backward; the Linear groups' slots hold their stand-in's), else NaN."""
     from .linear import linear_triton
 
+    if lse is not None:
+        lse.fill_(float("nan"))          # never read where the plan kernel did not run the other groups
     reason = _linear_reason(q, k, mask, causal, window)
     if reason is None and (impl == "triton" or _accelerated(q)):
         rest_json = _linear_rest(head_forms)
-        if lens is not None or triton_check(q, k, v, None, kernel, rest_json, True, 0) is None:
-            out = _run_triton(q, k, v, None, True, 0, scale, kernel, rest_json, None, lens, windows)
+        if all(f.kind == "linear" for f in head_forms):
+            out = q.new_empty(q.shape[:-1] + (v.shape[-1],))       # the linear kernel writes every slot
+        elif lens is not None or triton_check(q, k, v, None, kernel, rest_json, True, 0) is None:
+            out = _run_triton(q, k, v, None, True, 0, scale, kernel, rest_json, lse, lens, windows)
         else:
             counters["reference"] += 1
             out = attention_reference(q, k, v, None, True, scale, 0, forms_from_json(rest_json))
@@ -500,12 +506,71 @@ def _(grad_out, q, k, v, out, lse, scale, impl, kernel, forms, padding=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)     # contiguous, as the kernels' are
 
 
+def _linear_rest_backward(grad_out, q, k, v, out, lse, scale, impl, kernel, head_forms, padding):
+    """dq, dk, dv of the groups of a Linear site that are not Linear (see linear_backward); the Linear
+    groups' slots hold their stand-in's gradients, which the caller replaces."""
+    rest = _linear_rest(head_forms)
+    # the plan kernel's backward exactly where the forward ran the plan kernel (and so filled lse)
+    if _linear_reason(q, k, None, True, 0) is None and (impl == "triton" or _accelerated(q)) and \
+            triton_check(q, k, v, None, kernel, rest, True, 0) is None:
+        try:
+            grads = _triton_backward(kernel, rest, grad_out, q, k, v, out, lse, scale, padding)
+            counters["triton_backward"] += 1
+            return grads
+        except Exception as e:
+            if impl == "triton":
+                raise
+            reason = f"Triton backward failed: {type(e).__name__}: {e}"
+            fallbacks[(kernel, reason)] += 1
+            warnings.warn(f"attnforge: running the reference backward because {reason}", RuntimeWarning,
+                          stacklevel=3)
+    if padding is not None:
+        return pad.reference_backward(grad_out, q, k, v, padding, True, scale, _forms(rest))
+    return attention_reference_backward(grad_out, q, k, v, None, True, scale, 0, _forms(rest))[:3]
+
+
+@torch.library.custom_op("attnforge::linear_backward", mutates_args=())
+def linear_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Optional[Tensor], lse: Optional[Tensor],
+                    scale: float, impl: str, kernel: str, forms: str,
+                    padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of a causal self-attention site with Linear groups (no mask): the Linear groups by
+    autograd through their chunked form (runtime.linear.linear_group_chunked: time and memory linear in
+    N, where the reference's autograd holds N x N scores), the other groups through the plan kernel's
+    backward where the forward ran it, else the reference's. A padded or packed batch runs each sequence
+    compacted, as its forward did. An op of its own so that a compiled training step keeps it for run time
+    (the compaction reads lengths on the host)."""
+    from .linear import linear_backward as chunked_backward
+
+    head_forms = _forms(forms)
+    if all(f.kind == "linear" for f in head_forms):
+        grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+    else:
+        grads = tuple(g.contiguous() for g in
+                      _linear_rest_backward(grad_out, q, k, v, out, lse, scale, impl, kernel, head_forms, padding))
+    counters["linear_backward"] += 1
+    if padding is None:
+        return chunked_backward(grad_out, q, k, v, head_forms, scale, grads)
+    grads = pad.with_linear_grads(grad_out, q, k, v, padding, head_forms, grads,
+                                  lambda go, qc, kc, vc: chunked_backward(go, qc, kc, vc, head_forms, scale))
+    return tuple(g.contiguous() for g in grads)
+
+
+@linear_backward.register_fake
+def _(grad_out, q, k, v, out, lse, scale, impl, kernel, forms, padding=None):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 def _backward(ctx, grad_out, out=None, lse=None, saved=None):
     # saved: ctx.saved_tensors, read once by the caller (a non-reentrant checkpoint refuses a second unpack)
     q, k, v, mask, padding = (ctx.saved_tensors if saved is None else saved)[:5]
     # the choice is made from shapes, dtypes and devices only (it also runs on fake tensors, when a compiled
     # training step is traced); the kernels run inside attention_backward
     square = padding is None or q.shape[2] == k.shape[2]     # a padded call runs compacted only where N = S
+    if ctx.impl != "reference" and q.shape[2] == k.shape[2] and ctx.causal and mask is None and not ctx.window \
+            and any(f.kind == "linear" for f in _forms(ctx.forms)):
+        dq, dk, dv = torch.ops.attnforge.linear_backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.impl,
+                                                         ctx.kernel, ctx.forms, padding)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
     chosen = _backward_kernel(ctx, q, k, v, mask) if q.shape[2] and k.shape[2] and square else None
     if chosen is not None:
         key, forms = chosen

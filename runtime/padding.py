@@ -146,8 +146,9 @@ def segments_of(padding: Tensor) -> Rows:
     if isinstance(padding, torch._subclasses.FakeTensor):
         raise NotImplementedError(
             "packed sequences (integer labels) need their count on the host, which a traced graph cannot read "
-            "here; linear-hybrid forms over packed sequences run eagerly only (leave such layers dense, or pass "
-            "one sequence per row)")
+            "here (linear-hybrid forms over packed sequences with impl='reference', whose backward is traced: "
+            "use impl='auto' or 'triton', whose attnforge::linear_backward op reads it at run time, run eagerly, "
+            "or pass one sequence per row)")
     order, ordered, rank, length = _sorted(padding)
     starts = (rank == 0) & (ordered != 0)
     if int(starts.sum(1).max()) <= 1:
@@ -367,10 +368,18 @@ def reference_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, paddin
     dk, dv = scatter(dkc, rows), scatter(dvc, rows)
     if not _linear(forms):
         return dq, dk, dv
-    seqs = segments_of(padding)
+    return with_linear_grads(grad_out, q, k, v, padding, forms, (dq, dk, dv),
+                             lambda go, qc, kc, vc: attention_reference_backward(go, qc, kc, vc, None, True, scale, 0,
+                                                                                 forms)[:3])
+
+
+def with_linear_grads(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, padding: Tensor, forms, grads, backward):
+    """grads (dq, dk, dv) with the Linear groups' slots replaced by `backward(grad_out, q, k, v)` (causal,
+    the Linear groups' gradients) run over each sequence compacted, as the Linear groups' forward ran."""
+    seqs = segments_of(padding)         # one compacted row per sequence: causal, so its tail is never seen
     goc = gather(grad_out, seqs).masked_fill(~seqs.valid[:, None, :, None], 0)
-    lq, lk, lv, _ = attention_reference_backward(goc, gather(q, seqs), gather(k, seqs), gather(v, seqs), None,
-                                                 True, scale, 0, forms)
+    lq, lk, lv = backward(goc, gather(q, seqs), gather(k, seqs), gather(v, seqs))
     groups, heads = _per_head(forms, q.shape[1])
+    dq, dk, dv = grads
     return (_select(heads, scatter(lq, seqs), dq), _select(groups, scatter(lk, seqs), dk),
             _select(groups, scatter(lv, seqs), dv))

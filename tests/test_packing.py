@@ -124,8 +124,9 @@ def test_packed_backward_matches_float64(mix):
 
 
 def test_linear_forms_take_each_sequence_alone_and_a_trace_says_why_not():
-    """Linear hybrids run causal self-attention over one compacted row per sequence (eagerly: the count is read
-    on the host); traced on fake tensors, the compaction says what to do instead of a data-dependent error."""
+    """Linear hybrids run causal self-attention over one compacted row per sequence (the count is read on the
+    host, at run time); traced on fake tensors, the compaction says what to do instead of a data-dependent
+    error (a compiled step with impl='auto' keeps it in an op: tests/test_linear_backward.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from attnforge.runtime.forms import Linear
@@ -134,7 +135,7 @@ def test_linear_forms_take_each_sequence_alone_and_a_trace_says_why_not():
     forms = (Linear("taylor2", 16), Linear("taylor2", 8))
     got = torch.ops.attnforge.attention(q, k, v, None, True, 0, 0.25, "reference", "", forms_to_json(forms), lab)
     assert torch.allclose(got, P.attention_rows(q, k, v, lab, True, 0.25, forms), atol=1e-10)
-    with FakeTensorMode() as mode, pytest.raises(NotImplementedError, match="run eagerly only"):
+    with FakeTensorMode() as mode, pytest.raises(NotImplementedError, match="linear_backward op reads it at run time"):
         P.segments_of(mode.from_tensor(lab))
 
 
