@@ -10,7 +10,7 @@
 # benchmark checks its kernels against a reference before timing them):
 #   1. benchmarks/kernels.py    #5: dense / uniform window / mixed per-head plan vs SDPA and FlexAttention
 #   2. benchmarks/decode.py     #6: decode kernels' HBM bandwidth; tokens/s vs HF + SDPA at 8k and 32k
-#   3. benchmarks/linear_kernel.py  #7: the linear hybrid vs SDPA at 8k and 32k
+#   3. benchmarks/linear_kernel.py  #7: the linear hybrid vs SDPA at 8k and 32k (forward; and training)
 #   4. tests/test_gpu.py        the compiled kernels against float64 (forward, backward, decode, no-sync
 #                               decoding, the plan cache in a Llama), default launch configs
 #   5. benchmarks/padded.py     padded and packed batches vs SDPA with HF's mask and FlexAttention (no
@@ -45,8 +45,8 @@ step kernels 220 "$PY" benchmarks/kernels.py --json "$OUTDIR/kernels.json" \
     --shapes 32x8x32768x128 9x3x32768x64 32x32x16384x128 9x3x8192x64 32x32x4096x128
 step decode 130 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes smollm2 llama8b \
     --contexts 8192 32768 --steps 16
-step linear 50 "$PY" benchmarks/linear_kernel.py --json "$OUTDIR/linear_kernel.json" --lengths 8192 32768
+step linear 70 "$PY" benchmarks/linear_kernel.py --json "$OUTDIR/linear_kernel.json" --lengths 8192 32768 --backward
 # default launch configs here: tuning every config of every kernel of the tests would take minutes of compiles
 step tests 100 env ATTNFORGE_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step padded 60 "$PY" benchmarks/padded.py --json "$OUTDIR/padded.json" --shapes 9x3x8192x64 32x8x8192x128
+step padded 40 "$PY" benchmarks/padded.py --json "$OUTDIR/padded.json" --shapes 9x3x8192x64 32x8x8192x128
 echo "=== $(date -u +%T) done; results in $OUTDIR" | tee -a "$LOG"

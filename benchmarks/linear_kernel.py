@@ -8,6 +8,9 @@ One KV group of SmolLM2's shape (3 query heads over 1 KV head, d = 64) and a Lla
 dense attention. Times from triton.testing.do_bench (CUDA events, median); the hybrid is checked
 against its float32 reference on a short prefix before it is timed. Prints ms and the speed-up over
 SDPA dense causal for the same head: the issue's criterion is hedgehog faster than SDPA at 32k.
+--backward adds a training row per shape and length: forward + backward through the attnforge op (the
+linear kernel forward, the chunked PyTorch backward, runtime.linear.linear_group_chunked) against SDPA's
+forward + backward, gradients checked against the float32 reference's on the prefix first.
 The JSON is rewritten after every row; a failed row is recorded under "errors".
 """
 import math
@@ -28,13 +31,15 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["x".join(map(str, s)) for s in SHAPES],
                     help="KV groups as GxHKVxD (query heads of the group, kv heads, head dim); default: all of SHAPES")
     ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    ap.add_argument("--backward", action="store_true", help="also time forward + backward (training)")
     args = ap.parse_args()
     dev = Device(args.device)
     dev.require("benchmarks/linear_kernel.py")
     import triton
 
     import attnforge  # noqa: F401  (registers the linear kernel source)
-    from attnforge.runtime.forms import Linear
+    from attnforge.runtime import ops
+    from attnforge.runtime.forms import Linear, forms_to_json
     from attnforge.runtime.linear import FeatureMaps, linear_reference, linear_triton, register_maps
 
     dtype = getattr(torch, args.dtype)
@@ -73,12 +78,46 @@ def main():
                        **{f"{k_}_ms": t for k_, t in times.items()},
                        "hedgehog_speedup_vs_sdpa": times["sdpa"] / times["hedgehog"],
                        "taylor2_speedup_vs_sdpa": times["sdpa"] / times["taylor2"]}
-                res.add(row)
                 print(f"{f'{g}/{hk} d{d} N{n}':>22} {times['sdpa']:9.3f} {times['flex_window']:12.3f} "
                       f"{times['taylor2']:11.3f} {times['hedgehog']:12.3f} {row['hedgehog_speedup_vs_sdpa']:12.2f}", flush=True)
+                if args.backward:
+                    row.update(_training(dev, q, k, v, forms, scale, ops, forms_to_json, linear_reference))
+                    print(f"{'  fwd+bwd':>22} {row['sdpa_train_ms']:9.3f} {'':>12} {row['taylor2_train_ms']:11.3f} "
+                          f"{row['hedgehog_train_ms']:12.3f} {row['hedgehog_train_speedup_vs_sdpa']:12.2f}", flush=True)
+                res.add(row)
             except Exception as e:        # record it, keep the other rows
                 res.error({"query_heads": g, "kv_heads": hk, "d": d, "n": n}, e)
             dev.empty_cache()
+
+
+def _training(dev, q, k, v, forms, scale, ops, forms_to_json, linear_reference):
+    """ms of forward + backward: SDPA dense causal, and each hybrid through the attnforge op."""
+    grad = torch.randn_like(q)
+
+    def op(form):
+        return lambda a, b, c: torch.ops.attnforge.attention_train(a, b, c, None, True, 0, scale, "triton", "",
+                                                                    forms_to_json((form,)))[0]
+
+    fns = {"sdpa": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True),
+           **{name: op(form) for name, form in forms.items()}}
+    m = min(q.shape[2], 512)
+    for name, form in forms.items():               # gradients on a prefix, against the fp32 reference's
+        pre = [t[:, :, :m].detach().float().contiguous().requires_grad_() for t in (q, k, v)]
+        want = torch.autograd.grad(linear_reference(*pre, (form,), scale), pre, grad[:, :, :m].float())
+        pre2 = [t[:, :, :m].detach().contiguous().requires_grad_() for t in (q, k, v)]
+        got = torch.autograd.grad(fns[name](*pre2), pre2, grad[:, :, :m])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    before = ops.counters["linear_backward"]
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(*leaves), leaves, grad)
+
+    times = {f"{name}_train_ms": dev.bench(step(fn), warmup=5, rep=20) for name, fn in fns.items()}
+    assert ops.counters["linear_backward"] > before, "the hybrid's backward did not run through attnforge's op"
+    return {**times, "hedgehog_train_speedup_vs_sdpa": times["sdpa_train_ms"] / times["hedgehog_train_ms"],
+            "taylor2_train_speedup_vs_sdpa": times["sdpa_train_ms"] / times["taylor2_train_ms"]}
 
 
 if __name__ == "__main__":

@@ -63,9 +63,11 @@ def test_decode_benchmark(tmp_path):
 
 
 def test_linear_kernel_benchmark(tmp_path):
-    data = _run("linear_kernel", tmp_path, "--dtype", "float16", "--shapes", "2x1x16", "--lengths", "100")
+    data = _run("linear_kernel", tmp_path, "--dtype", "float16", "--shapes", "2x1x16", "--lengths", "100",
+                "--backward")
     (row,) = data["rows"]
     assert row["n"] == 100 and row["window"] == 64
+    assert row["hedgehog_train_ms"] > 0 and row["sdpa_train_ms"] > 0     # the training row ran (and was checked)
 
 
 def test_gpu_check_script_parses():
