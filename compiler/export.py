@@ -54,10 +54,13 @@ class ExportResult:
     functions: list[str]                # attnforge-domain functions in the file
     opset: int = OPSET
     dynamic: dict = field(default_factory=dict)
+    # ONNX Runtime's run of the file on the example inputs against the PyTorch run of the same plan: the
+    # largest |difference| of any output (None: not run, check=False or onnxruntime missing)
+    ort_max_abs_diff: float | None = None
 
     def to_dict(self) -> dict:
         return {"path": self.path, "opset": self.opset, "sites": self.sites, "declined": self.declined,
-                "functions": self.functions, "dynamic": self.dynamic}
+                "functions": self.functions, "dynamic": self.dynamic, "ort_max_abs_diff": self.ort_max_abs_diff}
 
 
 # --------------------------------------------------------------------------------------- capture
@@ -83,6 +86,38 @@ def _hf_sdpa_causal_path():
     finally:
         for name, value in saved.items():
             setattr(mu, name, value)
+
+
+@contextlib.contextmanager
+def _rotary_per_row(model):
+    """Hugging Face's rotary embedding takes positions [1, N] when the call gives none and broadcasts the
+    cos / sin over the batch; ONNX's RotaryEmbedding (which the exporter fuses the pattern into) wants them
+    per row, and ONNX Runtime refuses a file with a batch of one there once it runs two rows. During the
+    capture, positions of one row are expanded to the batch (the same values: every row at 0 .. N-1, what
+    the model computes without position_ids). Removed afterwards."""
+    hooks = []
+
+    def per_row(module, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        if len(args) > 1:
+            pos = args[1]
+        else:
+            pos = kwargs.get("position_ids")
+        if not (isinstance(x, torch.Tensor) and isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[0] == 1):
+            return None
+        pos = pos.expand(x.shape[0], -1)
+        if len(args) > 1:
+            return (args[0], pos, *args[2:]), kwargs
+        return args, {**kwargs, "position_ids": pos}
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            hooks.append(module.register_forward_pre_hook(per_row, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _dynamic_shapes(example_inputs, dynamic, bounds=None):
@@ -141,7 +176,7 @@ def _capture(model, example_inputs, dynamic):
         for attempt in range(3):
             torch._dynamo.reset()
             try:
-                with _hf_sdpa_causal_path(), torch.no_grad():
+                with _hf_sdpa_causal_path(), _rotary_per_row(model), torch.no_grad():
                     gm = torch._dynamo.export(model, dynamic_shapes=shapes)(*example_inputs).graph_module
                 return gm, shapes, dynamic, bounds
             except Exception as e:
@@ -539,8 +574,45 @@ def _export(model, example_inputs, path, plan, original, dynamic, check, onnx) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(proto, str(path))
+    diff = None
     if check:
         onnx.checker.check_model(str(path), full_check=True)
+        diff = _run_example(path, gm, example_inputs)
     return ExportResult(str(path), sites, declined, sorted(configs),
                         dynamic={str(i): {str(d): {"name": n, "range": list(bounds.get(n, (2, None)))}
-                                          for d, n in ax.items()} for i, ax in dynamic.items()})
+                                          for d, n in ax.items()} for i, ax in dynamic.items()},
+                        ort_max_abs_diff=diff)
+
+
+def _run_example(path, gm, example_inputs) -> float | None:
+    """Run the written file in ONNX Runtime on the example inputs and compare every output with the
+    PyTorch run of the same graph (the plan through the reference): a file that loads and checks but
+    fails or differs at run time is an ExportError here, not at the user's first inference. Returns the
+    largest |difference|, or None without onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    import numpy as np
+
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(sess.get_inputs(), example_inputs)}
+        got = sess.run(None, feeds)
+    except Exception as e:
+        raise ExportError(f"the exported file {path} does not run in ONNX Runtime {ort.__version__} on the example "
+                          f"inputs: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — report it with "
+                          "the model; export_onnx(..., check=False) writes the file without this run") from e
+    with torch.no_grad():
+        want = [t for t in torch.utils._pytree.tree_leaves(gm(*example_inputs)) if isinstance(t, torch.Tensor)]
+    diff = 0.0
+    for i, (a, b) in enumerate(zip(got, want)):
+        b = b.detach().float().cpu().numpy()
+        if a.shape != b.shape:
+            raise ExportError(f"output {i} of the exported file has shape {a.shape}, the PyTorch run {b.shape}")
+        d = float(np.abs(a.astype(np.float32) - b).max()) if a.size else 0.0
+        if not d <= 1e-3 * max(1.0, float(np.abs(b).max()) if b.size else 1.0):
+            raise ExportError(f"output {i} of the exported file differs from the PyTorch run of the same plan by "
+                              f"{d:.3g} on the example inputs — report it with the model and plan")
+        diff = max(diff, d)
+    return diff

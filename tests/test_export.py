@@ -175,6 +175,38 @@ def test_a_padded_dense_export_is_the_models_padded_forward(tmp_path):
         assert np.abs(_run_all(tmp_path / "pd.onnx", ids, mask, positions) - want)[real].max() < 1e-4
 
 
+def test_a_batch_without_position_ids_runs_in_onnx_runtime(tmp_path):
+    """Two rows and no position_ids: Hugging Face's rotary embedding gives its cos / sin for one row, which
+    ONNX's RotaryEmbedding (fused by the exporter) refuses at run time once the batch is 2 ("cos_cache ...
+    expected to have the same shape as input x"). The capture expands the positions to the batch: the file
+    runs, and equals the model's own forward without position_ids, at another batch size and length too."""
+    model = _llama()
+    ids, mask, _ = _padded(24, (0, 7))
+    res = export_onnx(model, (ids, mask), tmp_path / "np.onnx", plan=_mixed_plan(model))
+    assert res.ort_max_abs_diff is not None and res.ort_max_abs_diff < 1e-4      # the export ran the file itself
+    m = onnx.load(str(tmp_path / "np.onnx"))
+    assert [i.name for i in m.graph.input] == ["input_ids", "attention_mask"]
+    assert "RotaryEmbedding" in {nd.op_type for nd in m.graph.node}
+    for n, pads in ((24, (0, 7)), (33, (11, 0, 4))):
+        ids, mask, _ = _padded(n, pads, seed=n)
+        want = _torch_padded(model, _mixed_plan(model), ids, mask, None)
+        assert np.abs(_run_all(tmp_path / "np.onnx", ids, mask) - want).max() < 1e-4
+
+
+def test_a_file_that_fails_in_onnx_runtime_is_an_export_error(tmp_path, monkeypatch):
+    """The export runs the file it wrote on the example inputs: without the per-row positions above, the
+    file checks but fails in ONNX Runtime, which export_onnx reports instead of returning it."""
+    import contextlib
+
+    from attnforge.compiler import export as E
+
+    monkeypatch.setattr(E, "_rotary_per_row", lambda model: contextlib.nullcontext())
+    model = _llama()
+    with pytest.raises(ExportError, match="does not run in ONNX Runtime .* RotaryEmbedding"):
+        export_onnx(model, _padded(24, (0, 7))[:2], tmp_path / "bad.onnx")
+    assert export_onnx(model, _padded(24, (0, 7))[:2], tmp_path / "unchecked.onnx", check=False).ort_max_abs_diff is None
+
+
 def test_a_padded_encoder_exports_bidirectional_rows(tmp_path):
     """A BERT-style encoder with right padding (as tokenizers pad encoders): padded bidirectional sites, and
     the file equals Hugging Face's own forward at every real position at two lengths."""
