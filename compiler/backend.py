@@ -218,6 +218,7 @@ class Backend:
         return entries, unplanned
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
+        _restart_for_symbolic_scales(gm)
         gm, _ = self.transform(gm)
         if torch.is_grad_enabled():
             # a graph that may be differentiated: its sites also return the log-sum-exp the backward kernels
@@ -240,6 +241,43 @@ class Backend:
             for item in value:
                 print(f"{key}: {item}")
         print(gm.code)
+
+
+def _restart_for_symbolic_scales(gm: fx.GraphModule) -> None:
+    """With dynamic=True, Dynamo passes Python floats (a module's `scaling`) as graph inputs: an SDPA call's
+    scale is then a symbolic float read by .item(), which detection cannot take as the op's constant, so every
+    such site would be declined. Ask Dynamo to trace the frame again with those floats specialized, as
+    Inductor's own scalar pass does (Dynamo guards on the value, so a changed float recompiles: exact): the
+    floats SDPA's argument parsing already fixed to a number, and any left symbolic. A float specialized once
+    is not asked for again."""
+    try:
+        from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+        from torch._dynamo.symbolic_convert import TensorifyState
+        from torch._guards import TracingContext
+        from torch.utils._sympy.symbol import SymT, symbol_is_type
+    except ImportError:                  # a torch without the mechanism: the sites are declined, with the reason
+        return
+    from attnforge.passes import match as M
+
+    symbolic = set()
+    for graph in [gm, *(body for _, _, body in bodies(gm))]:
+        for node in graph.graph.nodes:
+            scale = M.arg(node, 6, "scale") if node.op == "call_function" and M.is_sdpa(node) else None
+            value = scale.meta.get("example_value", scale.meta.get("val")) if isinstance(scale, fx.Node) else None
+            if isinstance(value, torch.SymFloat):
+                symbolic.add(value)
+    if not symbolic:
+        return
+    names = {str(s) for v in symbolic for s in v.node.expr.free_symbols if symbol_is_type(s, SymT.FLOAT)}
+    ctx = TracingContext.try_get()
+    shape_env = getattr(getattr(ctx, "fake_mode", None), "shape_env", None)
+    if shape_env is not None:           # already fixed to a number: the symbol is known only to the shape env
+        names |= {str(k) for k, v in shape_env.replacements.items() if symbol_is_type(k, SymT.FLOAT) and v.is_number}
+    names = {n for n in names if not TensorifyState.should_specialize(n)}
+    if names:
+        for name in sorted(names):
+            TensorifyState.specialize(name)
+        raise TensorifyScalarRestartAnalysis
 
 
 def _with_saved_lse(gm: fx.GraphModule) -> fx.GraphModule:

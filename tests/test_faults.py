@@ -360,3 +360,29 @@ def test_forward_kernel_failure_in_training_still_hands_an_exact_lse_to_the_back
     with pytest.warns(RuntimeWarning, match="float64 is not supported"):
         out, lse = torch.ops.attnforge.attention_train(q64, q64, q64, None, True, 0, 0.25, "auto", key)
     assert torch.isnan(lse).all()
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_dynamic_true_with_a_float_scale_attribute(compiler):
+    """torch.compile(dynamic=True) passes a module's float `scaling` as a graph input (a symbolic float read
+    by .item()); SDPA's scale is then no constant and every site used to be declined ("scale is not a
+    constant"). The backend has Dynamo specialize those floats and trace again: the sites are rewritten, in
+    a graph whose length stays symbolic (a second length does not recompile), and the outputs are the model's."""
+    pytest.importorskip("transformers")
+    from test_padding import _llama
+
+    model = _llama()
+    torch._dynamo.reset()
+    be = af.Backend(compiler=compiler)
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    af.runtime.reset_counters()
+    with torch.no_grad():
+        for n in (9, 17):
+            ids = torch.randint(1, 256, (1, n), generator=torch.Generator().manual_seed(n))
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert be.records and not any(r.declined for r in be.records)
+    assert all(len(r.rewritten) == 2 and r.sites[0].q_len.startswith("s") for r in be.records)
+    # Inductor's own scalar pass restarts once more for the other floats (an eps, an exponent): its record
+    # is the same graph again, not a recompile per length
+    assert len(be.records) == (1 if compiler == "eager" else 2)
+    assert af.runtime.counters["reference"] == 4
