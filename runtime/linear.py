@@ -191,7 +191,7 @@ def linear_group_chunked(qg: Tensor, kg: Tensor, vg: Tensor, form, scale: float,
     by key. Time and memory are linear in N: O(N (sink + window + chunk) G) scores and O(N F (G + Dv /
     chunk)) features and states, F the feature dim (taylor2: 1 + D + D (D+1) / 2; hedgehog: 2D), instead of the
     reference's N x N. Autograd through it gives the hybrid's gradients (the op's backward)."""
-    b, g, n, d = qg.shape
+    n = qg.shape[2]
     c = chunk
     nc = -(-n // c)
     npad = nc * c
@@ -212,8 +212,8 @@ def linear_group_chunked(qg: Tensor, kg: Tensor, vg: Tensor, form, scale: float,
     span = (i0[:, None] + c - e_w).clamp(min=0) + torch.arange(e_w, device=dev)[None, :]
     idx = torch.cat([torch.arange(sink, device=dev).expand(nc, sink), span], 1)      # [nc, E]
     j = idx[:, None, :]
-    keep = (j <= rows) & torch.cat([torch.ones(nc, c, sink, dtype=torch.bool, device=dev),
-                                    (span[:, None, :] > rows - win) & (span[:, None, :] >= form.sink).expand(nc, c, e_w)], 2)
+    in_window = (span[:, None, :] > rows - win) & (span[:, None, :] >= form.sink)        # [nc, C, E_w]
+    keep = (j <= rows) & torch.cat([torch.ones(nc, c, sink, dtype=torch.bool, device=dev), in_window], 2)
     ke, ve = kp[:, idx], vp[:, idx]                                    # [B, nc, E, D]
     s = torch.einsum("bgcid,bced->bgcie", qc, ke) * scale
     s = s.masked_fill(~keep, float("-inf"))                            # every row keeps its own key
@@ -272,7 +272,7 @@ def linear_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, forms, sc
         heads = slice(gi * g, (gi + 1) * g)
         maps = _form_maps(form, q.device, ct)
         # torch.func.vjp, not torch.autograd.grad: this runs inside a custom op, below the autograd keys
-        _, vjp = torch.func.vjp(lambda a, b, c: linear_group_chunked(a, b, c, form, scale, maps),
+        _, vjp = torch.func.vjp(lambda a, b, c, form=form, maps=maps: linear_group_chunked(a, b, c, form, scale, maps),
                                 q[:, heads].to(ct), k[:, gi].to(ct), v[:, gi].to(ct))
         gq, gk, gv = vjp(grad_out[:, heads].to(ct))
         dq[:, heads], dk[:, gi], dv[:, gi] = gq.to(dq.dtype), gk.to(dk.dtype), gv.to(dv.dtype)

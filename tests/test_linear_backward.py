@@ -5,13 +5,13 @@ import itertools
 
 import pytest
 import torch
-
-import attnforge as af
 from attnforge.runtime import kernels, ops
 from attnforge.runtime.forms import Dense, ElasticWindow, Linear, SinkWindow, forms_to_json
-from attnforge.runtime.linear import (FeatureMaps, linear_group_chunked, linear_group_reference, register_maps)
+from attnforge.runtime.linear import FeatureMaps, linear_group_chunked, linear_group_reference, register_maps
 from attnforge.runtime.padding import reference as padded_reference
 from attnforge.runtime.reference import attention_reference
+
+import attnforge as af
 
 needs_interpreter = pytest.mark.skipif(not kernels.interpreter_enabled(), reason="needs TRITON_INTERPRET=1")
 
@@ -39,10 +39,12 @@ def test_chunked_form_and_its_gradients_equal_the_reference(feature_map):
     for n, window, sink, chunk in itertools.product([1, 9, 16, 37], [1, 5, 16, 50], [0, 3, 20], [8, 16]):
         form = Linear(feature_map, window, sink, key)
         q = torch.randn(2, 3, n, d, generator=g, dtype=torch.float64)
-        k, v = torch.randn(2, n, d, generator=g, dtype=torch.float64), torch.randn(2, n, 6, generator=g, dtype=torch.float64)
+        k = torch.randn(2, n, d, generator=g, dtype=torch.float64)
+        v = torch.randn(2, n, 6, generator=g, dtype=torch.float64)
         grad = torch.randn(2, 3, n, 6, generator=g, dtype=torch.float64)
-        ref, ref_grads = _grads(lambda a, b, c: linear_group_reference(a, b, c, form, 0.4), (q, k, v), grad)
-        out, grads = _grads(lambda a, b, c: linear_group_chunked(a, b, c, form, 0.4, chunk=chunk), (q, k, v), grad)
+        ref, ref_grads = _grads(lambda a, b, c, f=form: linear_group_reference(a, b, c, f, 0.4), (q, k, v), grad)
+        out, grads = _grads(lambda a, b, c, f=form, ch=chunk: linear_group_chunked(a, b, c, f, 0.4, chunk=ch),
+                            (q, k, v), grad)
         for x, y in zip((out, *grads), (ref, *ref_grads)):
             worst = max(worst, float((x - y).abs().max().detach()))
     assert worst < 1e-10, worst
@@ -87,7 +89,7 @@ def test_triton_forward_then_chunked_and_plan_kernel_backward(dtype):
     counts = {c: ops.counters[c] for c in ("linear_backward", "triton_backward", "triton_linear")}
 
     def step(a, b, c):
-        out, lse = torch.ops.attnforge.attention_train(a, b, c, None, True, 0, 0.3, "triton", ops._plan_key(),
+        out, _ = torch.ops.attnforge.attention_train(a, b, c, None, True, 0, 0.3, "triton", ops._plan_key(),
                                                         forms_to_json(forms))
         return out
 
@@ -129,9 +131,9 @@ def test_compiled_training_step_keeps_the_op(packed):
         return torch.ops.attnforge.attention(a, b, c, None, True, 0, 0.3, "auto", "", text, padding).square().sum()
 
     if packed:
-        ref_fn = lambda a, b, c: padded_reference(a, b, c, padding, True, 0.3, forms)  # noqa: E731
+        ref_fn = lambda a, b, c: padded_reference(a, b, c, padding, True, 0.3, forms)
     else:
-        ref_fn = lambda a, b, c: attention_reference(a, b, c, None, True, 0.3, 0, forms)  # noqa: E731
+        ref_fn = lambda a, b, c: attention_reference(a, b, c, None, True, 0.3, 0, forms)
     one = torch.tensor(1.0, dtype=torch.float64)
     _, ref = _grads(lambda a, b, c: ref_fn(a, b, c).square().sum(), (q, k, v), one)
     before = ops.counters["linear_backward"]
