@@ -234,6 +234,27 @@ def _reaches_qk(node, depth: int = 8) -> bool:
     return False
 
 
+def _softcapped(node, depth: int = 8) -> bool:
+    """Whether the scores reach q @ k^T through a tanh (logit soft-capping, cap * tanh(s / cap): Gemma 2,
+    Grok), which the kernels do not compute: such attention is declined with that reason."""
+    seen_tanh = False
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return False
+        if _is_qk(node):
+            return seen_tanh
+        if M.is_tanh(node):
+            seen_tanh = True
+        elif not (M.is_cast(node) or M.is_mul(node) or M.is_div(node)):
+            return False
+        node = node.args[0] if not (M.is_mul(node) and isinstance(node.args[0], (int, float))) else node.args[1]
+    return False
+
+
+_SOFTCAP = ("the scores are soft-capped (cap * tanh(s / cap), as Gemma 2 does); attnforge's kernels have no "
+            "soft-cap yet, so this attention is left to PyTorch")
+
+
 class _Scores:
     """What lies between q @ k^T and the softmax."""
 
@@ -247,6 +268,8 @@ class _Scores:
 def _peel_scores(node: fx.Node, scores_rank: int) -> _Scores:
     res = _Scores()
     while not _is_qk(node):
+        if _softcapped(node):
+            raise NotAttention(_SOFTCAP)
         if M.is_cast(node):
             nxt = node.args[0]
         elif M.is_mul(node) or M.is_div(node):
@@ -274,6 +297,8 @@ def _peel_scores(node: fx.Node, scores_rank: int) -> _Scores:
                 nxt, mask = a, b
             elif isinstance(b, fx.Node) and _reaches_qk(b):
                 nxt, mask = b, a
+            elif any(_softcapped(x) for x in (a, b)):
+                raise NotAttention(_SOFTCAP)
             else:
                 raise NotAttention(f"no q @ k^T before the add {node.name}")
             if not isinstance(mask, fx.Node):

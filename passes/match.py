@@ -94,6 +94,10 @@ def is_add(node) -> bool:
     return is_call(node, _ADD, ("add",))
 
 
+def is_tanh(node) -> bool:
+    return is_call(node, {torch.tanh, torch.nn.functional.tanh}, ("tanh",))
+
+
 def is_cast(node) -> bool:
     """A dtype conversion (or a no-op conversion) that keeps the shape."""
     if not isinstance(node, fx.Node) or node.op != "call_method" or node.target not in _CASTS:

@@ -58,6 +58,21 @@ class PerKeyScale(nn.Module):
         return torch.softmax((q @ k.transpose(-2, -1)) * w, dim=-1) @ v
 
 
+class SoftCapped(nn.Module):
+    """Gemma 2's logit soft-capping, cap * tanh(s / cap), with a causal mask added after it and without."""
+
+    def __init__(self, masked=True):
+        super().__init__()
+        self.masked = masked
+
+    def forward(self, q, k, v):
+        s = 50.0 * torch.tanh((q @ k.transpose(-2, -1)) * 0.25 / 50.0)
+        if self.masked:
+            n = q.shape[-2]
+            s = s + torch.full((n, n), float("-inf")).triu(1)
+        return torch.softmax(s, dim=-1) @ v
+
+
 CASES = {
     "moe_router": (MoERouter, lambda: (x(),), "not multiplied with values"),
     "additive_pooling": (AdditivePooling, lambda: (x(n=5), x(n=9, seed=1)), "softmax input is not q @ k^T"),
@@ -65,6 +80,10 @@ CASES = {
     "dropout_in_training": (lambda: DropoutAttention().train(), lambda: (x(),), "dropout p=0.1"),
     "per_key_scale": (PerKeyScale, lambda: (torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8),
                                             torch.rand(1, 1, 1, 6) + 0.5), "scaled per key"),
+    "softcap_masked": (SoftCapped, lambda: (torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)),
+                       "soft-capped"),
+    "softcap": (lambda: SoftCapped(False), lambda: (torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8),
+                                                   torch.randn(1, 2, 6, 8)), "soft-capped"),
 }
 
 

@@ -23,6 +23,18 @@ def _hf_llama(impl):
     return LlamaForCausalLM(cfg).eval(), (torch.randint(0, 128, (2, 10), generator=H._g()),)
 
 
+def _hf_decoder(config, model, impl, **kw):
+    """A small Hugging Face decoder of another family (same sizes as _hf_llama)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config)(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                        num_key_value_heads=2, num_hidden_layers=2, vocab_size=128, head_dim=16,
+                                        use_cache=False, **kw)
+    cfg._attn_implementation = impl
+    return getattr(transformers, model)(cfg).eval(), (torch.randint(0, 128, (2, 10), generator=H._g()),)
+
+
 def _gpt2(impl):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -126,6 +138,19 @@ def _sdpa_gqa():
 ZOO = {
     "hf_llama_eager": (lambda: _hf_llama("eager"), 2, False),
     "hf_llama_sdpa": (lambda: _hf_llama("sdpa"), 2, False),
+    # other decoder families: biases on q/k/v (Qwen2), q/k norms (Qwen3, OLMo 2), a sliding window (Mistral:
+    # lifted to the op's window), sliding and full layers alternating (Gemma 2 without soft-capping); Gemma 2's
+    # soft-capped scores are declined with the reason (tests/test_negatives.py spells it out)
+    "hf_qwen2_sdpa": (lambda: _hf_decoder("Qwen2Config", "Qwen2ForCausalLM", "sdpa"), 2, False),
+    "hf_qwen3_sdpa": (lambda: _hf_decoder("Qwen3Config", "Qwen3ForCausalLM", "sdpa"), 2, False),
+    "hf_olmo2_sdpa": (lambda: _hf_decoder("Olmo2Config", "Olmo2ForCausalLM", "sdpa"), 2, False),
+    "hf_mistral_window_sdpa": (lambda: _hf_decoder("MistralConfig", "MistralForCausalLM", "sdpa", sliding_window=4),
+                               2, False),
+    "hf_mistral_window_eager": (lambda: _hf_decoder("MistralConfig", "MistralForCausalLM", "eager", sliding_window=4),
+                                2, False),
+    "hf_gemma2_window_eager": (lambda: _hf_decoder("Gemma2Config", "Gemma2ForCausalLM", "eager", sliding_window=4,
+                                                   attn_logit_softcapping=None, final_logit_softcapping=None), 2, False),
+    "hf_gemma2_softcap_eager": (lambda: _hf_decoder("Gemma2Config", "Gemma2ForCausalLM", "eager"), 0, False),
     "gpt2_eager": (lambda: _gpt2("eager"), 2, False),
     "gpt2_sdpa": (lambda: _gpt2("sdpa"), 2, False),
     "minilm_eager": (lambda: _minilm("eager"), 6, False),
