@@ -525,7 +525,7 @@ class SiteKVCache:
         if self.linear is None:
             k, v, keep = self._linear_pending
             self.linear = [[LinearState(self.layouts[gi].form, k.shape[-1], v.shape[-1], scale, device=k.device,
-                                        dtype=_compute_dtype(k.dtype))
+                                        dtype=_compute_dtype(k.dtype), max_length=self.max_length, kv_dtype=k.dtype)
                             for gi in self._linear] for _ in range(k.shape[0])]
             self._linear_pending = None
             self._linear_append(k, v, keep)

@@ -288,10 +288,15 @@ class LinearState:
         S0 = sum_j phi_0(k_j) v_j       [BDV]            z0 = sum_j phi_0(k_j)
     taylor2: phi_a(k) = k * k_a * scale / sqrt(2) (a < D), phi_D(k) = k * sqrt(scale), phi_0 = 1, so that
     phi(q).phi(k) = 1 + s + s^2 / 2; hedgehog: the two softmax halves, phi_0 = 0.
+    The exact keys live in one buffer of min(sink + window, max_length) slots allocated up front: position
+    p < sink at slot p, a later one at sink + (p - sink) % window, so the key a new position overwrites is
+    the one leaving the window, which moves into the sums first; the filled slots are always a prefix,
+    which attend reads in place. Positions are counted on the host: no step reads the device.
     Memory does not grow with the sequence: (sink + window) * (D + Dv) + A * D * (Dv + 1) numbers per group.
     `attend(q, impl="triton")` reads it with the decode kernel (CUDA, or the interpreter on the CPU)."""
 
-    def __init__(self, form, head_dim: int, value_dim: int, scale: float, device=None, dtype=torch.float32):
+    def __init__(self, form, head_dim: int, value_dim: int, scale: float, device=None, dtype=torch.float32,
+                 max_length: int | None = None, kv_dtype=None):
         self.form, self.scale, self.d, self.dv = form, scale, head_dim, value_dim
         self.maps = _form_maps(form, device, dtype)
         self.parts = 2 if form.feature_map == "hedgehog" else head_dim + 1
@@ -301,8 +306,28 @@ class LinearState:
         self.z = torch.zeros(self.parts, bd, device=device, dtype=dtype)
         self.S0 = torch.zeros(bdv, device=device, dtype=dtype)
         self.z0 = torch.zeros(1, device=device, dtype=dtype)
-        self.keys: list[tuple[int, Tensor, Tensor]] = []          # (position, k, v) of the exact part
+        slots = form.sink + form.window if max_length is None else min(form.sink + form.window, max_length)
+        self.max_length = max_length
+        self.ke = torch.zeros(slots, head_dim, device=device, dtype=kv_dtype or dtype)
+        self.ve = torch.zeros(slots, value_dim, device=device, dtype=kv_dtype or dtype)
         self.length = 0
+
+    @property
+    def exact(self) -> int:
+        """How many exact keys (sink + window at most) it holds."""
+        return min(self.length, self.form.sink + self.form.window)
+
+    def _slot(self, p: int) -> int:
+        sink = self.form.sink
+        return p if p < sink else sink + (p - sink) % self.form.window
+
+    def _index(self, positions):
+        """Their slots: a slice for one position (a decoding step: no index copied to the device), else a
+        tensor."""
+        if len(positions) == 1:
+            s = self._slot(positions[0])
+            return slice(s, s + 1)
+        return torch.tensor([self._slot(p) for p in positions], dtype=torch.long, device=self.ke.device)
 
     def features(self, x: Tensor, query: bool) -> tuple[Tensor, float]:
         """(phi_a(x) [..., A, D], phi_0)"""
@@ -313,53 +338,54 @@ class LinearState:
         f = phi(x, wq) * gain if query else phi(x, wk)
         return torch.stack([f[..., :self.d], f[..., self.d:]], -2), 0.0
 
+    def _absorb(self, kk: Tensor, vv: Tensor) -> None:
+        """Keys [T, D] / values [T, Dv] that left the window, into the running sums."""
+        kk, vv = kk.to(self.S.dtype), vv.to(self.S.dtype)
+        f, f0 = self.features(kk, query=False)                       # [T, A, D]
+        self.S[:, :self.d, :self.dv] += torch.einsum("tad,tv->adv", f, vv)
+        self.z[:, :self.d] += f.sum(0)
+        self.S0[:self.dv] += f0 * vv.sum(0)
+        self.z0 += f0 * kk.shape[0]
+
     def append(self, k: Tensor, v: Tensor) -> None:
         """Add the key/value of position `length`; a key leaving the window moves into the sums."""
-        self.keys.append((self.length, k, v))
-        self.length += 1
-        keep = []
-        for pos, kk, vv in self.keys:
-            if pos < self.form.sink or pos > self.length - 1 - self.form.window:
-                keep.append((pos, kk, vv))
-            else:                                  # j <= p_next - window for every later query
-                f, f0 = self.features(kk.to(self.S.dtype), query=False)
-                self.S[:, :self.d, :self.dv] += f[:, :, None] * vv.to(self.S.dtype)[None, None, :]
-                self.z[:, :self.d] += f
-                self.S0[:self.dv] += f0 * vv.to(self.S.dtype)
-                self.z0 += f0
-        self.keys = keep
+        self.extend(k[None], v[None])
 
     def extend(self, k: Tensor, v: Tensor) -> None:
         """Add the keys / values [T, D] / [T, Dv] of positions length .. length + T - 1 at once (a prompt):
         the same state as T append() calls, with the keys that leave the window summed in one batch."""
-        start = self.length
-        self.length += k.shape[0]
-        entries = self.keys + [(start + i, k[i], v[i]) for i in range(k.shape[0])]
-        newest = self.length - 1
-
-        def stays(pos):
-            return pos < self.form.sink or pos > newest - self.form.window
-
-        leave = [e for e in entries if not stays(e[0])]
-        self.keys = [e for e in entries if stays(e[0])]
-        if leave:
-            kk = torch.stack([e[1] for e in leave]).to(self.S.dtype)
-            vv = torch.stack([e[2] for e in leave]).to(self.S.dtype)
-            f, f0 = self.features(kk, query=False)                   # [T', A, D]
-            self.S[:, :self.d, :self.dv] += torch.einsum("tad,tv->adv", f, vv)
-            self.z[:, :self.d] += f.sum(0)
-            self.S0[:self.dv] += f0 * vv.sum(0)
-            self.z0 += f0 * len(leave)
+        t = k.shape[0]
+        if t == 0:
+            return
+        sink, win = self.form.sink, self.form.window
+        start, newest = self.length, self.length + t - 1
+        if self.max_length is not None and newest >= self.max_length:
+            raise ValueError(f"this linear state holds at most {self.max_length} positions, got {newest + 1}")
+        # held keys that leave the window now (positions max(sink, start - win) .. newest - win), then new
+        # keys that are already past it
+        old = range(max(sink, start - win), min(start, newest - win + 1))
+        if len(old):
+            idx = self._index(old)
+            self._absorb(self.ke[idx], self.ve[idx])
+        new = range(max(sink, start), newest - win + 1)
+        if len(new):
+            self._absorb(k[new.start - start:new.stop - start], v[new.start - start:new.stop - start])
+        # the new keys that stay: the sink's, and the last `win` (a contiguous run of the new rows each)
+        for run in (range(start, min(newest + 1, sink)), range(max(start, sink, newest - win + 1), newest + 1)):
+            if len(run):
+                rows = slice(run.start - start, run.stop - start)
+                idx = self._index(run)
+                self.ke[idx] = k[rows].to(self.ke.dtype)
+                self.ve[idx] = v[rows].to(self.ve.dtype)
+        self.length = newest + 1
 
     def nbytes(self) -> int:
-        """Bytes held: the running sums and the exact part's keys and values."""
-        sums = sum(t.numel() * t.element_size() for t in (self.S, self.z, self.S0, self.z0))
-        return sums + sum(kk.numel() * kk.element_size() + vv.numel() * vv.element_size() for _, kk, vv in self.keys)
+        """Bytes held: the running sums and the exact part's buffer."""
+        return sum(t.numel() * t.element_size() for t in (self.S, self.z, self.S0, self.z0, self.ke, self.ve))
 
     def attend(self, q: Tensor, impl: str = "reference") -> Tensor:
         """q [G, D] for the newest position (length - 1) -> [G, Dv]."""
-        kk = torch.stack([k for _, k, _ in self.keys])
-        vv = torch.stack([v for _, _, v in self.keys])
+        kk, vv = self.ke[:self.exact], self.ve[:self.exact]
         if impl == "triton":
             from . import ops
 
@@ -373,7 +399,8 @@ class LinearState:
                                         self.z.float(), self.z0.float(), self.scale,
                                         self.form.feature_map == "hedgehog", wq, gain,
                                         interpreted=loaded.interpreted).to(q.dtype)
-        sc = q @ kk.T * self.scale                                  # [G, E]
+        kk, vv = kk.to(self.S.dtype), vv.to(self.S.dtype)
+        sc = q.to(self.S.dtype) @ kk.T * self.scale                 # [G, E]
         m = sc.amax(-1, keepdim=True)
         w = torch.exp(sc - m)
         f, f0 = self.features(q.to(self.S.dtype), query=True)       # [G, A, D]
@@ -382,7 +409,7 @@ class LinearState:
         c = torch.exp(-m) if self.form.feature_map == "taylor2" else torch.ones_like(m)
         num = w @ vv + c * num_l
         den = w.sum(-1, keepdim=True) + c * den_l[:, None]
-        return num / den
+        return (num / den).to(q.dtype)
 
 
 def decode_step_reference(states, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -358,7 +358,8 @@ def test_linear_groups_inside_generate_equal_the_full_forward(impl):
         assert runtime.counters["triton_linear_decode"] == 2 * 7
     site = cache.layers[0].site
     assert len(site.linear[0]) == 1 and site.linear[0][0].length == 47
-    assert len(site.linear[0][0].keys) == 2 + 8                       # sink + window exact, the rest summed
+    state = site.linear[0][0]
+    assert state.exact == 2 + 8 and state.ke.shape[0] == 2 + 8        # sink + window exact, the rest summed
     torch._dynamo.reset()
     with torch.no_grad():
         full = torch.compile(model, backend=af.Backend(plan=plan, impl="reference", compiler="eager"))(out).logits
