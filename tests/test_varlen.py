@@ -80,3 +80,31 @@ def test_bad_bounds_say_what_is_wrong():
         af.varlen_attention(q[None], k, v, cu)
     with pytest.raises(ValueError, match="causal=True"):
         af.varlen_attention(q, k, v, cu, causal=False, forms=(SinkWindow(2, 8), af.Dense()))
+
+
+def test_linear_groups_train_each_sequence_alone():
+    """Linear-hybrid groups over variable-length sequences: the backward runs the chunked op per compacted
+    sequence (counted), and the gradients are those of each sequence through the float64 reference alone."""
+    from attnforge.runtime.forms import Linear
+    from attnforge.runtime.reference import attention_reference
+
+    q, k, v, cu = _data()
+    forms = (Linear("taylor2", 6, 2), SinkWindow(1, 5))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    af.runtime.reset_counters()
+    out = af.varlen_attention(*leaves, cu, scale=0.25, forms=forms)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out.backward(grad)
+    assert af.runtime.counters["linear_backward"] == 1
+    mine = [x.clone().requires_grad_() for x in (q, k, v)]
+    outs, at = [], 0
+    for n in LENGTHS:
+        if n:
+            one = [x[at:at + n].transpose(0, 1)[None] for x in mine]
+            outs.append(attention_reference(*one, None, True, 0.25, 0, forms)[0].transpose(0, 1))
+        at += n
+    want = torch.cat(outs)
+    assert (out - want).abs().max() < 1e-10
+    want.backward(grad)
+    for a, b in zip(leaves, mine):
+        assert (a.grad - b.grad).abs().max() < 1e-10
