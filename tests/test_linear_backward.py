@@ -179,3 +179,33 @@ def test_inductor_training_step_of_a_model_with_linear_groups(padded):
     assert abs(loss.item() - want.item()) < 1e-5
     for (name, a), b in zip(ours.named_parameters(), oracle.parameters()):
         assert (a.grad - b.grad).abs().max() < 1e-5, name
+
+
+def test_checkpointed_packed_inductor_step_with_linear_groups():
+    """Gradient checkpointing, a packed batch (Hugging Face's flattening collator) and Linear groups under
+    Inductor — the traced backward used to stop at the packed sequence count: loss and every weight's
+    gradient equal the same plan's oracle without checkpointing (impl='reference', eager)."""
+    from test_checkpointing import _packed_batch
+    from test_padding import _llama, _plan
+
+    forms = ((Linear("taylor2", 5, 2), SinkWindow(1, 6)), (Dense(), Linear("taylor2", 4, 1)))
+
+    def step(checkpointing, impl, compiler):
+        torch._dynamo.reset()
+        model = _llama()
+        model.config.use_cache = checkpointing     # HF drops the cache for checkpointed training (see there)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        af.optimize(model, _plan(model, forms), impl=impl, compiler=compiler)
+        af.runtime.reset_counters()
+        loss = model(**_packed_batch()).loss
+        loss.backward()
+        return model, loss, dict(af.runtime.counters)
+
+    ours, loss, calls = step(True, "auto", "inductor")
+    assert calls.get("linear_backward") == 2 and calls.get("padded") == 4      # the forward ran twice (recompute)
+    oracle, want, _ = step(False, "reference", "eager")
+    assert abs(loss.item() - want.item()) < 1e-5
+    for (name, a), b in zip(ours.named_parameters(), oracle.parameters()):
+        assert (a.grad - b.grad).abs().max() < 1e-5, name
