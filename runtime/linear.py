@@ -267,7 +267,7 @@ def linear_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, forms, sc
     ct = _compute_dtype(q.dtype)
     dq, dk, dv = grads if grads is not None else (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
     for gi, form in enumerate(forms):
-        if not isinstance(form, Linear):
+        if not isinstance(form, Linear) or q.shape[2] == 0:     # (no rows: nothing to differentiate)
             continue
         heads = slice(gi * g, (gi + 1) * g)
         maps = _form_maps(form, q.device, ct)

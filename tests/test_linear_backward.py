@@ -77,6 +77,14 @@ def test_op_backward_runs_the_chunked_form_and_matches_the_reference():
     assert ops.counters["linear_backward"] == before + 1
 
 
+def test_no_rows():
+    q = torch.randn(1, 2, 0, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 1, 0, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out = _op("auto", (Linear("taylor2", 4, 1),))(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_forward_then_chunked_and_plan_kernel_backward(dtype):
