@@ -190,6 +190,32 @@ def test_linear_hybrid_kernel(fmap):
     torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("fmap", ["taylor2", "hedgehog"])
+def test_linear_hybrid_training_step(fmap):
+    """Forward through the linear and plan kernels (attention_train, its log-sum-exp saved), backward through
+    attnforge::linear_backward: the chunked PyTorch form for the Linear group, the plan kernel's backward for
+    the window group; gradients against the float64 reference."""
+    from attnforge.runtime.linear import FeatureMaps, register_maps
+
+    d, n = 64, 1100
+    g = torch.Generator().manual_seed(3)
+    maps = register_maps(FeatureMaps(torch.eye(d) + 0.1 * torch.randn(d, d, generator=g), torch.eye(d), 1.0))[0]
+    forms = (Linear(fmap, 64, 64, maps if fmap == "hedgehog" else ""), SinkWindow(64, 256))
+    key = kernels.register_source(codegen.render_attention(codegen.KernelSpec(causal=True, plan=True)).source)
+    q, k, v = _qkv(6, 2, n, d, HALF, seed=6, grad=True)
+    grad = torch.randn(1, 6, n, d, device=DEVICE, dtype=HALF)
+    scale, fj = 1 / math.sqrt(d), forms_to_json(forms)
+    af.runtime.reset_counters()
+    ours = _grads(lambda *t: torch.ops.attnforge.attention_train(*t, None, True, 0, scale, "triton", key, fj)[0],
+                  (q, k, v), grad)
+    assert af.runtime.counters["triton_linear"] == 1 and af.runtime.counters["linear_backward"] == 1
+    assert af.runtime.counters["triton_backward"] == 1
+    t64 = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.autograd.grad(attention_reference(*t64, None, True, scale, 0, forms), t64, grad.double())
+    for a, e in zip(ours, ref):
+        torch.testing.assert_close(a.double(), e, rtol=3e-2, atol=3e-2)
+
+
 def test_backend_on_a_small_model_runs_compiled_kernels():
     from attnforge.compiler.models import tiny
 
