@@ -70,5 +70,11 @@ def test_linear_kernel_benchmark(tmp_path):
     assert row["hedgehog_train_ms"] > 0 and row["sdpa_train_ms"] > 0     # the training row ran (and was checked)
 
 
+def test_linear_backward_benchmark(tmp_path):
+    data = _run("linear_backward", tmp_path, "--shapes", "2x1x16", "--lengths", "100", "--maps", "taylor2")
+    (row,) = data["rows"]
+    assert row["n"] == 100 and all(row[f"{v}_ms"] > 0 for v in ("sdpa", "reference", "chunked"))
+
+
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
