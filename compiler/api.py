@@ -8,7 +8,7 @@ import torch
 
 from attnforge import runtime
 from attnforge.passes import AttentionSite, Decline
-from attnforge.passes.regions import detect_regions
+from attnforge.passes.regions import detect_regions, flatten
 
 from .backend import Backend
 from .capture import capture
@@ -19,8 +19,7 @@ __all__ = ["find_attention", "detect_model", "compile_and_compare", "CompareResu
 def detect_model(model, example_inputs, method: str = "dynamo") -> tuple[list[AttentionSite], list[Decline]]:
     """Sites and near misses over every captured graph; the model is not changed."""
     def on_graph(gm):                        # the graph and its activation-checkpointed regions
-        found = detect_regions(gm)[1]
-        return [s for ss, _ in found for s in ss], [d for _, dd in found for d in dd]
+        return flatten(detect_regions(gm)[1])
 
     sites, declined = [], []
     for s, d in capture(model, example_inputs, method, on_graph=on_graph):

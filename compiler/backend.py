@@ -21,7 +21,7 @@ from torch import fx
 from attnforge import codegen, runtime
 from attnforge.passes import AttentionSite, Decline, canonicalize
 from attnforge.passes.apply_plan import apply_plan
-from attnforge.passes.regions import bodies, detect_regions
+from attnforge.passes.regions import detect_regions, flatten, graphs
 
 from .plan import Plan, PlanError, fingerprint, resolve_site
 
@@ -132,9 +132,8 @@ class Backend:
         """Detect, emit kernels, rewrite. Returns the (rewritten) graph and its record. Activation-checkpointed
         regions (passes.regions) are rewritten inside their bodies, as part of this graph."""
         opts = self.options
-        graphs, found = detect_regions(gm)
-        sites = [s for graph_sites, _ in found for s in graph_sites]
-        declined = [d for _, graph_declined in found for d in graph_declined]
+        every, found = detect_regions(gm)
+        sites, declined = flatten(found)
         self._dump("after detect", gm, sites=sites, declined=declined)
         kernels: dict[str, str] = {}
         kernel_records = []
@@ -149,7 +148,7 @@ class Backend:
         changed = False
         planned: tuple[str, ...] = ()
         if opts.rewrite and sites:
-            for graph, (graph_sites, _) in zip(graphs, found):
+            for graph, (graph_sites, _) in zip(every, found):
                 if not graph_sites:
                     continue
                 graph, graph_changed = canonicalize(graph, graph_sites, impl=opts.impl, kernels=kernels,
@@ -161,7 +160,7 @@ class Backend:
             if opts.plan is not None and changed:
                 planned = tuple(sid for sid, forms in entries.items() if any(f.kind != "dense" for f in forms))
         rewritten = tuple(s.id for s in sites) if changed else ()
-        code = "\n".join([gm.code] + [f"# region {i}\n{g.code}" for i, g in enumerate(graphs[1:])])
+        code = "\n".join([gm.code] + [f"# region {i}\n{g.code}" for i, g in enumerate(every[1:])])
         with self._lock:
             record = GraphRecord(len(self.records), tuple(sites), rewritten, tuple(declined),
                                  tuple(kernel_records), opts.impl, opts.compiler, code, planned, unplanned)
@@ -224,9 +223,8 @@ class Backend:
             # a graph that may be differentiated: its sites also return the log-sum-exp the backward kernels
             # need, so the backward does not run the forward again (Dynamo compiles per grad mode); inside a
             # checkpointed region too, where the region's recomputation then keeps it for the backward
-            gm = _with_saved_lse(gm)
-            for _, _, body in bodies(gm):
-                _with_saved_lse(body)
+            for graph in graphs(gm):
+                _with_saved_lse(graph)
         if self.options.compiler == "eager":
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
@@ -260,7 +258,7 @@ def _restart_for_symbolic_scales(gm: fx.GraphModule) -> None:
     from attnforge.passes import match as M
 
     symbolic = set()
-    for graph in [gm, *(body for _, _, body in bodies(gm))]:
+    for graph in graphs(gm):
         for node in graph.graph.nodes:
             scale = M.arg(node, 6, "scale") if node.op == "call_function" and M.is_sdpa(node) else None
             value = scale.meta.get("example_value", scale.meta.get("val")) if isinstance(scale, fx.Node) else None

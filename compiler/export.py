@@ -99,10 +99,7 @@ def _rotary_per_row(model):
 
     def per_row(module, args, kwargs):
         x = args[0] if args else kwargs.get("x")
-        if len(args) > 1:
-            pos = args[1]
-        else:
-            pos = kwargs.get("position_ids")
+        pos = args[1] if len(args) > 1 else kwargs.get("position_ids")
         if not (isinstance(x, torch.Tensor) and isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[0] == 1):
             return None
         pos = pos.expand(x.shape[0], -1)
@@ -399,12 +396,16 @@ def _padded_keep(b: _Body, cfg: _SiteConfig, forms, n1: str, s1: str):
     if forms:
         length = b.op("ReduceSum", tokens, axis1, keepdims=1)                   # [B, 1]: the row's length
         length = b.op("Unsqueeze", length, b.const([2, 3], np.int64))          # [B, 1, 1, 1]
-        per_group = b.op("Concat", *_group_keeps(b, forms, causal, jrow, pcol, length), axis=1)     # [B, G, N, S]
-        r = cfg.heads // cfg.kv_heads
-        expanded = b.op("Expand", b.op("Unsqueeze", per_group, b.const([2], np.int64)),
-                        b.const([1, 1, r, 1, 1], np.int64))                       # [B, G, r, N, S]
-        keep = b.op("Reshape", expanded, b.op("Concat", b.const([0, -1], np.int64), n1, s1, axis=0))
+        keep = _heads_keep(b, cfg, _group_keeps(b, forms, causal, jrow, pcol, length), n1, s1)
     return keep, q_real, jrow, pcol, causal
+
+
+def _heads_keep(b: _Body, cfg: _SiteConfig, groups: list[str], n1: str, s1: str) -> str:
+    """The KV groups' keeps (each [B or 1, 1, N, S]) as one per query head: [B or 1, H, N, S]."""
+    per_group = b.op("Concat", *groups, axis=1)                                 # [B, G, N, S]
+    expanded = b.op("Expand", b.op("Unsqueeze", per_group, b.const([2], np.int64)),
+                    b.const([1, 1, cfg.heads // cfg.kv_heads, 1, 1], np.int64))   # [B, G, r, N, S]
+    return b.op("Reshape", expanded, b.op("Concat", b.const([0, -1], np.int64), n1, s1, axis=0))
 
 
 def _function(cfg: _SiteConfig, name: str):
@@ -434,13 +435,10 @@ def _function(cfg: _SiteConfig, name: str):
         if forms:
             pcol = b.op("Unsqueeze", b.op("Add", i, b.op("Sub", s, n)), b.const([1], np.int64))
             causal = b.op("LessOrEqual", jrow, pcol)
-            groups = [b.op("Unsqueeze", g, b.const([0], np.int64)) for g in _group_keeps(b, forms, causal, jrow, pcol, s)]
-            per_group = b.op("Concat", *groups, axis=0)                           # [G, N, S]
-            r = cfg.heads // cfg.kv_heads
-            expanded = b.op("Expand", b.op("Unsqueeze", per_group, b.const([1], np.int64)),
-                            b.op("Concat", b.const([cfg.kv_heads, r], np.int64), n1, s1, axis=0))
-            fk = b.op("Reshape", expanded, b.op("Concat", b.const([1, -1], np.int64), n1, s1, axis=0))
-            keep = fk if keep is None else b.op("And", keep, fk)                  # [1, H, N, S]
+            groups = [b.op("Unsqueeze", g, b.const([0, 1], np.int64))            # [1, 1, N, S] each
+                      for g in _group_keeps(b, forms, causal, jrow, pcol, s)]
+            fk = _heads_keep(b, cfg, groups, n1, s1)                              # [1, H, N, S]
+            keep = fk if keep is None else b.op("And", keep, fk)
     mask = keep
     if cfg.mask == "bool":
         mask = "M" if keep is None else b.op("And", keep, "M")

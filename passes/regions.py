@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-__all__ = ["bodies", "detect_regions", "lift_padding"]
+__all__ = ["bodies", "graphs", "detect_regions", "flatten", "lift_padding"]
 
 
 def _checkpoint_ops() -> tuple:
@@ -49,6 +49,11 @@ def bodies(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.GraphModule, fx.GraphMo
             found.append((node, gm, sub))
             found += bodies(sub)
     return found
+
+
+def graphs(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """`gm` and the body of every region in it: each graph the passes run on."""
+    return [gm] + [body for _, _, body in bodies(gm)]
 
 
 def _meta(node):
@@ -123,5 +128,10 @@ def detect_regions(gm: fx.GraphModule) -> tuple[list[fx.GraphModule], list[tuple
     from .detect import detect
 
     lift_padding(gm)
-    graphs = [gm] + [body for _, _, body in bodies(gm)]
-    return graphs, [detect(g) for g in graphs]
+    every = graphs(gm)
+    return every, [detect(g) for g in every]
+
+
+def flatten(found: list[tuple[list, list]]) -> tuple[list, list]:
+    """detect_regions' per-graph (sites, declined) as one list of sites and one of declines."""
+    return [s for sites, _ in found for s in sites], [d for _, declined in found for d in declined]

@@ -46,7 +46,7 @@ from torch import Tensor
 
 __all__ = ["mask_4d", "Rows", "rows_of", "segments_of", "gather", "scatter", "gather_rows", "scatter_rows",
            "row_windows", "keep_rows", "reference", "reference_backward", "reference_lse", "attention_rows",
-           "padding_reason"]
+           "padding_reason", "with_linear_grads"]
 
 
 @dataclass(frozen=True)
