@@ -10,8 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import traceback
+
+# This folder holds kernels.py, which is also the name of Hugging Face's `kernels` package (a dependency of
+# transformers 5), and transformers imports it: with the folder first on the import path (as it is for any
+# script run from it) transformers got the benchmark instead ("cannot import name 'CUDAProperties' from
+# 'kernels'"). Every script imports _common first and nothing else from here, so the folder leaves the path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 
 def arguments(doc: str) -> argparse.ArgumentParser:
