@@ -11,7 +11,7 @@ from attnforge.passes import AttentionSite, Decline
 from attnforge.passes.regions import detect_regions, flatten
 
 from .backend import Backend
-from .capture import capture
+from .capture import capture, compile_traced
 
 __all__ = ["find_attention", "detect_model", "compile_and_compare", "CompareResult"]
 
@@ -69,7 +69,7 @@ def compile_and_compare(model, example_inputs, backend: Backend | None = None) -
         t0 = time.perf_counter()
         ref = _first_tensor(model(*example_inputs)).float()
         t1 = time.perf_counter()
-        compiled = torch.compile(model, backend=backend)
+        compiled = compile_traced(model, backend=backend)
         runtime.reset_counters()
         out = _first_tensor(compiled(*example_inputs)).float()
         t2 = time.perf_counter()
@@ -130,7 +130,7 @@ def optimize(model, plan, impl: str = "auto", compiler: str = "inductor"):
     backend = Backend(plan=plan, impl=impl, compiler=compiler)
     hf_masks = uses_padding_masks(model)
     eager_forward = model.forward
-    model.forward = torch.compile(with_masks(eager_forward, model) if hf_masks else eager_forward, backend=backend)
+    model.forward = compile_traced(with_masks(eager_forward, model) if hf_masks else eager_forward, backend=backend)
     model.attnforge_backend = backend
     if callable(getattr(model, "generate", None)) and hasattr(getattr(model, "config", None), "num_hidden_layers"):
         model.generate = _plan_generate(model, backend.options.plan, eager_forward, impl)

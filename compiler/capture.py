@@ -7,7 +7,38 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["capture_dynamo", "capture_symbolic", "capture"]
+__all__ = ["capture_dynamo", "capture_symbolic", "capture", "compile_traced", "tracing_config"]
+
+# Dynamo settings attnforge traces under. Hugging Face's hub-kernel wrapper (the `kernels` package, which
+# transformers 5 requires) sets and resets a global in every wrapped attention module's forward; inside an
+# activation-checkpointed layer Dynamo refuses that side effect ("Mutating a variable from outside the scope
+# of this HOP") and breaks the graph around the checkpoint, so the layer, attention included, ran outside the
+# graph and attnforge found nothing in it. Not replaying such a side effect at recomputation is what the
+# setting allows (the wrapper's set/reset pair leaves nothing behind). Absent from older torch: skipped.
+_TRACING = {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
+
+
+def tracing_config():
+    """A context in which Dynamo traces as attnforge needs (see _TRACING); settings this torch lacks are left."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    return cfg.patch(**{k: v for k, v in _TRACING.items() if hasattr(cfg, k)})
+
+
+def compile_traced(fn, **compile_kwargs):
+    """torch.compile(fn, **compile_kwargs), each call (and so each trace) under tracing_config()."""
+    import functools
+
+    compiled = torch.compile(fn, **compile_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with tracing_config():
+            return compiled(*args, **kwargs)
+
+    call.compiled = compiled
+    return call
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -28,7 +59,7 @@ def capture_dynamo(model: torch.nn.Module, example_inputs: Sequence, on_graph=No
         graphs.append(on_graph(gm) if on_graph is not None else gm)
         return gm.forward
 
-    compiled = torch.compile(model, backend=collect, dynamic=False)
+    compiled = compile_traced(model, backend=collect, dynamic=False)
     with torch.no_grad():
         compiled(*_as_tuple(example_inputs))
     return graphs

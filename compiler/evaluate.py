@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .api import _first_tensor
 from .backend import Backend
+from .capture import compile_traced
 from .data import _topics
 from .profile import RecallWindow
 
@@ -74,7 +75,7 @@ def calibration_windows(tokens: torch.Tensor, length: int, plain: int = 2,
 
 def _compiled(model, plan):
     torch._dynamo.reset()
-    return torch.compile(model, backend=Backend(plan=plan, compiler="eager"), dynamic=False)
+    return compile_traced(model, backend=Backend(plan=plan, compiler="eager"), dynamic=False)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from attnforge.runtime.profiling import (LINEAR_CANDIDATES, SINK, SPANS, Profile
 
 from .api import _first_tensor, find_attention
 from .backend import Backend
+from .capture import compile_traced
 from .plan import fingerprint, resolve_site
 
 __all__ = ["Profile", "profile_model", "ProfileError", "RecallWindow"]
@@ -233,7 +234,7 @@ def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor |
     was_training = model.training
     model.eval()
     backend = Backend(compiler="eager", profile_block=block)
-    compiled = torch.compile(model, backend=backend, dynamic=False)
+    compiled = compile_traced(model, backend=backend, dynamic=False)
     lookup = None
     try:
         if linear:

@@ -192,11 +192,12 @@ def measure_latency(model, inputs, plan: Plan | None, repeats: int = 3) -> dict:
     import torch
 
     from .backend import Backend
+    from .capture import compile_traced
 
     def per_site(p):
         torch._dynamo.reset()
         be = Backend(plan=p, compiler="eager")
-        run = torch.compile(model, backend=be)
+        run = compile_traced(model, backend=be)
         with torch.no_grad():
             run(*inputs)                                            # compile outside the measurement
             order = [sid for r in be.records for sid in r.rewritten]

@@ -9,6 +9,7 @@ import torch
 
 import attnforge as af
 from attnforge.compiler import hf
+from attnforge.compiler.capture import tracing_config
 from attnforge.passes import regions
 
 from test_padding import _llama, _plan
@@ -82,7 +83,8 @@ def test_the_padding_vector_goes_into_the_region_instead_of_the_mask():
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
     torch._dynamo.reset()
-    torch.compile(model, backend=keep)(ids, attention_mask=mask, labels=ids)
+    with tracing_config():          # as attnforge traces (Hugging Face's hub-kernel wrapper; see compiler.capture)
+        torch.compile(model, backend=keep)(ids, attention_mask=mask, labels=ids)
     (gm,) = graphs
     ops = (torch.ops.attnforge.padding_mask, torch.ops.attnforge.padding_mask.default)
     assert sum(n.target in ops for n in gm.graph.nodes) == 1 and len(regions.bodies(gm)) == 2
