@@ -3,15 +3,16 @@
     python benchmarks/kernels.py [--json kernels.json] [--dtype bfloat16] [--shapes 32x8x32768x128 ...] [--backward]
 
 For the shapes of ../shared/BASELINE.md plus SmolLM2's (9/3 heads, d=64) at 4k-32k, three plans:
-    dense       every KV group Dense (attnforge's plan kernel), SDPA causal, Flex causal
+    dense       every KV group Dense (attnforge's dense kernel), SDPA causal, Flex causal
     window      every group SinkWindow(64, 1024); Flex with the same mask_mod
     mixed       even KV groups Dense, odd ones SinkWindow(64, 256 * (1 + g % 16)) (BASELINE's MoA-like plan;
                 per KV group here, since attnforge forms are per group); Flex with the same per-head mask
 Prints ms, effective TFLOP/s (kept pairs only), speed-up over SDPA causal, the ideal speed-up
 (causal pairs / kept pairs) and the fraction of it reached, and the ratio to Flex. Also per plan: the
-host time to build attnforge's block metadata (plan-to-first-launch overhead) as a fraction of the
-attention time, and first-call times at new lengths (what a new length costs: Triton specializes on
-divisibility, not on the length). --backward also times a training step's attention, forward +
+host time to build attnforge's block metadata at the tile that ran (plan-to-first-launch overhead) as a
+fraction of the attention time, the launch config the autotuner chose, and first-call times at new
+lengths (what a new length costs: Triton specializes on divisibility, not on the length; launch configs
+are tuned once per power-of-two length bucket, and per forms for plans). --backward also times a training step's attention, forward +
 backward, of the three (attnforge: attention_train, whose backward reads the forward's log-sum-exp), with
 the gradients checked against the same reference. The dense rows run attnforge's dense kernel (what the backend emits
 for a site whose groups are all dense); the others the plan kernel. Every result is checked before timing: against SDPA with the same mask up to 8k, against
@@ -65,7 +66,7 @@ def main():
     import triton
 
     from attnforge import codegen, runtime
-    from attnforge.runtime import blockmeta
+    from attnforge.runtime import autotune, blockmeta
     from attnforge.runtime.forms import causal_pairs, forms_to_json, kept_pairs
 
     dtype = getattr(torch, args.dtype)
@@ -97,11 +98,6 @@ def main():
                 block_mask = dev.block_mask(mask_mod, 1, h, n, n)
                 dev.sync()
                 flex_mask_s = time.perf_counter() - t0
-                blockmeta._cached.cache_clear()
-                t0 = time.perf_counter()
-                blockmeta.block_meta(fj, group, n, n, 64, 64, q.device)
-                dev.sync()
-                meta_s = time.perf_counter() - t0
                 # an all-dense site runs the dense kernel (the backend emits it; the plan kernel is for plans)
                 ours_key, ours_forms = (dense_key, "") if plan_name == "dense" else (key, fj)
                 def flex_call(q, k, v, block_mask=block_mask):
@@ -123,10 +119,23 @@ def main():
                                                          enable_gqa=True)
                 if ref is None:         # longer: FlexAttention with the same mask_mod is the reference
                     ref = fns["flex"]()
+                tuned = autotune.chosen()
                 times = {}
                 for name, fn in fns.items():
                     torch.testing.assert_close(fn(), ref, rtol=2e-2, atol=2e-2)
                     times[name] = dev.bench(fn, warmup=50, rep=200)
+                # the launch config the first call chose (autotuned per length bucket, and per forms for plans)
+                config = [c for key_, c in autotune.chosen().items() if key_ not in tuned]
+                config = list(config[0]) if config else None
+                # plan-to-first-launch overhead: the block metadata at the tile that ran, built from nothing (the
+                # dense rows build none; theirs is the plan kernel's default tile, for comparison)
+                tile = tuple(config[:2]) if config and plan_name != "dense" else \
+                    tuple(runtime.kernels.load_kernel(key, q.device).module.default_config(d, False)[:2])
+                blockmeta._cached.cache_clear()
+                t0 = time.perf_counter()
+                blockmeta.block_meta(fj, group, n, n, *tile, q.device)
+                dev.sync()
+                meta_s = time.perf_counter() - t0
                 kept = sum(kept_pairs(f, n) for f in forms) / (hk * causal_pairs(n))
                 ideal = 1 / kept
                 ours = times["attnforge"]
@@ -138,6 +147,7 @@ def main():
                        "metadata_ms": meta_s * 1e3, "metadata_fraction": meta_s * 1e3 / ours,
                        "flex_block_mask_ms": flex_mask_s * 1e3, "checked_against": "sdpa" if n <= 8192 else "flex"}
                 row["kernel"] = "dense" if plan_name == "dense" else "plan"
+                row["config"] = config              # (BLOCK_M, BLOCK_N, warps, stages); None: tuning is off
                 if args.backward:
                     row.update(_train_step(dev, q, k, v, flex_call, dense_mask_of, scale=scale, key=ours_key,
                                            forms=ours_forms))

@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import kernels
 
-__all__ = ["tuned_config", "clear", "ENABLED"]
+__all__ = ["tuned_config", "clear", "chosen", "ENABLED"]
 
 ENABLED = os.environ.get("ATTNFORGE_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
 
@@ -33,8 +33,15 @@ def clear() -> None:
         _memory.clear()
 
 
-def _key(device_name: str, kernel_key: str, head_dim: int, dtype) -> str:
-    return f"{device_name}|{kernel_key}|d{head_dim}|{str(dtype).replace('torch.', '')}"
+def chosen() -> dict[str, tuple]:
+    """Every config chosen in this process so far: key (device|kernel|head dim|dtype[|shape key]) -> config."""
+    with _lock:
+        return dict(_memory)
+
+
+def _key(device_name: str, kernel_key: str, head_dim: int, dtype, shape_key: str = "") -> str:
+    key = f"{device_name}|{kernel_key}|d{head_dim}|{str(dtype).replace('torch.', '')}"
+    return f"{key}|{shape_key}" if shape_key else key
 
 
 def _read(path) -> dict:
@@ -52,10 +59,12 @@ def _read(path) -> dict:
 
 
 def tuned_config(module, kernel_key: str, device_name: str, head_dim: int, dtype,
-                 run: Callable[[object], None], bench: Callable[[Callable[[], None]], float] | None = None):
+                 run: Callable[[object], None], bench: Callable[[Callable[[], None]], float] | None = None,
+                 shape_key: str = ""):
     """The fastest of `module.CONFIGS` for this key (timing them now if nobody has), as a tuple.
-    run(config) launches the kernel once with that config; bench(fn) returns its time in ms."""
-    key = _key(device_name, kernel_key, head_dim, dtype)
+    run(config) launches the kernel once with that config; bench(fn) returns its time in ms; shape_key:
+    anything else the best config depends on (the caller's length bucket, a plan's forms)."""
+    key = _key(device_name, kernel_key, head_dim, dtype, shape_key)
     with _lock:
         if key in _memory:
             return _memory[key]

@@ -10,9 +10,17 @@ positions for the forms; the op's causal rule j <= i on top), and BLOCK_M x BLOC
     index[g, qb, t]  those blocks: the whole ones first, then the edge ones, each part ascending (padded
                      with 0 past count)
     sink[g], window[g]  the element-level window rule inside edge blocks (window 0: none)
+    bits[g, qb, t]   which FINE x FINE sub-blocks of that tile the forms keep (bit i * BLOCK_N/FINE + j for
+                     sub-block (i, j)): a tile larger than FINE = 64, the block of the block-sparse forms,
+                     holds up to (BLOCK_M/FINE) x (BLOCK_N/FINE) of them, and a block-sparse group may keep
+                     some and drop others; the kernel masks the dropped ones on edge tiles
     schedule[w]      (query block, query head) of each program, heaviest (largest count) first
     count_t, full_t, index_t  the transpose, per (KV group, key block): the query blocks that visit it,
-                     whole ones first (backward)
+                     whole ones first (backward; FINE tiles only)
+
+Tiles that are multiples of FINE are built from the FINE flags (a tile is visited if any sub-block is, whole
+if every sub-block is), so a 128 x 64 or 128 x 128 forward tile keeps the block-sparse forms' 64-granular
+layout exactly; other tiles (smaller, or not multiples) are flagged directly at their own size.
 
 Work is O(G * N/BLOCK_M * S/BLOCK_N) block flags, built with a few tensor ops on the target device
 (one broadcast expression for all window-like groups, no sort; the transpose only when a backward asks)
@@ -28,7 +36,9 @@ import torch
 
 from .forms import BlockSparse, Dense, ElasticWindow, Linear, SinkWindow, forms_from_json, prefill_form
 
-__all__ = ["BlockMeta", "block_meta", "block_reason"]
+__all__ = ["FINE", "BlockMeta", "block_meta", "block_reason", "fine_tile"]
+
+FINE = 64        # the block of the block-sparse forms (codegen.render.PLAN_BLOCK): sub-blocks of larger tiles
 
 
 @dataclass(frozen=True)
@@ -45,10 +55,21 @@ class BlockMeta:
     whole_blocks: int         # sum of full (the blocks run without an element mask), on the host too
     flags: torch.Tensor       # [G, nbq, nbk] bool: the block-level keep flags the lists come from
     whole: torch.Tensor       # [G, nbq, nbk] bool: the visited blocks that need no element mask
+    bits: torch.Tensor | None  # [G, nbq, maxk] int32, aligned with index: the kept FINE sub-blocks of each tile
+                               # (None where tiles are FINE x FINE: every visited tile is kept whole)
+    sub: tuple[int, int]      # FINE sub-blocks per tile along queries and keys ((1, 1): the tile is its block)
+
+    @property
+    def sub_blocks(self) -> bool:
+        """Whether tiles hold several FINE sub-blocks (the kernel then reads `bits` on edge tiles)."""
+        return self.sub != (1, 1)
 
     @functools.cached_property
     def _transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _lists(self.flags.transpose(1, 2), self.whole.transpose(1, 2))
+        if self.sub_blocks:
+            raise ValueError(f"the transposed lists (the backward's) are built on {FINE} x {FINE} tiles, not on "
+                             f"{self.block_m} x {self.block_n} ones")
+        return _lists(self.flags.transpose(1, 2), self.whole.transpose(1, 2))[:3]
 
     @property
     def count_t(self) -> torch.Tensor:
@@ -66,12 +87,22 @@ class BlockMeta:
         return self._transposed[2]
 
 
+def fine_tile(block_m: int, block_n: int) -> tuple[int, int]:
+    """The tile the flags are computed on: FINE x FINE where the kernel's tile is a multiple of it, else the
+    kernel's own."""
+    if block_m % FINE == 0 and block_n % FINE == 0:
+        return FINE, FINE
+    return block_m, block_n
+
+
 def block_reason(forms, n: int, s: int, block_m: int, block_n: int) -> str | None:
     """None if the kernel can tile these forms exactly, else why not."""
+    fm, fn = fine_tile(block_m, block_n)
     for f in forms:
         if isinstance(f, BlockSparse):
-            if f.block != block_n or f.block != block_m:
-                return f"block_sparse block {f.block} differs from the kernel's {block_m}x{block_n} tiles"
+            if f.block != fm or f.block != fn:
+                return (f"block_sparse block {f.block} is not the {fm}x{fn} sub-block of the kernel's "
+                        f"{block_m}x{block_n} tiles")
             if (s - n) % f.block:
                 return (f"block_sparse needs query blocks aligned with key blocks (S - N = {s - n} is not a "
                         f"multiple of {f.block})")
@@ -141,18 +172,21 @@ def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, devic
             per_row: bool = False) -> BlockMeta:
     forms = forms_from_json(forms_json)
     dev = torch.device(device)
-    nbq = -(-n // bm)
-    flags = _flags(forms, n, s, bm, bn, dev)                                            # [G, nbq, nbk]
+    fm, fn = fine_tile(bm, bn)
+    flags = _flags(forms, n, s, fm, fn, dev)                                            # [G, nbq, nbk]
     sink = torch.tensor([getattr(f, "sink", 0) if f.window_at(s) is not None else 0 for f in forms],
                         dtype=torch.int32, device=dev)
     window = torch.tensor([f.window_at(s) or 0 for f in forms], dtype=torch.int32, device=dev)
-    whole = flags & _whole(sink, window, n, s, bm, bn, dev)
+    whole = flags & _whole(sink, window, n, s, fm, fn, dev)
     if per_row:
         # a padded batch: an elastic group's span differs per row (its own length), at most window_at(s); the
         # blocks it may visit are these, but which of them a shorter row keeps whole is not, so all are edges
         elastic = torch.tensor([isinstance(f, ElasticWindow) for f in forms], device=dev)
         whole &= ~elastic[:, None, None]
-    count, full, index = _lists(flags, whole)
+    sub = (bm // fm, bn // fn)
+    flags, whole, bits = _coarsen(flags, whole, *sub)
+    count, full, index, bits = _lists(flags, whole, bits)
+    nbq = flags.shape[1]
     # one program per (query block, query head); heaviest first so long rows do not finish last, and
     # among equal work query-block-major, so the query heads of one KV group at one query block run side
     # by side and read the same K/V tiles while they are in L2
@@ -163,7 +197,28 @@ def _cached(forms_json: str, group: int, n: int, s: int, bm: int, bn: int, devic
     order = torch.argsort(work.flatten(), descending=True, stable=True)
     schedule = torch.stack([qbs.flatten()[order], heads.flatten()[order]], 1).to(torch.int32).contiguous()
     return BlockMeta(count, full, index, sink, window, schedule, bm, bn, int(count.sum()), int(full.sum()),
-                     flags, whole)
+                     flags, whole, bits, sub)
+
+
+def _coarsen(flags: torch.Tensor, whole: torch.Tensor, rm: int, rn: int):
+    """FINE-tile flags and whole flags [G, fq, fk] -> those of tiles of rm x rn sub-blocks, and each tile's
+    kept sub-blocks as bits [G, nbq, nbk] int32 (bit i * rn + j: sub-block (i, j)). A tile is visited if any
+    sub-block is, whole if every one is; sub-blocks past the last key block are not kept (so their tile is an
+    edge one, with column bounds), those past the last query block do not count (their rows are never
+    stored)."""
+    if (rm, rn) == (1, 1):
+        return flags, whole, None
+    g, fq, fk = flags.shape
+    pad = (0, -fk % rn, 0, -fq % rm)
+    f = torch.nn.functional.pad(flags, pad, value=False)
+    w = torch.nn.functional.pad(torch.nn.functional.pad(whole, (0, -fk % rn), value=False), (0, 0, 0, -fq % rm),
+                                value=True)
+    f = f.view(g, f.shape[1] // rm, rm, f.shape[2] // rn, rn).permute(0, 1, 3, 2, 4)  # [G, nbq, nbk, rm, rn]
+    w = w.view(g, w.shape[1] // rm, rm, w.shape[2] // rn, rn).permute(0, 1, 3, 2, 4)
+    weights = (2 ** torch.arange(rm * rn, device=flags.device, dtype=torch.int32)).view(rm, rn)
+    bits = (f.to(torch.int32) * weights).sum((-2, -1), dtype=torch.int32)
+    coarse = f.any(-1).any(-1)
+    return coarse, coarse & w.all(-1).all(-1), bits
 
 
 def _whole(sink: torch.Tensor, window: torch.Tensor, n: int, s: int, bm: int, bn: int, dev) -> torch.Tensor:
@@ -178,9 +233,10 @@ def _whole(sink: torch.Tensor, window: torch.Tensor, n: int, s: int, bm: int, bn
     return causal & ((window == 0) | (k1 < sink) | (k0 > gap_end) | (sink > gap_end))
 
 
-def _lists(flags: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[G, R, C] flags and `first` (a subset of them) -> (count [G, R], nfirst [G, R], index [G, R, maxc]):
-    the flagged columns of each row, those in `first` before the rest, each part ascending, padded with 0.
+def _lists(flags: torch.Tensor, first: torch.Tensor, values: torch.Tensor | None = None):
+    """[G, R, C] flags and `first` (a subset of them) -> (count [G, R], nfirst [G, R], index [G, R, maxc],
+    values [G, R, maxc] or None): the flagged columns of each row, those in `first` before the rest, each part
+    ascending, padded with 0; `values` ([G, R, C] int32, optional) gathered into the same slots.
     No sort: a column in `first` goes to slot (first-columns before it), any other flagged one to slot
     nfirst + (other flagged columns before it). Slots in int16 where the columns allow (less memory traffic)."""
     cols = flags.shape[-1]
@@ -195,11 +251,14 @@ def _lists(flags: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torc
     ids = torch.arange(cols, device=flags.device, dtype=torch.int32).expand(flags.shape)
     index = torch.zeros(flags.shape[:-1] + (maxc + 1,), dtype=torch.int32, device=flags.device)
     index.scatter_(-1, slot, ids)                               # unflagged columns all land in the spare slot
-    return count, nfirst, index[..., :maxc].contiguous()
+    if values is not None:
+        values = torch.zeros_like(index).scatter_(-1, slot, values.to(torch.int32))[..., :maxc].contiguous()
+    return count, nfirst, index[..., :maxc].contiguous(), values
 
 
 def block_meta(forms_json: str, group: int, n: int, s: int, block_m: int, block_n: int, device,
                per_row: bool = False) -> BlockMeta:
-    """The metadata for one launch (cached): forms as the op's JSON, `group` query heads per KV head.
-    per_row: for a compacted padded batch whose rows take their own elastic spans (runtime.padding)."""
+    """The metadata for one launch on block_m x block_n tiles (cached): forms as the op's JSON, `group` query
+    heads per KV head. per_row: for a compacted padded batch whose rows take their own elastic spans
+    (runtime.padding)."""
     return _cached(forms_json, group, n, s, block_m, block_n, str(torch.device(device)), per_row)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import warnings
 from typing import Optional
 
@@ -57,7 +58,7 @@ __all__ = ["attention", "attention_train", "attention_backward", "padding_mask",
 IMPLS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-PLAN_TILE = 64            # the plan kernel's BLOCK_M = BLOCK_N (codegen.render.PLAN_BLOCK)
+PLAN_TILE = 64            # the plan kernel's sub-block (codegen.render.PLAN_BLOCK): its tiles are multiples
 
 counters: collections.Counter = collections.Counter()
 fallbacks: collections.Counter = collections.Counter()   # (kernel key, reason) -> automatic fallbacks
@@ -86,6 +87,7 @@ def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel
             return "per-head forms on a site with its own mask or window run in the reference"
         if any(f.kind == "linear" for f in _forms(forms)):
             return "linear forms run in their own kernel (attnforge.runtime.linear), not the plan kernel"
+        # every tile the plan kernel runs is a multiple of PLAN_TILE, whose sub-blocks carry the forms exactly
         reason = block_reason(_forms(forms), q.shape[2], k.shape[2], PLAN_TILE, PLAN_TILE)
         if reason:
             return reason
@@ -129,22 +131,27 @@ def _check_args(q, k, v, mask, impl):
                          f"({k.shape[1]}, {v.shape[1]})")
 
 
-def _config(loaded, kernel: str, q: Tensor, v: Tensor, run):
-    """The tuned launch config on a GPU (attnforge.runtime.autotune), None (the kernel's default) elsewhere."""
+def _config(loaded, kernel: str, q: Tensor, v: Tensor, run, shape_key: str = ""):
+    """The tuned launch config on a GPU (attnforge.runtime.autotune), None (the kernel's default) elsewhere.
+    shape_key: what else the best config depends on (a length bucket; a plan's forms)."""
     from . import autotune
 
     if loaded.interpreted or q.device.type != "cuda" or not hasattr(loaded.module, "CONFIGS") or not autotune.ENABLED:
         return None
 
     return autotune.tuned_config(loaded.module, kernel, torch.cuda.get_device_name(q.device),
-                                 max(q.shape[-1], v.shape[-1]), q.dtype, run)
+                                 max(q.shape[-1], v.shape[-1]), q.dtype, run, shape_key=shape_key)
 
 
-def _plan_meta(loaded, forms: str, q: Tensor, k: Tensor, per_row: bool = False):
-    """Block metadata of a plan call, tiled as the loaded plan kernel tiles (forward and backward alike);
-    per_row: a compacted padded batch whose rows take their own elastic spans."""
-    return block_meta(forms, q.shape[1] // k.shape[1], q.shape[2], k.shape[2], loaded.module.BLOCK_M,
-                      loaded.module.BLOCK_N, q.device, per_row)
+def _length_bucket(n: int) -> str:
+    """Lengths that share a tuned config: powers of two (as Triton's own autotuners key on N_CTX buckets)."""
+    return f"n{1 << max(0, n - 1).bit_length()}"
+
+
+def _plan_meta(forms: str, q: Tensor, k: Tensor, tile: tuple[int, int], per_row: bool = False):
+    """Block metadata of a plan call on `tile` (BLOCK_M, BLOCK_N); per_row: a compacted padded batch whose rows
+    take their own elastic spans."""
+    return block_meta(forms, q.shape[1] // k.shape[1], q.shape[2], k.shape[2], tile[0], tile[1], q.device, per_row)
 
 
 def _planned(forms: str) -> bool:
@@ -161,16 +168,24 @@ def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms="", lse=None
                                 "; compile the model again with its plan")
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if q.shape[2] and k.shape[2]:
+        shape_key = _length_bucket(max(q.shape[2], k.shape[2]))
         if is_plan:
-            meta = _plan_meta(loaded, forms, q, k, per_row=windows is not None)
-            run = lambda config: loaded.launch(q, k, v, out, scale, meta, config=config, lse=lse,  # noqa: E731
-                                               lens=lens, windows=windows)
+            # the tile is the config's (autotuned per length bucket and forms), the metadata built for it
+            default = loaded.module.default_config(max(q.shape[-1], v.shape[-1]), loaded.interpreted)
+
+            def run(config):
+                meta = _plan_meta(forms, q, k, (config or default)[:2], per_row=windows is not None)
+                loaded.launch(q, k, v, out, scale, meta, config=config or default, lse=lse, lens=lens, windows=windows)
+                return meta
+
+            forms_id = hashlib.sha1(forms.encode()).hexdigest()[:12]
+            meta = run(_config(loaded, kernel, q, v, run, f"{shape_key}|forms-{forms_id}"))
             counters["triton_plan_blocks"] += meta.visited_blocks
             counters["triton_plan_whole_blocks"] += meta.whole_blocks     # run with no element mask
         else:
             run = lambda config: loaded.launch(q, k, v, mask, out, scale, window, config=config, lse=lse,  # noqa: E731
                                                lens=lens)
-        run(_config(loaded, kernel, q, v, run))
+            run(_config(loaded, kernel, q, v, run, shape_key))
     else:
         out.zero_()                      # no queries or no keys: nothing to attend to
         if lse is not None:
@@ -461,7 +476,8 @@ def _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale, padding=
         q, k, v = pad.gather(q, rows), pad.gather(k, rows), pad.gather(v, rows)
         out = None if out is None else pad.gather(out, rows)
         lse = None if lse is None else pad.gather_rows(lse, rows)
-    meta = _plan_meta(loaded, forms, q, k, per_row=windows is not None)
+    tile = (loaded.module.BWD_BLOCK, loaded.module.BWD_BLOCK)
+    meta = _plan_meta(forms, q, k, tile, per_row=windows is not None)
     if out is None or lse is None:
         # no log-sum-exp from the forward (the op was called as attention, not attention_train): recompute
         # the forward once to get it, then the dQ and dK/dV kernels

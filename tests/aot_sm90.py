@@ -1,6 +1,12 @@
 """Compile every generated kernel for Hopper (sm_90) ahead of time; no GPU needed. Prints JSON.
 
 Run without TRITON_INTERPRET (an interpreter-mode Triton cannot compile). Used by test_codegen_cuda.py.
+Most kernels compile with a generic signature (every integer a plain i32: the worst case). The plan and dense
+forwards at their autotune configs compile as a GPU launch would: the module's own `launch` runs on CPU tensors
+of a real shape with a stand-in kernel that records its arguments, which are then specialized as Triton's
+launcher does (an integer 1 becomes a constant, multiples of 16 and 16-byte-aligned pointers get divisibility
+hints). Only then does the compiler know the head dim is contiguous and pipeline the K/V loads (cp.async,
+multi-buffered in shared memory): the generic signature shows no pipelining at all.
 
     python tests/aot_sm90.py --loops [--rev REV]
 
@@ -15,7 +21,7 @@ import re
 import sys
 
 import triton
-from triton.backends.compiler import GPUTarget
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
 from attnforge import codegen
@@ -24,8 +30,99 @@ from attnforge.runtime import kernels
 CONSTEXPR = ("GROUP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "EVEN_D", "PRECISION")
 
 
+class _Recorder:
+    """Stands in for a jitted kernel in a module's launch: `kernel[grid](*args, **kwargs)` records the call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def _specialize(value):
+    """(signature type, attribute) as Triton's launcher gives them for this argument."""
+    from triton.runtime.jit import native_specialize_impl
+
+    return native_specialize_impl(BaseBackend, value, False, True, True)
+
+
+def compile_launch(module, launch_args, launch_kwargs, suffix=""):
+    """Compile for sm_90 what `module.launch(<recorder>, *launch_args, **launch_kwargs)` would launch on a GPU
+    (its first kernel call; `suffix` names the jitted function), specialized as the runtime would."""
+    rec = _Recorder()
+    module.launch(rec, *launch_args, **launch_kwargs)
+    args, kwargs = rec.calls[0]
+    fn = triton.jit(getattr(module, module.KERNEL + suffix))
+    names = list(inspect.signature(fn.fn).parameters)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    bound = {**dict(zip(names, args)), **kwargs}
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        value = bound[name]
+        if fn.params[i].is_constexpr:
+            sig[name], consts[(i,)] = "constexpr", value
+            continue
+        sig[name], attr = _specialize(value)
+        if sig[name] == "constexpr":
+            consts[(i,)] = value
+        elif attr and "D" in attr:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    ast = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options=options)
+
+
+def _module(spec, src=None):
+    src = src or codegen.render_attention(spec).source
+    return kernels._module_from_source(kernels.source_key(src), src)
+
+
+def _qkv(head_dim, n, heads, dtype):
+    import torch
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    h, hk = heads
+    return torch.zeros(1, h, n, head_dim, dtype=dt), torch.zeros(1, hk, n, head_dim, dtype=dt), \
+        torch.zeros(1, hk, n, head_dim, dtype=dt)
+
+
+def compile_plan_launch(head_dim, config=None, n=1024, heads=(9, 3), dtype="bf16", src=None):
+    """The plan forward as a GPU launch of `config` (BLOCK_M, BLOCK_N, warps, stages; None: the default GPU
+    config) compiles it: a mixed plan (dense, sink + window, block-sparse groups) at length n, its metadata
+    built for the config's tile. src: the kernel source (default: this tree's); a revision whose plan tile
+    was fixed at 64 x 64 takes (warps, stages) configs."""
+    from attnforge.runtime import blockmeta
+    from attnforge.runtime.forms import BlockSparse, Dense, SinkWindow, forms_to_json
+
+    module = _module(codegen.KernelSpec(causal=True, plan=True), src)
+    config = tuple(config or module.default_config(head_dim, False))
+    fixed = len(config) == 2                       # (warps, stages): the tile is the module's BLOCK_M x BLOCK_N
+    tile = (module.BLOCK_M, module.BLOCK_N) if fixed else config[:2]
+    q, k, v = _qkv(head_dim, n, heads, dtype)
+    forms = forms_to_json((Dense(), SinkWindow(64, 256), BlockSparse(64, (0,), (0, 1))))
+    meta = blockmeta.block_meta(forms, heads[0] // heads[1], n, n, *tile, "cpu")
+    c = compile_launch(module, (q, k, v, q.clone(), head_dim ** -0.5, meta), {"config": config})
+    return c, (*tile, *config[-2:])
+
+
+def compile_dense_launch(head_dim, config=None, n=1024, heads=(9, 3), dtype="bf16", src=None):
+    """The dense causal forward as a GPU launch of `config` (BLOCK_M, BLOCK_N, warps, stages; None: the
+    default GPU config) compiles it."""
+    module = _module(codegen.KernelSpec(causal=True), src)
+    config = tuple(config or module.default_config(head_dim, False))
+    q, k, v = _qkv(head_dim, n, heads, dtype)
+    return compile_launch(module, (q, k, v, None, q.clone(), head_dim ** -0.5), {"config": config}), config
+
+
+def describe(c) -> dict:
+    """What a compiled kernel's PTX says about its shape: shared memory, async copies, wgmma."""
+    ptx = c.asm["ptx"]
+    return {"cubin_bytes": len(c.asm["cubin"]), "shared_bytes": c.metadata.shared,
+            "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)), "wgmma": bool(re.search(r"wgmma\.mma_async", ptx))}
+
+
 def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, config=(4, 3), block_m=None,
-                 varlen=False):
+                 varlen=False, block_n=64):
     src = src or codegen.render_attention(spec).source
     module = kernels._module_from_source(kernels.source_key(src), src)
     fn = triton.jit(getattr(module, module.KERNEL + suffix))
@@ -36,7 +133,7 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, 
             sig[n] = f"*{dtype}"
         elif n in ("Lse", "Delta"):
             sig[n] = "*fp32"
-        elif n in ("CNT", "FULL", "IDX", "CNT_T", "FULL_T", "IDX_T", "SINK", "WIN", "SCHED", "Lens"):  # block metadata, lengths
+        elif n in ("CNT", "FULL", "IDX", "BITS", "CNT_T", "FULL_T", "IDX_T", "SINK", "WIN", "SCHED", "Lens"):  # block metadata, lengths
             sig[n] = "*i32"
         elif n == "M":
             sig[n] = "*i1" if spec.mask == "bool" else "*fp32"
@@ -44,14 +141,16 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, 
             sig[n] = "fp32"
         else:
             sig[n] = "constexpr" if n in CONSTEXPR else "i32"
-    for flag in ("STORE_LSE", "VARLEN"):
+    for flag in ("STORE_LSE", "VARLEN", "SUB_BITS"):
         if flag in names:
             sig[flag] = "constexpr"
-    block_m = block_m or (64 if spec.plan else 128)
-    consts = {"GROUP": group, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim,
+    block_m = block_m or (64 if spec.plan and suffix else 128)
+    consts = {"GROUP": group, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": head_dim, "BLOCK_DV": head_dim,
               "EVEN_D": True, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     if "STORE_LSE" in names:
         consts["STORE_LSE"] = True
+    if "SUB_BITS" in names:             # the plan forward: tiles of several 64 x 64 sub-blocks read their bits
+        consts["SUB_BITS"] = (block_m, block_n) != (64, 64)
     consts["VARLEN"] = varlen
     ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items() if k in names})
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": config[0], "num_stages": config[1]})
@@ -128,6 +227,14 @@ def main():
               (codegen.KernelSpec(causal=True, plan=True), "bf16", 64),
               (codegen.KernelSpec(causal=True, plan=True), "fp16", 128)]
     results = []
+    # the plan forward at every autotune config, as a GPU launch compiles it (64 x 64 tiles without sub-block bits)
+    plan_src = codegen.render_attention(codegen.KernelSpec(causal=True, plan=True)).source
+    plan_module = kernels._module_from_source(kernels.source_key(plan_src), plan_src)
+    for config in plan_module.CONFIGS:
+        for d in (64, 128):
+            c, _ = compile_plan_launch(d, config)
+            results.append({"kernel": f"{plan_module.KERNEL}[{'x'.join(map(str, config[:2]))},{config[2]}w{config[3]}s]",
+                            "dtype": "bf16", "head_dim": d, "launch": True, **describe(c)})
     cases += [(codegen.KernelSpec(causal=True, plan=True), "bf16", 64, suffix) for suffix in ("_bwd_dq", "_bwd_dkdv")]
     # padded batches (runtime.padding): the same kernels with per-row lengths
     cases += [(codegen.KernelSpec(causal=c), "bf16", 64, "", True) for c in (False, True)]
@@ -205,15 +312,15 @@ def sass_loops(cubin: bytes) -> list[dict]:
 
 
 def loops_main(rev=None):
+    """The main loops of the dense and plan forwards' SASS at their default GPU configs, compiled as a launch
+    compiles them (a mixed plan at 1k tokens; --rev: the templates of that revision, launched the same way)."""
     rows = []
-    for spec, d, block_m, config in ((codegen.KernelSpec(causal=True), 128, 128, (8, 2)),
-                                     (codegen.KernelSpec(causal=True), 64, 128, (4, 3)),
-                                     (codegen.KernelSpec(causal=True, plan=True), 128, 64, (8, 2)),
-                                     (codegen.KernelSpec(causal=True, plan=True), 64, 64, (4, 3))):
+    for plan, d in ((False, 128), (False, 64), (True, 128), (True, 64)):
+        spec = codegen.KernelSpec(causal=True, plan=plan)
         src = _render_at(rev, spec) if rev else None
-        c = compile_sm90(spec, "bf16", d, group=1, src=src, config=config, block_m=block_m)
-        rows.append({"kernel": spec.name, "dtype": "bf16", "head_dim": d, "tile": [block_m, 64],
-                     "warps_stages": list(config), "revision": rev or "working tree", "loops": sass_loops(c.asm["cubin"])})
+        c, config = (compile_plan_launch if plan else compile_dense_launch)(d, src=src)
+        rows.append({"kernel": spec.name, "dtype": "bf16", "head_dim": d, "config": list(config),
+                     "revision": rev or "working tree", **describe(c), "loops": sass_loops(c.asm["cubin"])})
     json.dump(rows, sys.stdout, indent=1)
 
 

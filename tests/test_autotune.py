@@ -87,3 +87,23 @@ def test_tuning_can_be_switched_off(monkeypatch):
         proc = subprocess.run([sys.executable, "-c", read], env={**os.environ, "ATTNFORGE_AUTOTUNE": value},
                               capture_output=True, text=True, timeout=120, check=True)
         assert proc.stdout.strip() == want
+
+
+def test_each_length_bucket_and_plan_is_tuned_on_its_own(module, tmp_path):
+    """shape_key (the op passes a power-of-two length bucket, and the forms for the plan kernel): a window plan
+    at 32k and a dense-heavy one at 4k may want different tiles, so neither inherits the other's choice."""
+    from attnforge.runtime import ops
+
+    kernels.set_cache_dir(tmp_path)
+    calls = []
+    fast = {"n4096": (8, 2), "n32768": (4, 2)}
+    for bucket, best in fast.items():
+        times = {c: 0.1 if c == best else 1.0 for c in module.CONFIGS}
+        got = autotune.tuned_config(module, "k4", "H100", 64, "torch.bfloat16", lambda c: calls.append(tuple(c)),
+                                    _bench(times, calls), shape_key=f"{bucket}|forms-abc")
+        assert got == best
+    assert len(calls) == 2 * len(module.CONFIGS)
+    assert autotune.chosen() == {"H100|k4|d64|bfloat16|n4096|forms-abc": (8, 2),
+                                 "H100|k4|d64|bfloat16|n32768|forms-abc": (4, 2)}
+    assert [ops._length_bucket(n) for n in (1, 64, 65, 4000, 4096, 4097, 32768)] == \
+        ["n1", "n64", "n128", "n4096", "n4096", "n8192", "n32768"]

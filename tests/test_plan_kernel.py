@@ -223,20 +223,60 @@ def test_training_step_through_the_backend_uses_the_backward_kernels(compiler):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-5)
 
 
-def test_every_autotune_config_of_the_plan_kernel_computes_the_same_attention():
-    """The plan kernel's CONFIGS change warps and stages only (its tile is the block metadata's); each one,
-    forward with the log-sum-exp, as the autotuner and the backward launch it."""
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("n,s", [(150, 150), (130, 258)])
+def test_every_autotune_config_of_the_plan_kernel_computes_the_same_attention(mix, n, s):
+    """Each of the plan kernel's CONFIGS (tiles 64 x 64 up to 128 x 128, warps, stages), forward with the
+    log-sum-exp, on metadata built for its tile, as the autotuner launches them: a block-sparse group's
+    64-granular layout inside larger tiles (kept and dropped sub-blocks in one tile) included."""
+    from attnforge.runtime.reference import reference_lse
+
     loaded = kernels.load_kernel(_plan_key(), torch.device("cpu"))
-    forms = MIXES["dense+window+elastic"]
-    q = torch.randn(1, 6, 150, 32, generator=torch.Generator().manual_seed(2))
-    k, v = torch.randn(1, 3, 150, 32), torch.randn(1, 3, 150, 32)
+    forms = MIXES[mix]
+    g = torch.Generator().manual_seed(n + s)
+    q = torch.randn(1, 6, n, 32, generator=g)
+    k, v = torch.randn(1, 3, s, 32, generator=g), torch.randn(1, 3, s, 32, generator=g)
     ref64 = attention_reference(q.double(), k.double(), v.double(), None, True, 0.2, forms=forms)
-    meta = blockmeta.block_meta(forms_to_json(forms), 2, 150, 150, 64, 64, "cpu")
+    lse64 = reference_lse(q.double(), k.double(), None, True, 0.2, 0, forms)
+    tiles = {tuple(c[:2]) for c in loaded.module.CONFIGS}
+    assert {(64, 64), (128, 64), (128, 128)} <= tiles
     for config in loaded.module.CONFIGS:
-        out, lse = torch.empty_like(q), torch.empty(1, 6, 150)
+        meta = blockmeta.block_meta(forms_to_json(forms), 2, n, s, config[0], config[1], "cpu")
+        assert meta.sub == (config[0] // 64, config[1] // 64)
+        out, lse = torch.full_like(q, float("nan")), torch.empty(1, 6, n)
         loaded.launch(q, k, v, out, 0.2, meta, lse=lse, config=config)
-        assert (out.double() - ref64).abs().max() < 1e-5
-        assert torch.isfinite(lse).all()
+        assert (out.double() - ref64).abs().max() < 1e-5, config
+        # rows that see no key (the window group's first rows here) have lse +inf in both
+        torch.testing.assert_close(lse.double(), lse64.double(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tile", [(128, 64), (128, 128)])
+def test_the_op_runs_larger_tiles_on_their_own_metadata(tile, monkeypatch):
+    """The op's launch path as on a GPU: the autotuner runs every config it tries on metadata built for
+    that config's tile, and the chosen one's blocks are what the counters see."""
+    from attnforge.runtime import ops
+
+    forms = MIXES["block_sparse+window"]
+    fj = forms_to_json(forms)
+    tried = []
+
+    def tune(loaded, kernel, q, v, run, shape_key=""):
+        for config in loaded.module.CONFIGS[:2]:
+            meta = run((*config[:2], 1, 1))
+            tried.append(((meta.block_m, meta.block_n), shape_key))
+        return (*tile, 1, 1)
+
+    monkeypatch.setattr(ops, "_config", tune)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 200, 32, generator=g) for h in (6, 3, 3))
+    out = torch.ops.attnforge.attention(q, k, v, None, True, 0, 0.2, "triton", _plan_key(), fj)
+    assert_closer(out, attention_reference(q, k, v, None, True, 0.2, forms=forms),
+                  attention_reference(q.double(), k.double(), v.double(), None, True, 0.2, forms=forms))
+    meta = blockmeta.block_meta(fj, 2, 200, 200, *tile, "cpu")
+    assert af.runtime.counters["triton_plan_blocks"] == meta.visited_blocks
+    assert af.runtime.counters["triton_plan_whole_blocks"] == meta.whole_blocks
+    assert [t for t, _ in tried] == [tuple(c[:2]) for c in kernels.load_kernel(_plan_key(), q.device).module.CONFIGS[:2]]
+    assert all(key.startswith("n256|forms-") for _, key in tried)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -278,6 +318,52 @@ def test_block_metadata_equals_the_per_form_definition(seed):
                 rest = (flags[gi, r] & ~whole[gi, r]).nonzero().flatten().tolist()
                 assert count[gi, r] == len(first) + len(rest) and full[gi, r] == len(first)
                 assert index[gi, r, :count[gi, r]].tolist() == first + rest
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("tile", [(128, 64), (128, 128), (64, 128), (256, 128)])
+def test_larger_tiles_metadata_is_the_64_granular_one_pooled(seed, tile):
+    """Tiles of several 64 x 64 sub-blocks: a tile is visited iff one of its sub-blocks is, its bits are
+    exactly its visited sub-blocks, it is whole iff the kernel's element rule on every visited sub-block
+    keeps all valid rows x keys and no sub-block is dropped, and its lists put whole tiles first."""
+    g = torch.Generator().manual_seed(100 + seed)
+    pick = lambda hi: int(torch.randint(1, hi, (1,), generator=g))          # noqa: E731
+    menu = [Dense(), SinkWindow(pick(70), pick(300)), ElasticWindow(pick(9), pick(100), 0.1 * pick(5)),
+            BlockSparse(64, (0, pick(4)), (0, pick(3))), SinkWindow(0, 1), BlockSparse(64, (1,), (1, 2))]
+    forms = tuple(menu[int(i)] for i in torch.randint(0, len(menu), (4,), generator=g))
+    n = 64 * pick(7) + (0 if seed % 2 else pick(60))
+    s = n + 64 * (seed % 3)
+    fj = forms_to_json(forms)
+    fine = blockmeta.block_meta(fj, 2, n, s, 64, 64, "cpu")
+    meta = blockmeta.block_meta(fj, 2, n, s, *tile, "cpu")
+    rm, rn = tile[0] // 64, tile[1] // 64
+    assert meta.sub == (rm, rn) and meta.sub_blocks
+    nbq, nbk = -(-n // tile[0]), -(-s // tile[1])
+    f = torch.nn.functional.pad(fine.flags, (0, nbk * rn - fine.flags.shape[2], 0, nbq * rm - fine.flags.shape[1]))
+    f = f.unflatten(1, (nbq, rm)).unflatten(3, (nbk, rn)).permute(0, 1, 3, 2, 4)      # [G, nbq, nbk, rm, rn]
+    assert torch.equal(meta.flags, f.flatten(-2).any(-1))
+    weights = 2 ** torch.arange(rm * rn)
+    bits = (f.flatten(-2).long() * weights).sum(-1)
+    # whole, element by element: the rule the edge tiles apply (element rule and the sub-block's bit)
+    i, j = torch.arange(n)[:, None], torch.arange(s)[None, :]
+    pos = s - n + i
+    win, sink = meta.window[:, None, None], meta.sink[:, None, None]
+    rule = (j <= i) & (j <= pos) & ((win == 0) | (j < sink) | (j > pos - win))           # [G, n, s]
+    rule &= fine.flags.repeat_interleave(64, 1)[:, :n].repeat_interleave(64, 2)[:, :, :s]
+    rule = torch.nn.functional.pad(rule, (0, nbk * tile[1] - s), value=False)
+    rule = torch.nn.functional.pad(rule, (0, 0, 0, nbq * tile[0] - n), value=True)      # rows past n: free
+    all_kept = rule.unflatten(1, (nbq, tile[0])).unflatten(3, (nbk, tile[1])).all(2).all(-1)
+    assert torch.equal(meta.whole, meta.flags & all_kept)
+    for gi in range(len(forms)):
+        for r in range(nbq):
+            first = meta.whole[gi, r].nonzero().flatten().tolist()
+            rest = (meta.flags[gi, r] & ~meta.whole[gi, r]).nonzero().flatten().tolist()
+            c = int(meta.count[gi, r])
+            assert c == len(first) + len(rest) and meta.full[gi, r] == len(first)
+            assert meta.index[gi, r, :c].tolist() == first + rest
+            assert meta.bits[gi, r, :c].tolist() == bits[gi, r, first + rest].tolist()
+    with pytest.raises(ValueError, match="64 x 64"):
+        _ = meta.count_t
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
