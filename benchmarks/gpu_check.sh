@@ -21,6 +21,9 @@ cd "$(dirname "$0")/.."
 OUTDIR="${1:-${OUT:-benchmarks/results/gpu}}"
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/gpu_check.log"
+# attnforge's kernel cache in OUTDIR: its autotune.json (every launch config's time, per kernel, head dim,
+# dtype, length bucket and plan) comes back with the results
+export ATTNFORGE_CACHE_DIR="$OUTDIR/attnforge_cache"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY="${PYTHON:-python3}"
 
@@ -41,12 +44,12 @@ step() {   # step NAME SECONDS command...: run with a time limit, log its output
 } 2>&1 | tee "$OUTDIR/env.txt" | tee -a "$LOG"
 
 step install 30 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
-step kernels 220 "$PY" benchmarks/kernels.py --json "$OUTDIR/kernels.json" \
+step kernels 260 "$PY" benchmarks/kernels.py --json "$OUTDIR/kernels.json" \
     --shapes 32x8x32768x128 9x3x32768x64 32x32x16384x128 9x3x8192x64 32x32x4096x128
-step decode 130 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes smollm2 llama8b \
+step decode 120 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes smollm2 llama8b \
     --contexts 8192 32768 --steps 16
-step linear 70 "$PY" benchmarks/linear_kernel.py --json "$OUTDIR/linear_kernel.json" --lengths 8192 32768 --backward
+step linear 60 "$PY" benchmarks/linear_kernel.py --json "$OUTDIR/linear_kernel.json" --lengths 8192 32768 --backward
 # default launch configs here: tuning every config of every kernel of the tests would take minutes of compiles
 step tests 100 env ATTNFORGE_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step padded 40 "$PY" benchmarks/padded.py --json "$OUTDIR/padded.json" --shapes 9x3x8192x64 32x8x8192x128
+step padded 30 "$PY" benchmarks/padded.py --json "$OUTDIR/padded.json" --shapes 9x3x8192x64 32x8x8192x128
 echo "=== $(date -u +%T) done; results in $OUTDIR" | tee -a "$LOG"

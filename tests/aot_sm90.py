@@ -102,7 +102,7 @@ def compile_plan_launch(head_dim, config=None, n=1024, heads=(9, 3), dtype="bf16
     forms = forms_to_json((Dense(), SinkWindow(64, 256), BlockSparse(64, (0,), (0, 1))))
     meta = blockmeta.block_meta(forms, heads[0] // heads[1], n, n, *tile, "cpu")
     c = compile_launch(module, (q, k, v, q.clone(), head_dim ** -0.5, meta), {"config": config})
-    return c, (*tile, *config[-2:])
+    return c, (*tile, *config) if fixed else config
 
 
 def compile_dense_launch(head_dim, config=None, n=1024, heads=(9, 3), dtype="bf16", src=None):
@@ -118,7 +118,8 @@ def describe(c) -> dict:
     """What a compiled kernel's PTX says about its shape: shared memory, async copies, wgmma."""
     ptx = c.asm["ptx"]
     return {"cubin_bytes": len(c.asm["cubin"]), "shared_bytes": c.metadata.shared,
-            "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)), "wgmma": bool(re.search(r"wgmma\.mma_async", ptx))}
+            "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)), "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+            "wgmma": bool(re.search(r"wgmma\.mma_async", ptx))}
 
 
 def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, config=(4, 3), block_m=None,
@@ -129,7 +130,7 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, 
     names = list(inspect.signature(fn.fn).parameters)
     sig = {}
     for n in names:
-        if n in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
+        if n in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "K_DESC", "V_DESC"):   # descriptors: K, V (TMA off)
             sig[n] = f"*{dtype}"
         elif n in ("Lse", "Delta"):
             sig[n] = "*fp32"
@@ -141,7 +142,7 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, 
             sig[n] = "fp32"
         else:
             sig[n] = "constexpr" if n in CONSTEXPR else "i32"
-    for flag in ("STORE_LSE", "VARLEN", "SUB_BITS"):
+    for flag in ("STORE_LSE", "VARLEN", "SUB_BITS", "TMA"):
         if flag in names:
             sig[flag] = "constexpr"
     block_m = block_m or (64 if spec.plan and suffix else 128)
@@ -151,6 +152,8 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, 
         consts["STORE_LSE"] = True
     if "SUB_BITS" in names:             # the plan forward: tiles of several 64 x 64 sub-blocks read their bits
         consts["SUB_BITS"] = (block_m, block_n) != (64, 64)
+    if "TMA" in names:                  # pointer loads; the TMA variants compile as launches (compile_plan_launch)
+        consts["TMA"] = False
     consts["VARLEN"] = varlen
     ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items() if k in names})
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": config[0], "num_stages": config[1]})
@@ -227,14 +230,18 @@ def main():
               (codegen.KernelSpec(causal=True, plan=True), "bf16", 64),
               (codegen.KernelSpec(causal=True, plan=True), "fp16", 128)]
     results = []
-    # the plan forward at every autotune config, as a GPU launch compiles it (64 x 64 tiles without sub-block bits)
-    plan_src = codegen.render_attention(codegen.KernelSpec(causal=True, plan=True)).source
-    plan_module = kernels._module_from_source(kernels.source_key(plan_src), plan_src)
-    for config in plan_module.CONFIGS:
-        for d in (64, 128):
-            c, _ = compile_plan_launch(d, config)
-            results.append({"kernel": f"{plan_module.KERNEL}[{'x'.join(map(str, config[:2]))},{config[2]}w{config[3]}s]",
-                            "dtype": "bf16", "head_dim": d, "launch": True, **describe(c)})
+    # the plan forward at every autotune config, and the dense forward at its TMA ones, as a GPU launch compiles
+    # them (64 x 64 plan tiles without sub-block bits)
+    for plan in (True, False):
+        module = _module(codegen.KernelSpec(causal=True, plan=plan))
+        for config in module.CONFIGS:
+            if not (plan or config[4]):
+                continue
+            for d in (64, 128):
+                c, _ = (compile_plan_launch if plan else compile_dense_launch)(d, config)
+                name = f"{'x'.join(map(str, config[:2]))},{config[2]}w{config[3]}s{',tma' if config[4] else ''}"
+                results.append({"kernel": f"{module.KERNEL}[{name}]", "dtype": "bf16", "head_dim": d, "launch": True,
+                                "config": list(config), **describe(c)})
     cases += [(codegen.KernelSpec(causal=True, plan=True), "bf16", 64, suffix) for suffix in ("_bwd_dq", "_bwd_dkdv")]
     # padded batches (runtime.padding): the same kernels with per-row lengths
     cases += [(codegen.KernelSpec(causal=c), "bf16", 64, "", True) for c in (False, True)]

@@ -22,16 +22,26 @@ def test_every_kernel_compiles_for_sm90_and_bf16_uses_wgmma():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout)
-    assert len(results) == 42          # 30 kernels + the plan forward at each autotune tile, d 64 and 128
+    from attnforge import codegen
+    from attnforge.runtime import kernels
+
+    def configs(plan):
+        src = codegen.render_attention(codegen.KernelSpec(causal=True, plan=plan)).source
+        return kernels._module_from_source(kernels.source_key(src), src).CONFIGS
+
+    # 30 kernels with a generic signature, then the plan forward at each autotune config and the dense forward
+    # at each TMA one, head dims 64 and 128
+    launched_configs = 2 * (len(configs(True)) + sum(c[4] for c in configs(False)))
+    assert len(results) == 30 + launched_configs
     for r in results:
         assert r["cubin_bytes"] > 0, r
         # decode tiles are 16 rows (mma); the linear state kernel multiplies in fp32 (its sums stay exact)
         if r["dtype"] in ("bf16", "fp16") and "decode" not in r["kernel"] and "_state" not in r["kernel"]:
             assert r["wgmma"], f"{r['kernel']} ({r['dtype']}) does not use Hopper's wgmma"
-    # the plan forward at each autotune config, compiled as a GPU launch specializes it: K/V loads pipelined
-    # (asynchronous copies into multi-buffered shared memory) and within an H100's 227 KiB per block
+    # compiled as a GPU launch specializes them: K/V loads pipelined (asynchronous copies into multi-buffered
+    # shared memory; TMA configs through the tensor memory accelerator) within an H100's 227 KiB per block
     launched = [r for r in results if r.get("launch")]
-    assert len(launched) == 12
+    assert len(launched) == launched_configs
     for r in launched:
-        assert r["cp_async"] > 0, f"{r['kernel']} d={r['head_dim']}: K/V loads are not pipelined"
+        assert (r["tma"] if r["config"][4] else r["cp_async"]) > 0, f"{r['kernel']} d={r['head_dim']}: loads not pipelined"
         assert r["shared_bytes"] <= 227 * 1024, r

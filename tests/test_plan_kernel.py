@@ -262,9 +262,9 @@ def test_the_op_runs_larger_tiles_on_their_own_metadata(tile, monkeypatch):
 
     def tune(loaded, kernel, q, v, run, shape_key=""):
         for config in loaded.module.CONFIGS[:2]:
-            meta = run((*config[:2], 1, 1))
+            meta = run((*config[:2], 1, 1, False))
             tried.append(((meta.block_m, meta.block_n), shape_key))
-        return (*tile, 1, 1)
+        return (*tile, 1, 1, False)
 
     monkeypatch.setattr(ops, "_config", tune)
     g = torch.Generator().manual_seed(3)
