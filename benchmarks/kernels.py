@@ -12,7 +12,8 @@ Prints ms, effective TFLOP/s (kept pairs only), speed-up over SDPA causal, the i
 host time to build attnforge's block metadata at the tile that ran (plan-to-first-launch overhead) as a
 fraction of the attention time, the launch config the autotuner chose, and first-call times at new
 lengths (what a new length costs: Triton specializes on divisibility, not on the length; launch configs
-are tuned once per power-of-two length bucket, and per forms for plans). --backward also times a training step's attention, forward +
+are tuned once per length bucket, 1k / 4k / 16k / 64k, and per forms for plans). --backward also times a
+training step's attention, forward +
 backward, of the three (attnforge: attention_train, whose backward reads the forward's log-sum-exp), with
 the gradients checked against the same reference. The dense rows run attnforge's dense kernel (what the backend emits
 for a site whose groups are all dense); the others the plan kernel. Every result is checked before timing: against SDPA with the same mask up to 8k, against

@@ -144,8 +144,13 @@ def _config(loaded, kernel: str, q: Tensor, v: Tensor, run, shape_key: str = "")
 
 
 def _length_bucket(n: int) -> str:
-    """Lengths that share a tuned config: powers of two (as Triton's own autotuners key on N_CTX buckets)."""
-    return f"n{1 << max(0, n - 1).bit_length()}"
+    """Lengths that share a tuned config: up to 1k, 4k, 16k, 64k, ... tokens (powers of 4). Coarser than
+    Triton's own N_CTX keys on purpose: a new bucket costs a tuning run on its first call (and a compile of
+    every config where the length's divisibility is new), which a serving process should meet rarely."""
+    bucket = 1024
+    while bucket < n:
+        bucket *= 4
+    return f"n{bucket // 1024}k"
 
 
 def _plan_meta(forms: str, q: Tensor, k: Tensor, tile: tuple[int, int], per_row: bool = False):

@@ -96,14 +96,14 @@ def test_each_length_bucket_and_plan_is_tuned_on_its_own(module, tmp_path):
 
     kernels.set_cache_dir(tmp_path)
     calls = []
-    fast = {"n4096": (8, 2), "n32768": (4, 2)}
+    fast = {"n4k": (8, 2), "n64k": (4, 2)}
     for bucket, best in fast.items():
         times = {c: 0.1 if c == best else 1.0 for c in module.CONFIGS}
         got = autotune.tuned_config(module, "k4", "H100", 64, "torch.bfloat16", lambda c: calls.append(tuple(c)),
                                     _bench(times, calls), shape_key=f"{bucket}|forms-abc")
         assert got == best
     assert len(calls) == 2 * len(module.CONFIGS)
-    assert autotune.chosen() == {"H100|k4|d64|bfloat16|n4096|forms-abc": (8, 2),
-                                 "H100|k4|d64|bfloat16|n32768|forms-abc": (4, 2)}
-    assert [ops._length_bucket(n) for n in (1, 64, 65, 4000, 4096, 4097, 32768)] == \
-        ["n1", "n64", "n128", "n4096", "n4096", "n8192", "n32768"]
+    assert autotune.chosen() == {"H100|k4|d64|bfloat16|n4k|forms-abc": (8, 2),
+                                 "H100|k4|d64|bfloat16|n64k|forms-abc": (4, 2)}
+    assert [ops._length_bucket(n) for n in (1, 1024, 1025, 4096, 5003, 16384, 32768)] == \
+        ["n1k", "n1k", "n4k", "n4k", "n16k", "n16k", "n64k"]
