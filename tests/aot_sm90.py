@@ -15,8 +15,10 @@ instructions per loop body, and how many of them are wgmma (HGMMA) and exp2 (MUF
 costs in instructions, a static view of kernel changes on a machine without a GPU (not a timing). --rev
 renders the templates of a git revision instead of the working tree.
 """
+import concurrent.futures
 import inspect
 import json
+import os
 import re
 import sys
 
@@ -222,54 +224,64 @@ def compile_linear_sm90(part: str, hedgehog: bool, dtype="bf16", head_dim=64):
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 2})
 
 
+def _wgmma(c) -> bool:
+    return bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))
+
+
+def _row(job) -> dict:
+    """One row of main(), compiled in a worker process: job = (kind, *arguments)."""
+    kind, *args = job
+    if kind == "generic":                     # an attention kernel with the generic signature
+        spec, dtype, d, suffix, varlen = args
+        c = compile_sm90(spec, dtype, d, suffix=suffix, varlen=varlen)
+        return {"kernel": spec.name + suffix + ("[varlen]" if varlen else ""), "dtype": dtype, "head_dim": d,
+                "cubin_bytes": len(c.asm["cubin"]), "wgmma": _wgmma(c)}
+    if kind == "launch":                      # the plan or dense forward as a GPU launch compiles it
+        plan, config, d = args
+        c, _ = (compile_plan_launch if plan else compile_dense_launch)(d, config)
+        name = f"{'x'.join(map(str, config[:2]))},{config[2]}w{config[3]}s{',tma' if config[4] else ''}"
+        return {"kernel": f"{codegen.KernelSpec(causal=True, plan=plan).name}[{name}]", "dtype": "bf16",
+                "head_dim": d, "launch": True, "config": list(config), **describe(c)}
+    if kind in ("decode", "decode_quant"):
+        (dtype,) = args
+        c = (compile_decode_sm90 if kind == "decode" else compile_decode_quant_sm90)(dtype)
+        name = codegen.render.DECODE_NAME if kind == "decode" else codegen.render.DECODE_QUANT_NAME
+        return {"kernel": name, "dtype": dtype, "head_dim": 64, "cubin_bytes": len(c.asm["cubin"]), "wgmma": _wgmma(c)}
+    if kind == "combine":
+        render = getattr(codegen, args[0])
+        c = compile_combine_sm90(render)
+        return {"kernel": args[0].replace("render_", "attnforge_") + "_combine", "dtype": "bf16", "head_dim": 64,
+                "cubin_bytes": len(c.asm["cubin"]), "wgmma": False}
+    part, hedgehog = args                     # "linear"
+    c = compile_linear_sm90(part, hedgehog)
+    return {"kernel": codegen.render.LINEAR_NAME + part + ("[hedgehog]" if hedgehog else "[taylor2]"),
+            "dtype": "bf16" if part != "_decode" else "fp32", "head_dim": 64, "cubin_bytes": len(c.asm["cubin"]),
+            "wgmma": _wgmma(c)}
+
+
 def main():
+    """Every kernel, one row each; compiled in one process per core (Triton's compiler is single-threaded)."""
+    plan = codegen.KernelSpec(causal=True, plan=True)
     cases = [(codegen.KernelSpec(causal=c, mask=m), "bf16", 64) for c in (False, True)
              for m in (None, "bool", "additive")]
     cases += [(codegen.KernelSpec(causal=True), "fp16", 128), (codegen.KernelSpec(causal=True), "fp32", 64),
-              (codegen.KernelSpec(causal=True, window=True), "bf16", 64),
-              (codegen.KernelSpec(causal=True, plan=True), "bf16", 64),
-              (codegen.KernelSpec(causal=True, plan=True), "fp16", 128)]
-    results = []
+              (codegen.KernelSpec(causal=True, window=True), "bf16", 64), (plan, "bf16", 64), (plan, "fp16", 128)]
+    jobs = [("generic", spec, dtype, d, "", False) for spec, dtype, d in cases]
+    jobs += [("generic", plan, "bf16", 64, suffix, False) for suffix in ("_bwd_dq", "_bwd_dkdv")]
+    # padded batches (runtime.padding): the same kernels with per-row lengths
+    jobs += [("generic", codegen.KernelSpec(causal=c), "bf16", 64, "", True) for c in (False, True)]
+    jobs += [("generic", plan, "bf16", 64, suffix, True) for suffix in ("", "_bwd_dq", "_bwd_dkdv")]
+    jobs += [(kind, dtype) for kind in ("decode", "decode_quant") for dtype in ("bf16", "fp16")]
+    jobs += [("combine", name) for name in ("render_decode", "render_decode_quant")]
+    jobs += [("linear", part, hedgehog) for part in ("", "_state", "_decode") for hedgehog in (False, True)]
     # the plan forward at every autotune config, and the dense forward at its TMA ones, as a GPU launch compiles
     # them (64 x 64 plan tiles without sub-block bits)
-    for plan in (True, False):
-        module = _module(codegen.KernelSpec(causal=True, plan=plan))
-        for config in module.CONFIGS:
-            if not (plan or config[4]):
-                continue
-            for d in (64, 128):
-                c, _ = (compile_plan_launch if plan else compile_dense_launch)(d, config)
-                name = f"{'x'.join(map(str, config[:2]))},{config[2]}w{config[3]}s{',tma' if config[4] else ''}"
-                results.append({"kernel": f"{module.KERNEL}[{name}]", "dtype": "bf16", "head_dim": d, "launch": True,
-                                "config": list(config), **describe(c)})
-    cases += [(codegen.KernelSpec(causal=True, plan=True), "bf16", 64, suffix) for suffix in ("_bwd_dq", "_bwd_dkdv")]
-    # padded batches (runtime.padding): the same kernels with per-row lengths
-    cases += [(codegen.KernelSpec(causal=c), "bf16", 64, "", True) for c in (False, True)]
-    cases += [(codegen.KernelSpec(causal=True, plan=True), "bf16", 64, suffix, True) for suffix in ("", "_bwd_dq", "_bwd_dkdv")]
-    for spec, dtype, d, *extra in cases:
-        suffix, varlen = extra[0] if extra else "", len(extra) > 1 and extra[1]
-        c = compile_sm90(spec, dtype, d, suffix=suffix, varlen=varlen)
-        results.append({"kernel": spec.name + suffix + ("[varlen]" if varlen else ""), "dtype": dtype, "head_dim": d,
-                        "cubin_bytes": len(c.asm["cubin"]), "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
-    for dtype in ("bf16", "fp16"):
-        c = compile_decode_sm90(dtype)
-        results.append({"kernel": codegen.render.DECODE_NAME, "dtype": dtype, "head_dim": 64,
-                        "cubin_bytes": len(c.asm["cubin"]), "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
-    for dtype in ("bf16", "fp16"):
-        c = compile_decode_quant_sm90(dtype)
-        results.append({"kernel": codegen.render.DECODE_QUANT_NAME, "dtype": dtype, "head_dim": 64,
-                        "cubin_bytes": len(c.asm["cubin"]), "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
-    for render in (codegen.render_decode, codegen.render_decode_quant):
-        c = compile_combine_sm90(render)
-        results.append({"kernel": render.__name__.replace("render_", "attnforge_") + "_combine", "dtype": "bf16",
-                        "head_dim": 64, "cubin_bytes": len(c.asm["cubin"]), "wgmma": False})
-    for part in ("", "_state", "_decode"):
-        for hedgehog in (False, True):
-            c = compile_linear_sm90(part, hedgehog)
-            results.append({"kernel": codegen.render.LINEAR_NAME + part + ("[hedgehog]" if hedgehog else "[taylor2]"),
-                            "dtype": "bf16" if part != "_decode" else "fp32", "head_dim": 64,
-                            "cubin_bytes": len(c.asm["cubin"]), "wgmma": bool(re.search(r"wgmma\.mma_async", c.asm["ptx"]))})
-    json.dump(results, sys.stdout)
+    for is_plan in (True, False):
+        for config in _module(codegen.KernelSpec(causal=True, plan=is_plan)).CONFIGS:
+            if is_plan or config[4]:
+                jobs += [("launch", is_plan, tuple(config), d) for d in (64, 128)]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        json.dump(list(pool.map(_row, jobs)), sys.stdout)
 
 
 def _render_at(rev, spec):
