@@ -148,7 +148,7 @@ def main():
                        "metadata_ms": meta_s * 1e3, "metadata_fraction": meta_s * 1e3 / ours,
                        "flex_block_mask_ms": flex_mask_s * 1e3, "checked_against": "sdpa" if n <= 8192 else "flex"}
                 row["kernel"] = "dense" if plan_name == "dense" else "plan"
-                row["config"] = config              # (BLOCK_M, BLOCK_N, warps, stages); None: tuning is off
+                row["config"] = config     # (BLOCK_M, BLOCK_N, warps, stages, TMA); None: tuning off, or tuned by an earlier row
                 if args.backward:
                     row.update(_train_step(dev, q, k, v, flex_call, dense_mask_of, scale=scale, key=ours_key,
                                            forms=ours_forms))
