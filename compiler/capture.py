@@ -37,7 +37,6 @@ def compile_traced(fn, **compile_kwargs):
         with tracing_config():
             return compiled(*args, **kwargs)
 
-    call.compiled = compiled
     return call
 
 

@@ -183,8 +183,7 @@ def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms="", lse=None
                 loaded.launch(q, k, v, out, scale, meta, config=config or default, lse=lse, lens=lens, windows=windows)
                 return meta
 
-            forms_id = hashlib.sha1(forms.encode()).hexdigest()[:12]
-            meta = run(_config(loaded, kernel, q, v, run, f"{shape_key}|forms-{forms_id}"))
+            meta = run(_config(loaded, kernel, q, v, run, f"{shape_key}|forms-{_forms_id(forms)}"))
             counters["triton_plan_blocks"] += meta.visited_blocks
             counters["triton_plan_whole_blocks"] += meta.whole_blocks     # run with no element mask
         else:
@@ -202,6 +201,12 @@ def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms="", lse=None
 @functools.lru_cache(maxsize=256)
 def _forms(text: str) -> tuple:
     return forms_from_json(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _forms_id(text: str) -> str:
+    """A short stable name of a plan entry's forms (the autotuner's key for the plan kernel)."""
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None, padding=None):
