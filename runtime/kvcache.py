@@ -377,9 +377,9 @@ class SiteKVCache:
     def needs_select(self) -> bool:
         return self._pending is not None
 
-    def select(self, q: torch.Tensor, scale: float) -> None:
+    def select(self, q: torch.Tensor, scale: float, softcap: float = 0.0) -> None:
         """After the prompt's attention: each evicting group keeps its form's choice of the prompt's keys.
-        q: the prompt's queries [1, H, P, D]."""
+        q: the prompt's queries [1, H, P, D]; softcap: the site's (scores ranked as the model attends)."""
         if self._pending is None:
             return
         k, v = self._pending
@@ -388,7 +388,7 @@ class SiteKVCache:
         for gi in self._evict:
             form, o = self.layouts[gi].form, self._offs[gi]
             qg = q[0, gi * r:(gi + 1) * r]
-            keep = policy_keep(form, qg, k[0, gi], scale)
+            keep = policy_keep(form, qg, k[0, gi], scale, softcap)
             positions = torch.tensor(keep, device=k.device)
             if form.policy == "streaming":
                 slots = torch.tensor([self._evict_slot(gi, p) for p in keep], device=k.device)
@@ -400,13 +400,13 @@ class SiteKVCache:
             self.pos[:, idx] = positions.to(self.pos.dtype)
             self._flags[:, idx] = 1
             if form.policy in ("h2o", "a2sf"):
-                self.scores[idx] = policy_scores(form, qg, k[0, gi], scale)[positions].float()
+                self.scores[idx] = policy_scores(form, qg, k[0, gi], scale, softcap=softcap)[positions].float()
                 self._free[gi] = list(range(len(keep), self._caps[gi]))[::-1]
                 self._held[gi] = len(keep)
             self._count[gi] = len(keep)
         self._pending = None
 
-    def after_step(self, q: torch.Tensor, scale: float) -> None:
+    def after_step(self, q: torch.Tensor, scale: float, softcap: float = 0.0) -> None:
         """After a decoding step's attention (q [1, H, D], the newest query): h2o / a2sf groups add the
         step's attention to their scores (decayed by alpha) and evict their lowest-scoring key outside the
         sink and the recent window when over budget."""
@@ -419,7 +419,8 @@ class SiteKVCache:
                 continue
             o, c = self._offs[gi], self._caps[gi]
             valid = self._flags[0, o:o + c].bool()
-            s = torch.einsum("rd,nd->rn", q[0, gi * r:(gi + 1) * r].float(), self.k[0, o:o + c].float()) * scale
+            s = _capped(torch.einsum("rd,nd->rn", q[0, gi * r:(gi + 1) * r].float(), self.k[0, o:o + c].float())
+                        * scale, softcap)
             p = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1).sum(0)
             self.scores[o:o + c] = torch.where(valid, form.alpha * self.scores[o:o + c] + p, torch.zeros_like(p))
             if self._held[gi] <= form.kept(self.prompt):
@@ -458,8 +459,9 @@ class SiteKVCache:
         flags = self.keep_flags().bool()
         return [(self.k[:, o:o + c], self.v[:, o:o + c], flags[:, o:o + c]) for o, c in zip(self._offs, self._caps)]
 
-    def decode_reference(self, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention of one query token per head q [B, H, D] over the cache: the PyTorch oracle.
+    def decode_reference(self, q: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
+        """Attention of one query token per head q [B, H, D] over the cache: the PyTorch oracle (scores
+        soft-capped, softcap * tanh(s / softcap), if softcap > 0).
         Math in float64 for float64 inputs, float32 otherwise; out [B, H, DV] in q's dtype."""
         b, h, _ = q.shape
         g = len(self.layouts)
@@ -468,14 +470,15 @@ class SiteKVCache:
         outs = []
         for gi, (k, v, keep) in enumerate(self.group_views()):
             qg = q[:, gi * r:(gi + 1) * r].to(ct)                               # [B, r, D]
-            s = torch.einsum("brd,bnd->brn", qg, k.to(ct)) * scale
+            s = _capped(torch.einsum("brd,bnd->brn", qg, k.to(ct)) * scale, softcap)
             p = _probs(s.masked_fill(~keep[:, None, :], float("-inf")))          # zeros where nothing is kept
             outs.append(torch.einsum("brn,bnd->brd", p, v.to(ct)))
         out = torch.cat(outs, 1)
         if self.quant is not None:
             heads = self._quant_heads(r, q.device)
-            out[:, heads] = self.quant.decode_reference(q[:, heads], scale).to(ct)
+            out[:, heads] = self.quant.decode_reference(q[:, heads], scale, softcap).to(ct)
         if self._linear:
+            _no_linear_softcap(softcap)
             self._linear_attend(q.to(ct), scale, out, "reference")
         return out.to(q.dtype)
 
@@ -533,20 +536,23 @@ class SiteKVCache:
             for gi, st in zip(self._linear, states):
                 out[b, gi * r:(gi + 1) * r] = st.attend(q[b, gi * r:(gi + 1) * r], impl=impl).to(out.dtype)
 
-    def decode(self, q: torch.Tensor, scale: float, loaded, splits: int | None = None, loaded_quant=None):
+    def decode(self, q: torch.Tensor, scale: float, loaded, splits: int | None = None, loaded_quant=None,
+               softcap: float = 0.0):
         """The same through the split-KV Triton kernel `loaded` (runtime.kernels.LoadedKernel of
         codegen.render_decode()), and for KVQuant groups `loaded_quant` (codegen.render_decode_quant()),
         which dequantizes in the kernel. Returns (out [B, H, DV], splits used by the first)."""
         length = self.length if self.lens is None else max(self.lens)      # a padded batch: its longest row
         longest = max(min(c, length) if pre else c for c, pre in zip(self._caps, self._prefix))
         out, used = loaded.launch(q, self.k, self.v, self.keep_flags(), self._off_t, self._cap_t, self._prefix_t,
-                                  length, scale, longest, splits=splits)
+                                  length, scale, longest, splits=splits, softcap=softcap)
         if self.quant is not None:
             if loaded_quant is None:
                 raise KVCacheError("this cache has KVQuant groups: pass loaded_quant (codegen.render_decode_quant())")
             heads = self._quant_heads(q.shape[1] // len(self.layouts), q.device)
-            out[:, heads] = self.quant.decode(q[:, heads].contiguous(), scale, loaded_quant)[0].to(out.dtype)
+            out[:, heads] = self.quant.decode(q[:, heads].contiguous(), scale, loaded_quant,
+                                              softcap=softcap)[0].to(out.dtype)
         if self._linear:
+            _no_linear_softcap(softcap)
             self._linear_attend(q, scale, out, "triton")
         return out, used
 
@@ -580,7 +586,20 @@ class SiteKVCache:
 
 
 # ---------------------------------------------------------------------------- eviction policies
-def policy_scores(form, q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 256) -> torch.Tensor:
+def _capped(s: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Scores soft-capped as the site computes them (softcap * tanh(s / softcap)); s itself for softcap 0."""
+    return softcap * torch.tanh(s / softcap) if softcap else s
+
+
+def _no_linear_softcap(softcap: float) -> None:
+    if softcap:
+        from .reference import LINEAR_SOFTCAP
+
+        raise KVCacheError(LINEAR_SOFTCAP)
+
+
+def policy_scores(form, q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 256,
+                  softcap: float = 0.0) -> torch.Tensor:
     """Per prompt key, the attention its policy ranks it by. q [r, P, D] (the group's heads), k [P, D].
     h2o: attention summed over every prompt query and head; a2sf: the same, query i weighted by
     alpha ** (P - 1 - i); snapkv: summed over the last `recent` queries, average-pooled over `pool`
@@ -592,7 +611,7 @@ def policy_scores(form, q: torch.Tensor, k: torch.Tensor, scale: float, chunk: i
     score = torch.zeros(p_len, dtype=ct, device=k.device)
     for i0 in range(first, p_len, chunk):
         i1 = min(p_len, i0 + chunk)
-        s = torch.einsum("rid,jd->rij", q[:, i0:i1].to(ct), k.to(ct)) * scale
+        s = _capped(torch.einsum("rid,jd->rij", q[:, i0:i1].to(ct), k.to(ct)) * scale, softcap)
         rows = torch.arange(i0, i1, device=k.device)[:, None]
         a = torch.softmax(s.masked_fill(cols[None, :] > rows, float("-inf")), dim=-1)
         if form.policy == "a2sf":
@@ -605,7 +624,7 @@ def policy_scores(form, q: torch.Tensor, k: torch.Tensor, scale: float, chunk: i
     return score
 
 
-def policy_keep(form, q: torch.Tensor, k: torch.Tensor, scale: float) -> list[int]:
+def policy_keep(form, q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float = 0.0) -> list[int]:
     """Prompt positions a KVEvict form keeps (sorted): sink and recent ones always, the rest of its budget
     by policy_scores (streaming: the most recent ones)."""
     p_len = k.shape[0]
@@ -613,7 +632,7 @@ def policy_keep(form, q: torch.Tensor, k: torch.Tensor, scale: float) -> list[in
     if form.policy == "streaming":
         return list(range(min(form.sink, p_len))) + list(range(max(form.sink, p_len - (kept - form.sink)), p_len))
     protected = set(range(min(form.sink, p_len))) | set(range(max(0, p_len - form.recent), p_len))
-    score = policy_scores(form, q, k, scale)
+    score = policy_scores(form, q, k, scale, softcap=softcap)
     eligible = torch.ones(p_len, dtype=torch.bool, device=k.device)
     eligible[list(protected)] = False
     rest = max(0, kept - len(protected))

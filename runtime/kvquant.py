@@ -230,7 +230,7 @@ class QuantKV:
         v = torch.cat([dequantize(vc, vs, vz, self.vg, -1), vr.float()], 1)
         return k, v
 
-    def decode_reference(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+    def decode_reference(self, q: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
         """q [B, ng * R, D] (the query heads of each quantized group, group-major) -> out [B, ng * R, DV]
         float32 (float64 for a float64 q): exact attention over the dequantized keys and values."""
         b, h, _ = q.shape
@@ -240,14 +240,16 @@ class QuantKV:
         for gi in range(len(self.groups)):
             k, v = (t.to(ct) for t in self.dequantized(gi))
             s = torch.einsum("brd,btd->brt", q[:, gi * r:(gi + 1) * r].to(ct), k) * scale
+            if softcap:
+                s = softcap * torch.tanh(s / softcap)
             outs.append(torch.softmax(s, -1) @ v)
         return torch.cat(outs, 1)
 
-    def decode(self, q: torch.Tensor, scale: float, loaded, splits: int | None = None):
+    def decode(self, q: torch.Tensor, scale: float, loaded, splits: int | None = None, softcap: float = 0.0):
         """The same through the Triton kernel `loaded` (codegen.render_decode_quant()), dequantizing
         inside the kernel. Returns (out [B, ng * R, DV] in q's dtype, splits used)."""
         return loaded.launch(q, self.buf, self._meta, self.nq, self.length - self.nq, self.r_cap, self.group,
-                             self.vg, scale, splits=splits)
+                             self.vg, scale, splits=splits, softcap=softcap)
 
     def nbytes(self) -> int:
         """Bytes of the buffers (allocated for max_length)."""

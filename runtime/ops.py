@@ -1,6 +1,6 @@
 """`torch.ops.attnforge.attention`: the one op every rewritten attention site calls.
 
-    attention(q, k, v, mask, causal, window, scale, impl, kernel, forms="", padding=None) -> out
+    attention(q, k, v, mask, causal, window, scale, impl, kernel, forms="", padding=None, softcap=0.0) -> out
         q [B, Hq, N, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> out [B, Hq, N, Dv]
         mask:   None, or broadcastable to [B, Hq, N, S]; bool (True = attend) or additive float
         causal: top-left aligned (as SDPA's is_causal)
@@ -13,6 +13,8 @@
         impl:   "auto" | "triton" | "reference"
         kernel: key of a generated Triton source (attnforge.runtime.kernels), "" when none was generated
         forms:  "" (dense) or the JSON of one Form per KV head group (attnforge.runtime.forms): a plan entry
+        softcap: > 0 soft-caps the scaled scores before any mask, softcap * tanh(s / softcap) (Gemma 2's
+                logit soft-capping); 0: none. Every kernel and the reference compute it (not Linear forms)
 
 It is a torch.library custom op with a fake implementation and autograd, so it survives torch.compile
 and torch.export. Two companions:
@@ -22,7 +24,8 @@ and torch.export. Two companions:
     padding_mask(padding [B, S], N, causal) -> [B, 1, N, S] bool: the mask of a padded batch, as Hugging
                  Face's sdpa_mask builds it; attnforge's mask function (compiler.hf) builds masks through it
                  so that the passes see a padded batch and give the attention op `padding` instead
-    attention_backward(grad_out, q, k, v, out?, lse?, scale, impl, kernel, forms) -> (dq, dk, dv): the
+    attention_backward(grad_out, q, k, v, out?, lse?, scale, impl, kernel, forms, padding?, softcap)
+                 -> (dq, dk, dv): the
                  plan kernel's backward kernels, an op of their own so that AOTAutograd (which traces the
                  backward with fake tensors) keeps them for run time
 Implementations:
@@ -39,6 +42,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import math
 import warnings
 from typing import Optional
 
@@ -50,7 +54,7 @@ from .blockmeta import block_meta, block_reason
 from .forms import forms_from_json
 from . import padding as pad
 from .kernels import KernelUnavailable
-from .reference import attention_reference, attention_reference_backward, reference_lse
+from .reference import LINEAR_SOFTCAP, attention_reference, attention_reference_backward, reference_lse
 
 __all__ = ["attention", "attention_train", "attention_backward", "padding_mask", "counters", "fallbacks", "reset_counters",
            "IMPLS", "triton_check", "set_plan_kernel_factory", "set_masked_kernel_factory"]
@@ -120,9 +124,11 @@ def _accelerated(q: Tensor) -> bool:
     return q.device.type == "cuda"
 
 
-def _check_args(q, k, v, mask, impl):
+def _check_args(q, k, v, mask, impl, softcap=0.0):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: no soft-cap), got {softcap!r}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -163,7 +169,8 @@ def _planned(forms: str) -> bool:
     return bool(forms) and any(f.kind != "dense" for f in _forms(forms))
 
 
-def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms="", lse=None, lens=None, windows=None):
+def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms="", lse=None, lens=None, windows=None,
+                softcap=0.0):
     """The generated kernel on these inputs. lens / windows: a compacted padded batch (runtime.padding)."""
     loaded = kernels.load_kernel(kernel, q.device)
     is_plan = getattr(loaded.module, "PLAN", False)
@@ -180,7 +187,8 @@ def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms="", lse=None
 
             def run(config):
                 meta = _plan_meta(forms, q, k, (config or default)[:2], per_row=windows is not None)
-                loaded.launch(q, k, v, out, scale, meta, config=config or default, lse=lse, lens=lens, windows=windows)
+                loaded.launch(q, k, v, out, scale, meta, config=config or default, lse=lse, lens=lens, windows=windows,
+                              softcap=softcap)
                 return meta
 
             meta = run(_config(loaded, kernel, q, v, run, f"{shape_key}|forms-{_forms_id(forms)}"))
@@ -188,7 +196,7 @@ def _run_triton(q, k, v, mask, causal, window, scale, kernel, forms="", lse=None
             counters["triton_plan_whole_blocks"] += meta.whole_blocks     # run with no element mask
         else:
             run = lambda config: loaded.launch(q, k, v, mask, out, scale, window, config=config, lse=lse,  # noqa: E731
-                                               lens=lens)
+                                               lens=lens, softcap=softcap)
             run(_config(loaded, kernel, q, v, run, shape_key))
     else:
         out.zero_()                      # no queries or no keys: nothing to attend to
@@ -209,20 +217,23 @@ def _forms_id(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None, padding=None):
+def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None, padding=None, softcap=0.0):
     """The op's forward. lse: None, or a float32 [B, H, N] tensor to fill with each row's log-sum-exp wherever
     a Triton backward may read it (see attention_train)."""
-    _check_args(q, k, v, mask, impl)
-    if padding is not None:
-        return _forward_padded(q, k, v, padding, mask, causal, window, scale, impl, kernel, forms, lse)
+    _check_args(q, k, v, mask, impl, softcap)
     head_forms = _forms(forms)
+    if softcap and any(f.kind == "linear" for f in head_forms):
+        raise ValueError(LINEAR_SOFTCAP)
+    if padding is not None:
+        return _forward_padded(q, k, v, padding, mask, causal, window, scale, impl, kernel, forms, lse, softcap)
     if impl != "reference" and any(f.kind == "linear" for f in head_forms):
         return _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_forms, lse=lse)
     if impl == "reference":
-        return _reference(q, k, v, mask, causal, scale, window, head_forms, lse)
+        return _reference(q, k, v, mask, causal, scale, window, head_forms, lse, softcap=softcap)
     return _choose(impl, q, kernel, triton_check(q, k, v, mask, kernel, forms, causal, window),
-                   lambda: _run_triton(q, k, v, mask, causal, window, scale, kernel, forms, lse),
-                   lambda failed: _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=failed))
+                   lambda: _run_triton(q, k, v, mask, causal, window, scale, kernel, forms, lse, softcap=softcap),
+                   lambda failed: _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=failed,
+                                             softcap=softcap))
 
 
 def _choose(impl, q, kernel, reason, triton, reference):
@@ -263,11 +274,11 @@ def _padded_reason(q, k, v, padding, causal, kernel, forms) -> Optional[str]:
     return triton_check(q, k, v, None, kernel, forms, causal, 0)
 
 
-def _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse):
+def _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse, softcap=0.0):
     """Compact the rows (runtime.padding), run the kernels on them, scatter the result back."""
     if q.shape[2] != k.shape[2]:         # (dense only, see _padded_reason) the padding's mask, read tile by tile
         mask = pad.mask_4d(padding, q.shape[2], causal)
-        return _run_triton(q, k, v, mask, False, 0, scale, _masked_kernel.key(), "", lse)
+        return _run_triton(q, k, v, mask, False, 0, scale, _masked_kernel.key(), "", lse, softcap=softcap)
     rows = pad.segments_of(padding)     # one compacted row per sequence (per row, unless rows are packed)
     if rows.src is not None:
         counters["packed"] += 1
@@ -284,13 +295,14 @@ def _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse):
         return out
     lse_c = None if lse is None else lse.new_empty(qc.shape[:-1])
     windows = pad.row_windows(head_forms, rows.lens) if _planned(forms) else None
-    out = pad.scatter(_run_triton(qc, kc, vc, None, causal, 0, scale, kernel, forms, lse_c, rows.lens, windows), rows)
+    out = pad.scatter(_run_triton(qc, kc, vc, None, causal, 0, scale, kernel, forms, lse_c, rows.lens, windows,
+                                  softcap), rows)
     if lse is not None:
         lse.copy_(pad.scatter_rows(lse_c, rows, float("inf")))
     return out
 
 
-def _forward_padded(q, k, v, padding, mask, causal, window, scale, impl, kernel, forms, lse):
+def _forward_padded(q, k, v, padding, mask, causal, window, scale, impl, kernel, forms, lse, softcap=0.0):
     """A padded batch (see the module docstring): the Triton kernels over compacted rows where they can run,
     else the reference; the same choices, errors and fallbacks as an unpadded call."""
     if reason := pad.padding_reason(padding, q, k, causal, mask, window):
@@ -302,15 +314,15 @@ def _forward_padded(q, k, v, padding, mask, causal, window, scale, impl, kernel,
         counters["reference"] += 1
         if lse is not None:
             if failed:                   # the backward may still choose the Triton kernels: it reads this
-                lse.copy_(pad.reference_lse(q, k, padding, causal, scale, head_forms))
+                lse.copy_(pad.reference_lse(q, k, padding, causal, scale, head_forms, softcap))
             else:
                 lse.fill_(float("nan"))
-        return pad.reference(q, k, v, padding, causal, scale, head_forms)
+        return pad.reference(q, k, v, padding, causal, scale, head_forms, softcap)
 
     if impl == "reference":
         return reference(False)
     return _choose(impl, q, kernel, _padded_reason(q, k, v, padding, causal, kernel, forms),
-                   lambda: _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse), reference)
+                   lambda: _run_padded(q, k, v, padding, causal, scale, impl, kernel, forms, lse, softcap), reference)
 
 
 @torch.library.custom_op("attnforge::padding_mask", mutates_args=())
@@ -324,34 +336,35 @@ def _(padding, q_length, causal):
     return padding.new_empty((padding.shape[0], 1, q_length, padding.shape[1]), dtype=torch.bool)
 
 
-def _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=False):
+def _reference(q, k, v, mask, causal, scale, window, head_forms, lse, exact_lse=False, softcap=0.0):
     """The reference's output; lse (if given) filled exactly only where the backward may still choose the
     Triton kernels (exact_lse: the checks passed but the forward kernel failed at run time), else with NaN,
     which nothing reads (the backward's checks fail as the forward's did, or it runs the reference)."""
     counters["reference"] += 1
     if lse is not None:
         if exact_lse:
-            lse.copy_(reference_lse(q, k, mask, causal, scale, window, head_forms))
+            lse.copy_(reference_lse(q, k, mask, causal, scale, window, head_forms, softcap))
         else:
             lse.fill_(float("nan"))
-    return attention_reference(q, k, v, mask, causal, scale, window, head_forms)
+    return attention_reference(q, k, v, mask, causal, scale, window, head_forms, softcap)
 
 
 @torch.library.custom_op("attnforge::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, window: int,
-              scale: float, impl: str, kernel: str, forms: str = "", padding: Optional[Tensor] = None) -> Tensor:
-    return _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, padding=padding)
+              scale: float, impl: str, kernel: str, forms: str = "", padding: Optional[Tensor] = None,
+              softcap: float = 0.0) -> Tensor:
+    return _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, padding=padding, softcap=softcap)
 
 
 @torch.library.custom_op("attnforge::attention_train", mutates_args=())
 def attention_train(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, window: int,
                     scale: float, impl: str, kernel: str, forms: str = "",
-                    padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                    padding: Optional[Tensor] = None, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """attention, also returning each row's log-sum-exp [B, H, N] (float32) for its backward, which then
     skips the forward recomputation. The backend puts it in place of attention in graphs compiled with
     grad enabled; the values of out are the same."""
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    return _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse, padding), lse
+    return _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse, padding, softcap), lse
 
 
 def _linear_reason(q: Tensor, k: Tensor, mask, causal: bool, window: int) -> Optional[str]:
@@ -416,19 +429,19 @@ def _attention_linear(q, k, v, mask, causal, window, scale, impl, kernel, head_f
 
 
 @attention.register_fake
-def _(q, k, v, mask, causal, window, scale, impl, kernel, forms="", padding=None):
+def _(q, k, v, mask, causal, window, scale, impl, kernel, forms="", padding=None, softcap=0.0):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
 @attention_train.register_fake
-def _(q, k, v, mask, causal, window, scale, impl, kernel, forms="", padding=None):
+def _(q, k, v, mask, causal, window, scale, impl, kernel, forms="", padding=None, softcap=0.0):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output, saved_outputs=()):
-    q, k, v, mask, causal, window, scale, impl, kernel, forms, padding = inputs
+    q, k, v, mask, causal, window, scale, impl, kernel, forms, padding, softcap = inputs
     ctx.save_for_backward(q, k, v, mask, padding, *saved_outputs)
-    ctx.causal, ctx.window, ctx.scale, ctx.forms = causal, window, scale, forms
+    ctx.causal, ctx.window, ctx.scale, ctx.forms, ctx.softcap = causal, window, scale, forms, softcap
     ctx.impl, ctx.kernel = impl, kernel
 
 
@@ -476,7 +489,7 @@ def _backward_kernel(ctx, q, k, v, mask):
     return key, forms
 
 
-def _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale, padding=None):
+def _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale, padding=None, softcap=0.0):
     loaded = kernels.load_kernel(kernel, q.device)
     rows = lens = windows = None
     if padding is not None:              # a padded batch: the same compaction as its forward
@@ -493,25 +506,25 @@ def _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale, padding=
         # the forward once to get it, then the dQ and dK/dV kernels
         out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-        loaded.launch(q, k, v, out, scale, meta, lse=lse, lens=lens, windows=windows)
+        loaded.launch(q, k, v, out, scale, meta, lse=lse, lens=lens, windows=windows, softcap=softcap)
         counters["triton_backward_recomputed"] += 1
     grads = loaded.module.launch_backward(q, k, v, out, grad_out, lse, scale, meta, interpreted=loaded.interpreted,
-                                          lens=lens, windows=windows)
+                                          lens=lens, windows=windows, softcap=softcap)
     return grads if rows is None else tuple(pad.scatter(g, rows) for g in grads)
 
 
 @torch.library.custom_op("attnforge::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Optional[Tensor], lse: Optional[Tensor],
                        scale: float, impl: str, kernel: str, forms: str,
-                       padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                       padding: Optional[Tensor] = None, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of causal self-attention without a mask (one form per KV group, `forms`; a padded batch with
-    `padding`) through the backward kernels of the plan kernel `kernel`; out and lse from attention_train's
+    `padding`; soft-capped scores with `softcap`) through the backward kernels of the plan kernel `kernel`; out and lse from attention_train's
     forward, or None (recomputed).
     An op of its own so that a compiled training step (AOTAutograd traces the backward with fake tensors)
     keeps the kernel launches for run time. A failing kernel under impl='auto' falls back to the
     reference's gradients with a warning and a recorded fallback."""
     try:
-        grads = _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale, padding)
+        grads = _triton_backward(kernel, forms, grad_out, q, k, v, out, lse, scale, padding, softcap)
         counters["triton_backward"] += 1
         return grads
     except Exception as e:               # as in the forward: 'auto' must not lose the step to a kernel failure
@@ -521,14 +534,14 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: O
         fallbacks[(kernel, reason)] += 1
         warnings.warn(f"attnforge: running the reference backward because {reason}", RuntimeWarning, stacklevel=2)
     if padding is not None:
-        dq, dk, dv = pad.reference_backward(grad_out, q, k, v, padding, True, scale, _forms(forms))
+        dq, dk, dv = pad.reference_backward(grad_out, q, k, v, padding, True, scale, _forms(forms), softcap)
     else:
-        dq, dk, dv, _ = attention_reference_backward(grad_out, q, k, v, None, True, scale, 0, _forms(forms))
+        dq, dk, dv, _ = attention_reference_backward(grad_out, q, k, v, None, True, scale, 0, _forms(forms), softcap)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, scale, impl, kernel, forms, padding=None):
+def _(grad_out, q, k, v, out, lse, scale, impl, kernel, forms, padding=None, softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)     # contiguous, as the kernels' are
 
 
@@ -586,6 +599,10 @@ def _(grad_out, q, k, v, out, lse, scale, impl, kernel, forms, padding=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+_NO_GRADS = (None,) * 9              # mask (a float mask's gradient where the reference gives one), then the
+                                     # non-tensor arguments, padding and softcap
+
+
 def _backward(ctx, grad_out, out=None, lse=None, saved=None):
     # saved: ctx.saved_tensors, read once by the caller (a non-reentrant checkpoint refuses a second unpack)
     q, k, v, mask, padding = (ctx.saved_tensors if saved is None else saved)[:5]
@@ -596,19 +613,20 @@ def _backward(ctx, grad_out, out=None, lse=None, saved=None):
             and any(f.kind == "linear" for f in _forms(ctx.forms)):
         dq, dk, dv = torch.ops.attnforge.linear_backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.impl,
                                                          ctx.kernel, ctx.forms, padding)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, *_NO_GRADS
     chosen = _backward_kernel(ctx, q, k, v, mask) if q.shape[2] and k.shape[2] and square else None
     if chosen is not None:
         key, forms = chosen
         dq, dk, dv = torch.ops.attnforge.attention_backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.impl, key,
-                                                            forms, padding)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+                                                            forms, padding, ctx.softcap)
+        return dq, dk, dv, *_NO_GRADS
     if padding is not None:
-        dq, dk, dv = pad.reference_backward(grad_out, q, k, v, padding, ctx.causal, ctx.scale, _forms(ctx.forms))
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        dq, dk, dv = pad.reference_backward(grad_out, q, k, v, padding, ctx.causal, ctx.scale, _forms(ctx.forms),
+                                            ctx.softcap)
+        return dq, dk, dv, *_NO_GRADS
     dq, dk, dv, dmask = attention_reference_backward(grad_out, q, k, v, mask, ctx.causal, ctx.scale,
-                                                     ctx.window, _forms(ctx.forms))
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None
+                                                     ctx.window, _forms(ctx.forms), ctx.softcap)
+    return dq, dk, dv, dmask, *_NO_GRADS[1:]
 
 
 def _setup_context_train(ctx, inputs, output):

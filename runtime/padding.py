@@ -327,7 +327,8 @@ def _select(flags: Tensor, linear: Tensor, other: Tensor) -> Tensor:
     return torch.where(flags.to(other.device)[None, :, None, None], linear, other)
 
 
-def reference(q: Tensor, k: Tensor, v: Tensor, padding: Tensor, causal: bool, scale: float, forms=()) -> Tensor:
+def reference(q: Tensor, k: Tensor, v: Tensor, padding: Tensor, causal: bool, scale: float, forms=(),
+              softcap: float = 0.0) -> Tensor:
     """The padded call in PyTorch (see the module docstring): out [B, H, N, DV], zeros at padding queries.
     Linear groups: causal self-attention over one compacted row per sequence (a linear hybrid is the same at
     every length); every other group through the mask over the compacted keys (its span at the sequence's own
@@ -337,7 +338,7 @@ def reference(q: Tensor, k: Tensor, v: Tensor, padding: Tensor, causal: bool, sc
 
     rows = rows_of(padding)
     mask = keep_rows(forms, padding, q.shape[2], causal, q.shape[1])
-    out = attention_reference(q, gather(k, rows), gather(v, rows), mask, False, scale)
+    out = attention_reference(q, gather(k, rows), gather(v, rows), mask, False, scale, softcap=softcap)
     if not _linear(forms):
         return out
     seqs = segments_of(padding)
@@ -345,7 +346,8 @@ def reference(q: Tensor, k: Tensor, v: Tensor, padding: Tensor, causal: bool, sc
     return _select(_per_head(forms, q.shape[1])[1], scatter(lin, seqs), out)
 
 
-def reference_lse(q: Tensor, k: Tensor, padding: Tensor, causal: bool, scale: float, forms=()) -> Tensor:
+def reference_lse(q: Tensor, k: Tensor, padding: Tensor, causal: bool, scale: float, forms=(),
+                  softcap: float = 0.0) -> Tensor:
     """[B, H, N] float32 log-sum-exp of the padded call (+inf at padding queries; NaN for linear forms, whose
     gradients never read it)."""
     from .reference import reference_lse as dense_lse
@@ -353,18 +355,19 @@ def reference_lse(q: Tensor, k: Tensor, padding: Tensor, causal: bool, scale: fl
     if _linear(forms):
         return torch.full(q.shape[:-1], float("nan"), dtype=torch.float32, device=q.device)
     mask = keep_rows(forms, padding, q.shape[2], causal, q.shape[1])
-    return dense_lse(q, gather(k, rows_of(padding)), mask, False, scale)
+    return dense_lse(q, gather(k, rows_of(padding)), mask, False, scale, softcap=softcap)
 
 
 def reference_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, padding: Tensor, causal: bool,
-                       scale: float, forms=()) -> tuple[Tensor, Tensor, Tensor]:
+                       scale: float, forms=(), softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of `reference` (explicit formulas, traceable without Linear groups; zeros at padding slots).
     Each KV group's gradients come from the path that computed it (they touch only that group's K and V)."""
     from .reference import attention_reference_backward
 
     rows = rows_of(padding)
     mask = keep_rows(forms, padding, q.shape[2], causal, q.shape[1])
-    dq, dkc, dvc, _ = attention_reference_backward(grad_out, q, gather(k, rows), gather(v, rows), mask, False, scale)
+    dq, dkc, dvc, _ = attention_reference_backward(grad_out, q, gather(k, rows), gather(v, rows), mask, False, scale,
+                                                   softcap=softcap)
     dk, dv = scatter(dkc, rows), scatter(dvc, rows)
     if not _linear(forms):
         return dq, dk, dv

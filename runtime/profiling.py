@@ -137,8 +137,11 @@ def _block_sum(x: Tensor, block: int, rows_total: int) -> Tensor:
 
 @torch.library.custom_op("attnforge::attention_profile", mutates_args=())
 def attention_profile(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, window: int,
-                      scale: float, site: str, block: int) -> Tensor:
+                      scale: float, site: str, block: int, softcap: float = 0.0) -> Tensor:
     store = getattr(_active, "capture", None)
+    if softcap:
+        # soft-capped scores (Gemma 2): no fused PyTorch kernel computes them; no linear candidate is measured
+        return attention_reference(q, k, v, mask, causal, scale, window, softcap=softcap)
     if store is not None and causal and mask is None and not window:
         store.setdefault(site, []).append(tuple(t.detach().float().cpu() for t in (q, k, v)) + (float(scale),))
     if mask is None and not window and k.shape[-2] > 0 and q.shape[1] % k.shape[1] == 0 and (not causal or q.shape[-2] <= k.shape[-2]):
@@ -150,14 +153,14 @@ def attention_profile(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], c
 
 
 @attention_profile.register_fake
-def _(q, k, v, mask, causal, window, scale, site, block):
+def _(q, k, v, mask, causal, window, scale, site, block, softcap=0.0):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, mask, causal, window, scale, site, block = inputs
+    q, k, v, mask, causal, window, scale, site, block, softcap = inputs
     ctx.save_for_backward(q, k, v, mask)
-    ctx.args = (causal, window, scale, site, block)
+    ctx.args = (causal, window, scale, site, block, softcap)
 
 
 def _measure_windows(p: Tensor, vv: Tensor, out: Tensor, g: Tensor, pos0: int, acc: dict) -> None:
@@ -314,7 +317,7 @@ class _QuantStats:
                     for name in ("quant_abs", "quant_sq", "quant_out")}
 
     def decode_rows(self, qg: Tensor, p: Tensor, kh: Tensor, vh: Tensor, out: Tensor, g: Tensor, r0: int,
-                    scale: float) -> None:
+                    scale: float, softcap: float = 0.0) -> None:
         from .kvquant import quantized_tokens
 
         d0 = max(0, self.prompt - r0)
@@ -338,6 +341,9 @@ class _QuantStats:
         for bi, bits in enumerate(QUANT_BITS):
             # swapping coded keys in changes row i's score of key j by scale * q_i . (k~_j - k_j)
             delta = torch.matmul(qd, self.dk[bits][..., :qmax, :].transpose(-1, -2)) * scale
+            if softcap:                    # the capped score moves by cap * (tanh((s + delta) / cap) - tanh(s / cap))
+                raw = torch.matmul(qd, kh[..., :qmax, :].transpose(-1, -2)) * scale
+                delta = softcap * (torch.tanh((raw + delta) / softcap) - torch.tanh(raw / softcap))
             logit = base.clone()
             logit[..., :qmax] += torch.where(coded, delta, torch.zeros((), dtype=p.dtype, device=p.device))
             pq = torch.softmax(logit, -1)
@@ -395,7 +401,7 @@ def _measure_recall(p: Tensor, r0: int, recall: tuple[int, int, int], block: int
 
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
-    causal, window, scale, site, block = ctx.args
+    causal, window, scale, site, block, softcap = ctx.args
     b, hq, n, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
     collector = getattr(_active, "collector", None)
@@ -414,7 +420,8 @@ def _backward(ctx, grad_out):
     evict = _EvictStats(hkv, n, s, q.device) if measure and n == s and n >= 2 * EVICT_FRACTION else None
     win = {name: torch.zeros(hkv, len(SPANS), dtype=torch.float64, device=q.device)
            for name in ("window_abs", "window_sq", "window_out")}
-    lin_maps = collector.linear_maps(site) if measure and n == s and collector.linear_maps is not None else None
+    lin_maps = collector.linear_maps(site) if measure and n == s and collector.linear_maps is not None \
+        and not softcap else None          # linear forms do not compute soft-capped scores: not candidates
     lin = ({name: torch.zeros(hkv, len(LINEAR_CANDIDATES), dtype=torch.float64, device=q.device)
             for name in ("linear_abs", "linear_sq", "linear_out")} if lin_maps is not None else None)
     recall = collector.recall if measure and n == s else None
@@ -426,14 +433,17 @@ def _backward(ctx, grad_out):
         # causal (top-left): the chunk's rows see keys j < r1 only; the rest would be exp(-inf) = 0 work
         hi = min(s, r1) if causal else s
         km = mask[..., :hi] if mask is not None and mask.shape[-1] == s else mask
-        p = _probs(_scores(q, k[:, :, :hi], km, causal, scale, window, row0=r0, row1=r1))  # [B, Hkv, G, c, hi]
+        scores, dcap = _scores(q, k[:, :, :hi], km, causal, scale, window, row0=r0, row1=r1, softcap=softcap,
+                               cap_grad=True)
+        p = _probs(scores)                                                          # [B, Hkv, G, c, hi]
         g = go[:, :, :, r0:r1]
         vh, kh = vv[..., :hi, :], kk[..., :hi, :]
         out = torch.matmul(p, vh)
         dp = torch.matmul(g, vh.transpose(-1, -2))
-        ds = p * (dp - (g * out).sum(-1, keepdim=True))
-        dq[:, :, :, r0:r1] = torch.matmul(ds, kh) * scale
-        dk[:, :, :hi] += torch.matmul(ds.transpose(-1, -2), qg[:, :, :, r0:r1]).sum(2) * scale
+        ds = p * (dp - (g * out).sum(-1, keepdim=True))      # on the probabilities' logits: what influence reads
+        dsc = ds * dcap if softcap else ds                   # through the soft-cap, for the gradients
+        dq[:, :, :, r0:r1] = torch.matmul(dsc, kh) * scale
+        dk[:, :, :hi] += torch.matmul(dsc.transpose(-1, -2), qg[:, :, :, r0:r1]).sum(2) * scale
         dv[:, :, :hi] += torch.matmul(p.transpose(-1, -2), g).sum(2)
         if collector is not None:
             i_chunk = (ds.abs() / (1 - p).clamp_min(1e-6)).sum((0, 2))               # [Hkv, c, hi]
@@ -451,7 +461,7 @@ def _backward(ctx, grad_out):
         if recall is not None:
             _measure_recall(p, r0, recall, block, recall_mass)
         if quant is not None:
-            quant.decode_rows(qg[:, :, :, r0:r1], p, kh, vh, out, g, r0, scale)
+            quant.decode_rows(qg[:, :, :, r0:r1], p, kh, vh, out, g, r0, scale, softcap)
         if lin is not None:
             _measure_linear(qg[:, :, :, r0:r1], kh, vh, out, g, r0 + s - n, scale, lin_maps, lin)
     if collector is not None:
@@ -461,7 +471,7 @@ def _backward(ctx, grad_out):
                       **({"recall_mass": recall_mass} if recall is not None else {}),
                       **(quant.acc if quant is not None else {}))
     dmask = None
-    return (dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None, None)
+    return (dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None, None, None)
 
 
 attention_profile.register_autograd(_backward, setup_context=_setup)

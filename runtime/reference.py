@@ -9,6 +9,8 @@ repeated: the query heads of a group are folded next to each other instead.
 `causal` is aligned top-left, as in `scaled_dot_product_attention(is_causal=True)`: query i sees keys
 j <= i. `window` > 0 also hides keys j <= i - window (a sliding window of `window` keys, the query's own
 included). A row that can see no key at all returns zeros (SDPA's math path does the same).
+`softcap` > 0 soft-caps the scaled scores before any mask is applied, as Gemma 2 does:
+s = softcap * tanh(q k^T * scale / softcap); 0: no cap.
 
 Math runs in float32 for half inputs and in the input dtype for float32/float64.
 """
@@ -30,9 +32,11 @@ def _grouped(x: torch.Tensor, hkv: int) -> torch.Tensor:
     return x.unflatten(1, (hkv, x.shape[1] // hkv))
 
 
-def _scores(q, k, mask, causal, scale, window=0, forms=(), row0=0, row1=None):
+def _scores(q, k, mask, causal, scale, window=0, forms=(), row0=0, row1=None, softcap=0.0, cap_grad=False):
     """Scores and masks of query rows [row0, row1) (all rows by default), [B, Hkv, G, rows, S], masked
-    with -inf, in the compute dtype. Chunked callers (the profiling backward) pass a row range."""
+    with -inf, in the compute dtype. Chunked callers (the profiling backward) pass a row range.
+    softcap > 0: soft-capped before the masks; cap_grad: also return d(capped)/d(uncapped) = 1 - tanh^2
+    (None without a cap), which the backward multiplies into dS."""
     b, hq, n, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
     if hq % hkv:
@@ -41,6 +45,11 @@ def _scores(q, k, mask, causal, scale, window=0, forms=(), row0=0, row1=None):
     ct = _compute_dtype(q.dtype)
     qg = _grouped(q[:, :, row0:row1].to(ct), hkv)                # [B, Hkv, G, rows, D]
     scores = torch.matmul(qg, k.to(ct).unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, rows, S]
+    dcap = None
+    if softcap:
+        t = torch.tanh(scores / softcap)
+        scores = softcap * t
+        dcap = 1 - t * t if cap_grad else None
     keep = None
     if causal or window:
         rows = torch.arange(row0, row1, device=q.device)[:, None]
@@ -63,7 +72,7 @@ def _scores(q, k, mask, causal, scale, window=0, forms=(), row0=0, row1=None):
             scores = scores + full.to(ct)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-    return scores
+    return (scores, dcap) if cap_grad else scores
 
 
 def _probs(scores: torch.Tensor) -> torch.Tensor:
@@ -77,23 +86,24 @@ def _probs(scores: torch.Tensor) -> torch.Tensor:
     return p / torch.where(denom == 0, torch.ones_like(denom), denom)
 
 
-def reference_lse(q, k, mask=None, causal=False, scale=None, window=0, forms=()) -> torch.Tensor:
+def reference_lse(q, k, mask=None, causal=False, scale=None, window=0, forms=(), softcap=0.0) -> torch.Tensor:
     """[B, Hq, N] float32: each row's natural log-sum-exp of its kept scores, +inf for a row that sees no key
     (the convention of the kernels' backward: exp(s - lse) is then 0)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    lse = torch.logsumexp(_scores(q, k, mask, causal, scale, window, forms), dim=-1)     # [B, Hkv, G, N]
+    lse = torch.logsumexp(_scores(q, k, mask, causal, scale, window, forms, softcap=softcap), dim=-1)  # [B, Hkv, G, N]
     return torch.where(torch.isneginf(lse), float("inf"), lse).flatten(1, 2).float()
 
 
-def attention_reference(q, k, v, mask=None, causal=False, scale=None, window=0, forms=()):
-    """out = softmax(q k^T * scale + mask) v, GQA by grouping. Returns q's dtype.
+def attention_reference(q, k, v, mask=None, causal=False, scale=None, window=0, forms=(), softcap=0.0):
+    """out = softmax(q k^T * scale + mask) v, GQA by grouping (the scores soft-capped first if softcap > 0).
+    Returns q's dtype.
 
     forms: () or one attnforge.runtime.forms Form per KV head group, each restricting which keys its
     query heads see (on top of causal / window / mask); forms place the queries at the last N of the S
     key positions, so a decoding step (N = 1) sees what the same position saw in prefill."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    linear = _linear_groups(forms, mask, causal, window)
-    p = _probs(_scores(q, k, mask, causal, scale, window, forms))                # [B, Hkv, G, N, S]
+    linear = _linear_groups(forms, mask, causal, window, softcap)
+    p = _probs(_scores(q, k, mask, causal, scale, window, forms, softcap=softcap))   # [B, Hkv, G, N, S]
     out = torch.matmul(p, v.to(p.dtype).unsqueeze(2))             # [B, Hkv, G, N, Dv]
     out = out.flatten(1, 2).to(q.dtype)
     if linear:
@@ -103,15 +113,21 @@ def attention_reference(q, k, v, mask=None, causal=False, scale=None, window=0, 
     return out
 
 
-def _linear_groups(forms, mask, causal, window) -> bool:
+def _linear_groups(forms, mask, causal, window, softcap=0.0) -> bool:
     """True if some form is Linear (runtime.linear computes those groups); only on plain causal sites."""
     if not any(getattr(f, "kind", "") == "linear" for f in forms):
         return False
+    if softcap:
+        raise ValueError(LINEAR_SOFTCAP)
     if not causal or mask is not None or window:
         raise ValueError("linear forms are planned for plain causal attention only (no mask, no window); "
                          "this call has " + ("a mask" if mask is not None else "a window" if window else
                                              "causal=False"))
     return True
+
+
+LINEAR_SOFTCAP = ("linear forms approximate softmax(q k^T) without a soft-cap, and this site's scores are soft-capped "
+                  "(cap * tanh(s / cap)); plan it without linear candidates")
 
 
 def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -124,30 +140,34 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad
 
 
-def attention_reference_backward(grad_out, q, k, v, mask=None, causal=False, scale=None, window=0, forms=()):
+def attention_reference_backward(grad_out, q, k, v, mask=None, causal=False, scale=None, window=0, forms=(),
+                                 softcap=0.0):
     """Gradients (dq, dk, dv, dmask) of `attention_reference`, written out so that it can be traced.
 
-    dP = dO V^T;  dS = P * (dP - rowsum(dO * O));  dQ = dS K * scale;  dK = dS^T Q * scale;  dV = P^T dO
+    dP = dO V^T;  dS = P * (dP - rowsum(dO * O));  dQ = dS' K * scale;  dK = dS'^T Q * scale;  dV = P^T dO
+    with dS' = dS * (1 - tanh^2) under a soft-cap (dS itself without one).
     K/V gradients are summed over the query heads of their group. dmask is None unless the mask is
     floating (an additive bias), where it equals dS reduced to the mask's shape.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if _linear_groups(forms, mask, causal, window):      # the hybrid's gradients, by autograd on its reference
+    if _linear_groups(forms, mask, causal, window, softcap):   # the hybrid's gradients, by autograd on its reference
         with torch.enable_grad():
             qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
             out = attention_reference(qq, kk, vv, None, causal, scale, 0, forms)
             dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), grad_out)
         return dq, dk, dv, None
     hkv = k.shape[1]
-    p = _probs(_scores(q, k, mask, causal, scale, window, forms))                # [B, Hkv, G, N, S]
+    scores, dcap = _scores(q, k, mask, causal, scale, window, forms, softcap=softcap, cap_grad=True)
+    p = _probs(scores)                                            # [B, Hkv, G, N, S]
     ct = p.dtype
     go = _grouped(grad_out.to(ct), hkv)                           # [B, Hkv, G, N, Dv]
     vg = v.to(ct).unsqueeze(2)                                    # [B, Hkv, 1, S, Dv]
     out = torch.matmul(p, vg)
     dp = torch.matmul(go, vg.transpose(-1, -2))                   # [B, Hkv, G, N, S]
-    ds = p * (dp - (go * out).sum(-1, keepdim=True))
-    dq = torch.matmul(ds, k.to(ct).unsqueeze(2)) * scale          # [B, Hkv, G, N, D]
-    dk = torch.matmul(ds.transpose(-1, -2), _grouped(q.to(ct), hkv)).sum(2) * scale
+    ds = p * (dp - (go * out).sum(-1, keepdim=True))             # d(loss) / d(capped scores + mask)
+    dsc = ds * dcap if softcap else ds                            # d(loss) / d(q k^T * scale)
+    dq = torch.matmul(dsc, k.to(ct).unsqueeze(2)) * scale         # [B, Hkv, G, N, D]
+    dk = torch.matmul(dsc.transpose(-1, -2), _grouped(q.to(ct), hkv)).sum(2) * scale
     dv = torch.matmul(p.transpose(-1, -2), go).sum(2)
     dmask = None
     if mask is not None and mask.dtype != torch.bool:

@@ -29,7 +29,7 @@ from triton.compiler import ASTSource
 from attnforge import codegen
 from attnforge.runtime import kernels
 
-CONSTEXPR = ("GROUP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "EVEN_D", "PRECISION")
+CONSTEXPR = ("GROUP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "EVEN_D", "PRECISION", "SOFTCAP")
 
 
 class _Recorder:
@@ -125,7 +125,7 @@ def describe(c) -> dict:
 
 
 def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, config=(4, 3), block_m=None,
-                 varlen=False, block_n=64):
+                 varlen=False, block_n=64, softcap=0.0):
     src = src or codegen.render_attention(spec).source
     module = kernels._module_from_source(kernels.source_key(src), src)
     fn = triton.jit(getattr(module, module.KERNEL + suffix))
@@ -157,11 +157,12 @@ def compile_sm90(spec, dtype="bf16", head_dim=64, group=3, suffix="", src=None, 
     if "TMA" in names:                  # pointer loads; the TMA variants compile as launches (compile_plan_launch)
         consts["TMA"] = False
     consts["VARLEN"] = varlen
+    consts["SOFTCAP"] = softcap         # 0: no soft-cap (compiled out); > 0: Gemma 2's cap * tanh(s / cap)
     ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items() if k in names})
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": config[0], "num_stages": config[1]})
 
 
-def compile_decode_sm90(dtype="bf16", head_dim=64, rows=16):
+def compile_decode_sm90(dtype="bf16", head_dim=64, rows=16, softcap=0.0):
     """The split-KV decode kernel (query heads of a group packed as the rows of one tile)."""
     src = codegen.render_decode().source
     module = kernels._module_from_source(kernels.source_key(src), src)
@@ -170,13 +171,14 @@ def compile_decode_sm90(dtype="bf16", head_dim=64, rows=16):
     ptr = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "KEEP": "*i8", "OFF": "*i32", "CAP": "*i32",
            "PREFIX": "*i8",
            "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC": "*fp32", "sm_scale": "fp32"}
-    consts = {"BLOCK_R": rows, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim, "PRECISION": "tf32"}
+    consts = {"BLOCK_R": rows, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim, "PRECISION": "tf32",
+              "SOFTCAP": softcap}
     sig = {n: ptr.get(n, "constexpr" if n in consts else "i32") for n in names}
     ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 2})
 
 
-def compile_decode_quant_sm90(dtype="bf16", head_dim=64, rows=16):
+def compile_decode_quant_sm90(dtype="bf16", head_dim=64, rows=16, softcap=0.0):
     """The decode kernel over KIVI-quantized groups (codes unpacked and dequantized in registers)."""
     src = codegen.render_decode_quant().source
     module = kernels._module_from_source(kernels.source_key(src), src)
@@ -185,7 +187,8 @@ def compile_decode_quant_sm90(dtype="bf16", head_dim=64, rows=16):
     ptr = {"Q": f"*{dtype}", "KQ": "*u8", "VQ": "*u8", "KS": "*fp16", "KZ": "*fp16", "VS": "*fp16", "VZ": "*fp16",
            "KR": f"*{dtype}", "VR": f"*{dtype}", "META": "*i32", "M_OUT": "*fp32", "L_OUT": "*fp32", "ACC": "*fp32",
            "sm_scale": "fp32"}
-    consts = {"BLOCK_R": rows, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim, "PRECISION": "tf32"}
+    consts = {"BLOCK_R": rows, "BLOCK_N": 64, "BLOCK_D": head_dim, "BLOCK_DV": head_dim, "PRECISION": "tf32",
+              "SOFTCAP": softcap}
     sig = {n: ptr.get(n, "constexpr" if n in consts else "i32") for n in names}
     ast = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     return triton.compile(ast, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 2})
@@ -232,9 +235,11 @@ def _row(job) -> dict:
     """One row of main(), compiled in a worker process: job = (kind, *arguments)."""
     kind, *args = job
     if kind == "generic":                     # an attention kernel with the generic signature
-        spec, dtype, d, suffix, varlen = args
-        c = compile_sm90(spec, dtype, d, suffix=suffix, varlen=varlen)
-        return {"kernel": spec.name + suffix + ("[varlen]" if varlen else ""), "dtype": dtype, "head_dim": d,
+        spec, dtype, d, suffix, varlen, *cap = args
+        softcap = cap[0] if cap else 0.0
+        c = compile_sm90(spec, dtype, d, suffix=suffix, varlen=varlen, softcap=softcap)
+        return {"kernel": spec.name + suffix + ("[varlen]" if varlen else "") + ("[softcap]" if softcap else ""),
+                "dtype": dtype, "head_dim": d,
                 "cubin_bytes": len(c.asm["cubin"]), "wgmma": _wgmma(c)}
     if kind == "launch":                      # the plan or dense forward as a GPU launch compiles it
         plan, config, d = args
@@ -243,9 +248,11 @@ def _row(job) -> dict:
         return {"kernel": f"{codegen.KernelSpec(causal=True, plan=plan).name}[{name}]", "dtype": "bf16",
                 "head_dim": d, "launch": True, "config": list(config), **describe(c)}
     if kind in ("decode", "decode_quant"):
-        (dtype,) = args
-        c = (compile_decode_sm90 if kind == "decode" else compile_decode_quant_sm90)(dtype)
-        name = codegen.render.DECODE_NAME if kind == "decode" else codegen.render.DECODE_QUANT_NAME
+        dtype, *cap = args
+        softcap = cap[0] if cap else 0.0
+        c = (compile_decode_sm90 if kind == "decode" else compile_decode_quant_sm90)(dtype, softcap=softcap)
+        name = (codegen.render.DECODE_NAME if kind == "decode" else codegen.render.DECODE_QUANT_NAME) + \
+            ("[softcap]" if softcap else "")
         return {"kernel": name, "dtype": dtype, "head_dim": 64, "cubin_bytes": len(c.asm["cubin"]), "wgmma": _wgmma(c)}
     if kind == "combine":
         render = getattr(codegen, args[0])
@@ -273,6 +280,10 @@ def main():
     jobs += [("generic", plan, "bf16", 64, suffix, True) for suffix in ("", "_bwd_dq", "_bwd_dkdv")]
     jobs += [(kind, dtype) for kind in ("decode", "decode_quant") for dtype in ("bf16", "fp16")]
     jobs += [("combine", name) for name in ("render_decode", "render_decode_quant")]
+    # soft-capped scores (Gemma 2): the cap's tanh in the forwards, the backward kernels and both decode kernels
+    jobs += [("generic", codegen.KernelSpec(causal=True), "bf16", 64, "", False, 50.0)]
+    jobs += [("generic", plan, "bf16", 64, suffix, False, 50.0) for suffix in ("", "_bwd_dq", "_bwd_dkdv")]
+    jobs += [(kind, "bf16", 50.0) for kind in ("decode", "decode_quant")]
     jobs += [("linear", part, hedgehog) for part in ("", "_state", "_decode") for hedgehog in (False, True)]
     # the plan forward at every autotune config, and the dense forward at its TMA ones, as a GPU launch compiles
     # them (64 x 64 plan tiles without sub-block bits)

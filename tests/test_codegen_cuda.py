@@ -29,10 +29,11 @@ def test_every_kernel_compiles_for_sm90_and_bf16_uses_wgmma():
         src = codegen.render_attention(codegen.KernelSpec(causal=True, plan=plan)).source
         return kernels._module_from_source(kernels.source_key(src), src).CONFIGS
 
-    # 30 kernels with a generic signature, then the plan forward at each autotune config and the dense forward
+    # 36 kernels with a generic signature (6 of them soft-capped), then the plan forward at each autotune config and the dense forward
     # at each TMA one, head dims 64 and 128
     launched_configs = 2 * (len(configs(True)) + sum(c[4] for c in configs(False)))
-    assert len(results) == 30 + launched_configs
+    assert len(results) == 36 + launched_configs
+    assert sum("[softcap]" in r["kernel"] for r in results) == 6
     for r in results:
         assert r["cubin_bytes"] > 0, r
         # decode tiles are 16 rows (mma); the linear state kernel multiplies in fp32 (its sums stay exact)
