@@ -181,7 +181,8 @@ def _cmd_detect(args) -> int:
             t.add_column(col)
         for s in sites:
             t.add_row(s.id, s.spelling, str(s.num_heads), str(s.num_kv_heads), str(s.head_dim),
-                      "yes" if s.causal else "no", s.mask, f"{s.scale:.4g}", s.q_len, s.dtype)
+                      "yes" if s.causal else "no", s.mask,
+                      f"{s.scale:.4g}" + (f", soft-cap {s.softcap:g}" if s.softcap else ""), s.q_len, s.dtype)
         console.print(t)
     if declined:
         t = Table(title=f"{len(declined)} near misses declined")

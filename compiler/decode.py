@@ -221,12 +221,20 @@ def _use_kernel(impl: str, q: torch.Tensor) -> bool:
 def attnforge_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: q [B, H, N, D], k/v [B, Hkv, S, D] -> ([B, N, H, DV], None)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    softcap = float(kwargs.get("softcap") or 0.0)   # logit soft-capping (Gemma 2): every path below applies it
     tag = getattr(key, "_attnforge", None)
     if tag is None:                                  # no plan cache (plain forward): exact dense attention
         out = torch.ops.attnforge.attention(query, key, value, attention_mask, attention_mask is None, 0, scale,
-                                            "auto", "", "")
+                                            "auto", "", "", None, softcap)
         return out.transpose(1, 2).contiguous(), None
     layer, phase = tag
+    window = kwargs.get("sliding_window")
+    if window and layer.site.max_length > window:
+        # the layer's own sliding window (its mask), which the cache's forms would not apply while decoding
+        raise KVCacheError(f"this layer attends through a sliding window of {window} tokens and the cache is sized "
+                           f"for {layer.site.max_length}: the plan cache does not apply a model's own sliding "
+                           "windows yet, so it would attend to keys the model hides. Generate at most "
+                           f"{window} tokens in all, or use the model's own cache")
     padding = getattr(attention_mask, "_attnforge_padding", None)       # compiler.hf's padding masks carry it
     # the newest slot of every row must be a token: the prompt's last (right padding would predict from a
     # padding slot), then each step's new one
@@ -245,11 +253,11 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
         kernel = _attention_key(bool(layer.prefill_json))
         impl = "reference" if layer.impl == "reference" else "auto"
         out = torch.ops.attnforge.attention(query, key, value, None, True, 0, scale, impl, kernel,
-                                            layer.prefill_json, padding)
+                                            layer.prefill_json, padding, softcap)
         runtime.counters["kvcache_prefill"] = runtime.counters.get("kvcache_prefill", 0) + 1
         layer.store_prompt(padding)
         if layer.site.needs_select:                 # KV-evicting groups choose their keys from this prompt
-            layer.site.select(query, scale)
+            layer.site.select(query, scale, softcap)
         return out.transpose(1, 2).contiguous(), None
     if last_is_padding:
         raise KVCacheError("a decoding step's new token is padding in some row; after the prompt every row takes "
@@ -259,12 +267,12 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
     q = query[:, :, 0]
     if _use_kernel(layer.impl, q):
         quant = _decode_quant_kernel(q.device) if layer.site.quant is not None else None
-        out, _ = layer.site.decode(q, scale, _decode_kernel(q.device), loaded_quant=quant)
+        out, _ = layer.site.decode(q, scale, _decode_kernel(q.device), loaded_quant=quant, softcap=softcap)
         runtime.counters["kvcache_decode_triton"] = runtime.counters.get("kvcache_decode_triton", 0) + 1
     else:
-        out = layer.site.decode_reference(q, scale)
+        out = layer.site.decode_reference(q, scale, softcap)
         runtime.counters["kvcache_decode_reference"] = runtime.counters.get("kvcache_decode_reference", 0) + 1
-    layer.site.after_step(q, scale)                 # h2o / a2sf: scores and eviction
+    layer.site.after_step(q, scale, softcap)        # h2o / a2sf: scores and eviction
     return out[:, None], None                       # [B, 1, H, DV]
 
 
@@ -294,6 +302,9 @@ def generate(model, input_ids, plan=None, max_new_tokens: int = 64, impl: str = 
     """model.generate() with a PlanCache (greedy unless told otherwise). Returns (token ids, cache)."""
     cache = PlanCache(model, plan, max_length=input_ids.shape[1] + max_new_tokens, impl=impl)
     kwargs.setdefault("do_sample", False)
+    # the cache is the point: a config saved with use_cache=False (as training configs are) would make
+    # generate() feed the whole sequence at every step
+    kwargs.setdefault("use_cache", True)
     with plan_attention(model), torch.no_grad():
         out = model.generate(input_ids, **cache_kwargs(model, cache), max_new_tokens=max_new_tokens, **kwargs)
     return out, cache

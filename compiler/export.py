@@ -192,7 +192,8 @@ def _capture(model, example_inputs, dynamic):
 
 
 # ------------------------------------------------------------------- the node the exporter keeps
-def export_attention(q, k, v, mask, causal, window, scale, impl, kernel, forms, padding=None, *, site: str, op: str):
+def export_attention(q, k, v, mask, causal, window, scale, impl, kernel, forms, padding=None, *, site: str, op: str,
+                     softcap: float = 0.0):
     """Stands in for torch.ops.attnforge.attention in the graph handed to torch.onnx.export: one
     `attnforge::<op>` node whose function body (added after export) computes the site's plan (a padded
     site also takes the [B, S] padding flags)."""
@@ -201,7 +202,8 @@ def export_attention(q, k, v, mask, causal, window, scale, impl, kernel, forms, 
         return torch.onnx.ops.symbolic(f"{DOMAIN}::{op}", inputs, {}, dtype=q.dtype,
                                        shape=(*q.shape[:3], v.shape[-1]), version=1,
                                        metadata_props={"attnforge.site": site, "attnforge.forms": forms or "dense"})
-    return torch.ops.attnforge.attention(q, k, v, mask, causal, window, scale, "reference", kernel, forms, padding)
+    return torch.ops.attnforge.attention(q, k, v, mask, causal, window, scale, "reference", kernel, forms, padding,
+                                         softcap)
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,7 @@ class _SiteConfig:
     heads: int
     kv_heads: int
     padded: bool = False        # a padded batch: the function takes the [B, S] padding flags as "P"
+    softcap: float = 0.0        # > 0: the Attention node's softcap (applied before its masks, as Gemma 2 does)
 
     def op_name(self) -> str:
         digest = hashlib.sha1(repr(self).encode()).hexdigest()[:8]
@@ -236,6 +239,9 @@ def _rewrite_for_export(gm):
         q, k, _v, mask, causal, window, scale = node.args[:7]
         forms = node.args[9] if len(node.args) > 9 else ""
         padding = node.args[10] if len(node.args) > 10 else None
+        softcap = float(node.args[11] if len(node.args) > 11 else node.kwargs.get("softcap", 0.0))
+        if softcap and any(isinstance(f, Linear) for f in forms_from_json(forms or "")):
+            raise ExportError(f"site {node.meta.get('attnforge_site')}: linear forms on soft-capped scores")
         if padding is not None and (pv := _meta_value(padding)) is not None and pv.dtype != torch.bool:
             raise ExportError(f"site {node.meta.get('attnforge_site')}: integer sequence labels (packed sequences) "
                               "reached the export; the exported file takes a 0/1 attention_mask: export with one")
@@ -244,14 +250,14 @@ def _rewrite_for_export(gm):
             raise ExportError(f"site {node.meta.get('attnforge_site')}: no shape information on its inputs")
         mkind = None if mask is None else ("bool" if mv is not None and mv.dtype == torch.bool else "float")
         cfg = _SiteConfig(forms or "", bool(causal), int(window), float(scale), mkind, int(qv.shape[1]),
-                          int(kv.shape[1]), padding is not None)
+                          int(kv.shape[1]), padding is not None, softcap)
         op = cfg.op_name()
         configs[op] = cfg
         site = node.meta.get("attnforge_site", node.name)
         sites.append({"site": site, "function": op, "forms": json.loads(forms) if forms else "dense"})
         node.target = export_attention
         node.args = tuple(node.args[:10]) + ("",) * (10 - len(node.args)) + (padding,)
-        node.kwargs = {"site": site, "op": op}
+        node.kwargs = {"site": site, "op": op, "softcap": softcap}
     gm.recompile()
     return configs, sites
 
@@ -449,8 +455,11 @@ def _function(cfg: _SiteConfig, name: str):
         mask = b.op("Or", mask, b.op("Not", q_real))
     linear = [gi for gi, f in enumerate(forms) if isinstance(f, Linear)]
     out = "Y" if q_real is None else "Y0"
+    # ONNX Runtime's Attention soft-caps the scaled scores, then applies the mask (boolean or additive): the
+    # order Gemma 2 and the attention op compute them in (tests/test_softcap.py checks it)
+    cap = {"softcap": cfg.softcap} if cfg.softcap else {}
     b.nodes.append(helper.make_node("Attention", ["Q", "K", "V"] + ([mask] if mask else []),
-                                    ["YA" if linear else out], scale=cfg.scale))
+                                    ["YA" if linear else out], scale=cfg.scale, **cap))
     if linear:
         _linear_groups(b, cfg, forms, jrow, pcol, causal, out)
     if q_real is not None:              # zeros at padding queries, as the attention op writes them
@@ -460,7 +469,7 @@ def _function(cfg: _SiteConfig, name: str):
                                 [helper.make_opsetid("", OPSET)], [],
                                 doc_string=f"attnforge site function: {cfg.forms or 'dense'}; causal={cfg.causal}, "
                                            f"window={cfg.window}, scale={cfg.scale}, mask={cfg.mask}, "
-                                           f"padded={cfg.padded}")
+                                           f"padded={cfg.padded}" + (f", softcap={cfg.softcap}" if cfg.softcap else ""))
 
 
 def _check_no_square_constants(model, lengths) -> None:

@@ -33,6 +33,11 @@ ATTENTION_OP = torch.ops.attnforge.attention.default
 PROFILE_OP = torch.ops.attnforge.attention_profile.default
 
 
+def _softcap_kwargs(site: AttentionSite) -> dict:
+    """The op's softcap keyword where the site's scores are soft-capped (absent otherwise: graphs unchanged)."""
+    return {"softcap": site.softcap} if site.softcap else {}
+
+
 def _erase_dead_ancestors(graph: fx.Graph, node: fx.Node, keep: set[fx.Node]) -> None:
     stack, erased = [node], set()
     while stack:
@@ -104,14 +109,16 @@ def canonicalize(gm: fx.GraphModule, sites: list[AttentionSite], impl: str = "au
             if profile_block:
                 # profiling keeps a padded site's exact mask (calibration windows are not padded anyway)
                 new = gm.graph.call_function(PROFILE_OP, (q, k, v, mask, site.causal and site.mask != "padding",
-                                                          site.window, site.scale, site.id, profile_block))
+                                                          site.window, site.scale, site.id, profile_block),
+                                             _softcap_kwargs(site))
             elif site.padding is not None:      # a padded batch: the padding vector, the mask is never built
                 padding = _materialize(gm.graph, site.padding, nodes)
                 new = gm.graph.call_function(ATTENTION_OP, (q, k, v, None, site.causal, 0, site.scale, impl,
-                                                            kernels.get(site.id, ""), "", padding))
+                                                            kernels.get(site.id, ""), "", padding),
+                                             _softcap_kwargs(site))
             else:
                 new = gm.graph.call_function(ATTENTION_OP, (q, k, v, mask, site.causal, site.window, site.scale,
-                                                            impl, kernels.get(site.id, "")))
+                                                            impl, kernels.get(site.id, "")), _softcap_kwargs(site))
             new.meta.update({k_: v_ for k_, v_ in out.meta.items() if k_ in ("nn_module_stack", "stack_trace")})
             new.meta["attnforge_site"] = site.id
             result = _apply(gm.graph, new, site.out_ops, nodes)

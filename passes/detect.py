@@ -223,8 +223,8 @@ def _reaches_qk(node, depth: int = 8) -> bool:
             return False
         if _is_qk(node):
             return True
-        if M.is_cast(node) or M.is_mul(node) or M.is_div(node) or M.is_masked_fill(node):
-            node = node.args[0]
+        if M.is_cast(node) or M.is_mul(node) or M.is_div(node) or M.is_masked_fill(node) or M.is_tanh(node):
+            node = node.args[0] if not (M.is_mul(node) and isinstance(node.args[0], (int, float))) else node.args[1]
         elif M.is_add(node):
             return any(_reaches_qk(a, depth - 1) for a in node.args[:2])
         elif M.is_where(node):
@@ -232,27 +232,6 @@ def _reaches_qk(node, depth: int = 8) -> bool:
         else:
             return False
     return False
-
-
-def _softcapped(node, depth: int = 8) -> bool:
-    """Whether the scores reach q @ k^T through a tanh (logit soft-capping, cap * tanh(s / cap): Gemma 2,
-    Grok), which the kernels do not compute: such attention is declined with that reason."""
-    seen_tanh = False
-    for _ in range(depth):
-        if not isinstance(node, fx.Node):
-            return False
-        if _is_qk(node):
-            return seen_tanh
-        if M.is_tanh(node):
-            seen_tanh = True
-        elif not (M.is_cast(node) or M.is_mul(node) or M.is_div(node)):
-            return False
-        node = node.args[0] if not (M.is_mul(node) and isinstance(node.args[0], (int, float))) else node.args[1]
-    return False
-
-
-_SOFTCAP = ("the scores are soft-capped (cap * tanh(s / cap), as Gemma 2 does); attnforge's kernels have no "
-            "soft-cap yet, so this attention is left to PyTorch")
 
 
 class _Scores:
@@ -263,14 +242,28 @@ class _Scores:
         self.q_ops: list[tuple] = []
         self.masks: list[tuple[str, Operand]] = []     # ("additive" | "boolean" (a keep-mask), operand)
         self.qk: fx.Node | None = None
+        self.softcap = 0.0          # cap * tanh(s / cap) between the masks (above) and q @ k^T * scale (below)
 
 
 def _peel_scores(node: fx.Node, scores_rank: int) -> _Scores:
     res = _Scores()
     while not _is_qk(node):
-        if _softcapped(node):
-            raise NotAttention(_SOFTCAP)
+        if res.softcap and (M.is_add(node) or M.is_masked_fill(node) or M.is_where(node)):
+            raise NotAttention(f"a mask ({node.name}) is applied before the soft-cap (tanh): masked keys would keep "
+                               "a finite score, which no attnforge kernel computes")
         if M.is_cast(node):
+            nxt = node.args[0]
+        elif M.is_tanh(node):
+            # logit soft-capping, c2 * tanh(s / c1) (Gemma 2, Grok): the factors met so far (c2 and any after it)
+            # are the cap, and the kernels compute C * tanh(S * qk / C) with S the product of every factor
+            if res.softcap:
+                raise NotAttention("the scores pass through tanh twice")
+            if res.q_ops:
+                raise NotAttention("the soft-capped scores are scaled by a tensor after the tanh; only a constant "
+                                   "cap is supported")
+            if not res.scale > 0:
+                raise NotAttention(f"the soft-cap's factor after the tanh is {res.scale!r}, not a positive constant")
+            res.softcap = float(res.scale)
             nxt = node.args[0]
         elif M.is_mul(node) or M.is_div(node):
             a, b = node.args[0], node.args[1]
@@ -297,8 +290,6 @@ def _peel_scores(node: fx.Node, scores_rank: int) -> _Scores:
                 nxt, mask = a, b
             elif isinstance(b, fx.Node) and _reaches_qk(b):
                 nxt, mask = b, a
-            elif any(_softcapped(x) for x in (a, b)):
-                raise NotAttention(_SOFTCAP)
             else:
                 raise NotAttention(f"no q @ k^T before the add {node.name}")
             if not isinstance(mask, fx.Node):
@@ -389,7 +380,7 @@ def _lift(mask: Operand | None, additive: bool, graph: fx.Graph, n, s):
 
 
 def _site(spelling, out, q, k, v, masks, out_ops, causal, scale, softmax_dtype, path, site_id,
-          graph) -> AttentionSite:
+          graph, softcap: float = 0.0) -> AttentionSite:
     """masks: [("additive" | "boolean", Operand)], a keep-mask for "boolean"; each is lifted on its own and
     at most one may remain a tensor."""
     nodes = {n.name: n for n in graph.nodes}
@@ -439,7 +430,7 @@ def _site(spelling, out, q, k, v, masks, out_ops, causal, scale, softmax_dtype, 
         out_ops=tuple(out_ops), batch=str(qs[0]), q_len=str(qs[2]), kv_len=str(ks[2]), num_heads=h,
         num_kv_heads=hk, head_dim=d, head_dim_v=dv, causal=causal, window=window, mask=kind,
         scale=float(scale), dtype=str(qdt).replace("torch.", ""), softmax_dtype=softmax_dtype, dropout=0.0,
-        padding=padding,
+        padding=padding, softcap=float(softcap),
     )
 
 
@@ -520,6 +511,9 @@ def _match_softmax(sm: fx.Node, path: str, site_id: str) -> AttentionSite:
     _single_user(sc.qk, "the attention scores")
     q, k, qk_scale, bias = _qk(sc.qk)
     if bias is not None:
+        if sc.softcap:
+            raise NotAttention("a bias is added to q @ k^T before the soft-cap (tanh), which no attnforge kernel "
+                               "computes")
         sc.masks.append(("additive", bias))
     nodes = {n.name: n for n in sm.graph.nodes}
     for name, o in (("keys", k), ("values", v)):
@@ -531,7 +525,7 @@ def _match_softmax(sm: fx.Node, path: str, site_id: str) -> AttentionSite:
         out_ops = (("squeeze", 1),) + tuple(out_ops)
     sm_dtype = M.softmax_dtype(sm) or in_dtype
     return _site("matmul_softmax", out, q, k, v, masks, out_ops, False, sc.scale * qk_scale,
-                 str(sm_dtype).replace("torch.", ""), path, site_id, sm.graph)
+                 str(sm_dtype).replace("torch.", ""), path, site_id, sm.graph, softcap=sc.softcap)
 
 
 _MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",

@@ -45,6 +45,7 @@ class AttentionSite:
     softmax_dtype: str      # dtype the softmax ran in, in the original graph
     dropout: float          # always 0.0 for a rewritten site: dropout sites are declined
     padding: Operand | None = None      # mask "padding": the [B, S] key-padding vector the op takes
+    softcap: float = 0.0    # > 0: scores soft-capped before the masks, softcap * tanh(s * scale / softcap) (Gemma 2)
 
     @property
     def group_size(self) -> int:

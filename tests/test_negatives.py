@@ -58,19 +58,20 @@ class PerKeyScale(nn.Module):
         return torch.softmax((q @ k.transpose(-2, -1)) * w, dim=-1) @ v
 
 
-class SoftCapped(nn.Module):
-    """Gemma 2's logit soft-capping, cap * tanh(s / cap), with a causal mask added after it and without."""
-
-    def __init__(self, masked=True):
-        super().__init__()
-        self.masked = masked
+class MaskInsideSoftCap(nn.Module):
+    """A mask added before the soft-cap's tanh: masked keys end at -cap, a finite score, not removed."""
 
     def forward(self, q, k, v):
-        s = 50.0 * torch.tanh((q @ k.transpose(-2, -1)) * 0.25 / 50.0)
-        if self.masked:
-            n = q.shape[-2]
-            s = s + torch.full((n, n), float("-inf")).triu(1)
-        return torch.softmax(s, dim=-1) @ v
+        n = q.shape[-2]
+        s = (q @ k.transpose(-2, -1)) * 0.25 + torch.full((n, n), float("-inf")).triu(1)
+        return torch.softmax(50.0 * torch.tanh(s / 50.0), dim=-1) @ v
+
+
+class TensorSoftCap(nn.Module):
+    """A soft-cap whose outer factor is a tensor (per query), which no kernel's constant cap expresses."""
+
+    def forward(self, q, k, v, w):
+        return torch.softmax(w * torch.tanh((q @ k.transpose(-2, -1)) / 50.0), dim=-1) @ v
 
 
 CASES = {
@@ -80,10 +81,10 @@ CASES = {
     "dropout_in_training": (lambda: DropoutAttention().train(), lambda: (x(),), "dropout p=0.1"),
     "per_key_scale": (PerKeyScale, lambda: (torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8),
                                             torch.rand(1, 1, 1, 6) + 0.5), "scaled per key"),
-    "softcap_masked": (SoftCapped, lambda: (torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)),
-                       "soft-capped"),
-    "softcap": (lambda: SoftCapped(False), lambda: (torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8),
-                                                   torch.randn(1, 2, 6, 8)), "soft-capped"),
+    "mask_inside_softcap": (MaskInsideSoftCap, lambda: (torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8),
+                                                       torch.randn(1, 2, 6, 8)), "applied before the soft-cap"),
+    "tensor_softcap": (TensorSoftCap, lambda: (torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8),
+                                               torch.rand(1, 2, 6, 1) + 40), "only a constant cap"),
 }
 
 

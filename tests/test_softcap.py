@@ -1,12 +1,13 @@
-"""Logit soft-capping (Gemma 2: scores = cap * tanh(q k^T * scale / cap), then the masks): computed by every
-kernel (dense and plan forwards, the plan kernel's backward, both decode kernels), the reference and the
-profiling op, each against float64 with the cap; Linear forms refuse it.
+"""Logit soft-capping (Gemma 2: scores = cap * tanh(q k^T * scale / cap), then the masks): detected with its
+cap, computed by every kernel (dense and plan forwards, the plan kernel's backward, both decode kernels),
+the reference, the profiling op and the ONNX export, each against float64 with the cap; Linear forms refuse it.
 Every comparison also checks that the cap mattered (the uncapped result is far off)."""
 import math
 
 import pytest
 import torch
 
+import attnforge as af
 from attnforge import codegen, runtime
 from attnforge.runtime import kernels
 from attnforge.runtime.forms import (BlockSparse, Dense, ElasticWindow, KVEvict, KVQuant, Linear, SinkWindow,
@@ -216,3 +217,122 @@ def test_profiling_op_gradients_carry_the_cap():
     want = attention_reference_backward(go, q, k, v, None, True, 0.3, softcap=CAP)[:3]
     for leaf, w in zip(leaves, want):
         assert (leaf.grad - w).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- Gemma 2
+def _gemma2(impl="eager", window=64):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                    num_hidden_layers=2, vocab_size=128, head_dim=16, sliding_window=window,
+                                    attn_logit_softcapping=2.0, use_cache=False)
+    cfg._attn_implementation = impl
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():                   # scores large enough that the cap bends them
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(25)
+    return model
+
+
+def _ids(n, seed=0):
+    return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_gemma2_sites_are_found_with_their_cap_and_compile_exactly():
+    model = _gemma2(window=4)
+    ids = _ids(12)
+    sites = af.find_attention(model, (ids,))
+    assert [(s.softcap, s.scale, s.window, s.causal) for s in sites] == [(2.0, 0.0625, 4, True), (2.0, 0.0625, 0, True)]
+    torch._dynamo.reset()
+    be = af.Backend(impl="reference", compiler="eager")
+    runtime.reset_counters()
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, backend=be)(ids).logits
+    assert runtime.counters["reference"] == 2 and be.records[-1].declined == ()
+    assert (got - want).abs().max() < 1e-5
+    # a graph whose softcap argument were dropped would be far off (the cap matters for these weights)
+    caps = [n for r in be.records for n in r.code.splitlines() if "softcap" in n]
+    assert len(caps) == 2
+
+
+@interpreted
+def test_a_compiled_gemma2_training_step_runs_the_kernels_with_the_cap():
+    """Forward and backward through the Triton kernels (attention_train, then the plan kernel's backward
+    kernels for these dense causal / windowed sites): gradients equal eager's."""
+    model = _gemma2(window=4).train()
+    ids = _ids(12)
+
+    def grads(run):
+        model.zero_grad()
+        run(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want = grads(model)
+    torch._dynamo.reset()
+    runtime.reset_counters()
+    compiled = torch.compile(model, backend=af.Backend(impl="triton", compiler="eager"))
+    got = grads(compiled)
+    assert runtime.counters["triton_interpreter"] == 2 and runtime.counters["triton_backward"] == 2
+    assert runtime.counters["reference"] == 0
+    worst = max(float((got[n] - g).abs().max() / (g.abs().max() + 1e-12)) for n, g in want.items())
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_gemma2_decoding_through_the_plan_cache_equals_hf(impl):
+    """Greedy tokens equal HF's generate(); each step's logits (prefill, then one token at a time through the
+    cache and, with impl='triton', the split-KV kernel) equal the model's full forward, which the cap changes."""
+    from attnforge.compiler.decode import cache_kwargs
+
+    if impl == "triton" and not kernels.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    model = _gemma2()
+    ids = _ids(20, seed=1)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False)
+    runtime.reset_counters()
+    got, _ = af.generate(model, ids, None, max_new_tokens=6, impl=impl)
+    assert torch.equal(got, want)
+    assert runtime.counters[f"kvcache_decode_{impl}"] == 2 * 5
+    steps = af.PlanCache(model, None, max_length=got.shape[1], impl=impl)
+    with af.plan_attention(model), torch.no_grad():
+        logits = [model(got[:, :20], use_cache=True, **cache_kwargs(model, steps)).logits[:, -1]]
+        for t in range(20, got.shape[1] - 1):
+            logits.append(model(got[:, t:t + 1], use_cache=True, **cache_kwargs(model, steps)).logits[:, -1])
+    with torch.no_grad():
+        full = model(got).logits[:, 19:-1]
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        uncapped = model(got).logits[:, 19:-1]
+    assert (torch.stack(logits, 1) - full).abs().max() < 1e-4
+    assert (uncapped - full).abs().max() > 1e-2
+
+
+def test_a_model_window_shorter_than_the_cache_is_refused():
+    from attnforge.runtime.kvcache import KVCacheError
+
+    model = _gemma2(window=8)
+    with pytest.raises(KVCacheError, match="sliding window of 8"):
+        af.generate(model, _ids(10), None, max_new_tokens=4)
+
+
+def test_gemma2_exports_to_onnx_with_the_cap(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    from attnforge.compiler.export import export_onnx
+
+    model = _gemma2()
+    ids = _ids(16)
+    res = export_onnx(model, (ids,), tmp_path / "g.onnx")
+    proto = onnx.load(str(tmp_path / "g.onnx"))
+    caps = [a.f for f in proto.functions for n in f.node if n.op_type == "Attention" for a in n.attribute
+            if a.name == "softcap"]
+    assert caps and all(c == 2.0 for c in caps)
+    sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(ids).logits
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0])
+    assert (got - want).abs().max() < 1e-4
+    assert res.ort_max_abs_diff is not None and res.ort_max_abs_diff < 1e-4

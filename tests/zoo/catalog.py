@@ -139,8 +139,8 @@ ZOO = {
     "hf_llama_eager": (lambda: _hf_llama("eager"), 2, False),
     "hf_llama_sdpa": (lambda: _hf_llama("sdpa"), 2, False),
     # other decoder families: biases on q/k/v (Qwen2), q/k norms (Qwen3, OLMo 2), a sliding window (Mistral:
-    # lifted to the op's window), sliding and full layers alternating (Gemma 2 without soft-capping); Gemma 2's
-    # soft-capped scores are declined with the reason (tests/test_negatives.py spells it out)
+    # lifted to the op's window), sliding and full layers alternating (Gemma 2 without soft-capping, and with it:
+    # its cap * tanh(s / cap) scores become the op's softcap, tests/test_softcap.py)
     "hf_qwen2_sdpa": (lambda: _hf_decoder("Qwen2Config", "Qwen2ForCausalLM", "sdpa"), 2, False),
     "hf_qwen3_sdpa": (lambda: _hf_decoder("Qwen3Config", "Qwen3ForCausalLM", "sdpa"), 2, False),
     "hf_olmo2_sdpa": (lambda: _hf_decoder("Olmo2Config", "Olmo2ForCausalLM", "sdpa"), 2, False),
@@ -150,7 +150,8 @@ ZOO = {
                                 2, False),
     "hf_gemma2_window_eager": (lambda: _hf_decoder("Gemma2Config", "Gemma2ForCausalLM", "eager", sliding_window=4,
                                                    attn_logit_softcapping=None, final_logit_softcapping=None), 2, False),
-    "hf_gemma2_softcap_eager": (lambda: _hf_decoder("Gemma2Config", "Gemma2ForCausalLM", "eager"), 0, False),
+    "hf_gemma2_softcap_eager": (lambda: _hf_decoder("Gemma2Config", "Gemma2ForCausalLM", "eager", sliding_window=4),
+                                2, False),
     "gpt2_eager": (lambda: _gpt2("eager"), 2, False),
     "gpt2_sdpa": (lambda: _gpt2("sdpa"), 2, False),
     "minilm_eager": (lambda: _minilm("eager"), 6, False),
