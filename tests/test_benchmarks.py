@@ -76,5 +76,12 @@ def test_linear_backward_benchmark(tmp_path):
     assert row["n"] == 100 and all(row[f"{v}_ms"] > 0 for v in ("sdpa", "reference", "chunked"))
 
 
+def test_softcap_benchmark(tmp_path):
+    data = _run("softcap", tmp_path, "--dtype", "float16", "--shapes", "4x2x130x32", "--window", "40", "--cap", "2")
+    rows = {r["layer"]: r for r in data["rows"]}
+    assert set(rows) == {"global", "local"} and all(r["checked_against"] == "eager" for r in rows.values())
+    assert rows["local"]["window"] == 40 and all(r["attnforge_ms"] > 0 and r["flex_ms"] > 0 for r in rows.values())
+
+
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
