@@ -22,7 +22,11 @@ Supported: prefill of the whole prompt at once, then one token per step. A padde
 different lengths, left-padded as generate() pads them, the `attention_mask` given) prefills every row as
 that row alone (runtime.padding) and the cache holds each row's real tokens at the row's own positions, so
 each row generates what it would generate alone; forms with KV eviction or quantization take rows of equal
-length only. Anything else raises KVCacheError, never silently attends to the wrong keys.
+length only. Layers with the model's own sliding window (Gemma 2 / 3's local layers, Mistral; read from the
+config, checked against what each call passes) hold only that window: their groups' forms take it on (Dense
+becomes SinkWindow(0, w)); their prompts must be unpadded once longer than the window. Soft-capped scores
+(Gemma 2) are capped in the prefill, every decoding step and the eviction scores. Anything else raises
+KVCacheError, never silently attends to the wrong keys.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import inspect
 import torch
 
 from attnforge import codegen, runtime
-from attnforge.runtime.forms import Dense, forms_to_json, prefill_form
+from attnforge.runtime.forms import Dense, SinkWindow, forms_to_json, prefill_form
 from attnforge.runtime.kvcache import KVCacheError, SiteKVCache
 
 from .plan import resolve_site
@@ -100,10 +104,12 @@ def _cache_classes():
         is_compileable = False
         is_sliding = False
 
-        def __init__(self, forms, max_length: int, impl: str):
+        def __init__(self, forms, max_length: int, impl: str, window: int = 0):
             super().__init__()
             self.site = SiteKVCache(forms, max_length)
             self.forms, self.impl = forms, impl
+            self.window = window            # the model's own sliding window here, where it binds (0: none);
+            # the forms already carry it (_windowed)
             self.prompt = None              # the prompt's (k, v) between update() and its attention
             # what the prefill runs: KV-compressed groups attend densely over the prompt (they act on decoding)
             prefill = tuple(map(prefill_form, forms))
@@ -164,8 +170,10 @@ def _cache_classes():
         """A transformers Cache whose layers keep, per KV group, only what the plan's form reads."""
         attnforge_plan_cache = True       # (the class is made per call of _cache_classes: test this, not the type)
 
-        def __init__(self, layer_forms: dict[int, tuple], max_length: int, impl: str = "auto"):
-            layers = [PlanLayer(layer_forms[i], max_length, impl) for i in sorted(layer_forms)]
+        def __init__(self, layer_forms: dict[int, tuple], max_length: int, impl: str = "auto",
+                     windows: dict[int, int] | None = None):
+            windows = windows or {}
+            layers = [PlanLayer(layer_forms[i], max_length, impl, windows.get(i, 0)) for i in sorted(layer_forms)]
             for i, layer in enumerate(layers):
                 layer.first = i == 0        # checks made once per step, not once per layer
             super().__init__(layers=layers)
@@ -194,8 +202,62 @@ def PlanCache(model, plan=None, max_length: int | None = None, impl: str = "auto
     if missing:
         raise KVCacheError(f"the plan has no entry for decoder layer(s) {missing[:5]} of this model; search a "
                            "plan for this model")
+    windows = {i: w for i, w in _layer_windows(cfg, layers).items() if w and max_length > w}
+    forms = {i: _windowed(f, windows[i], i) if i in windows else f for i, f in forms.items()}
     _, impl_cls = _cache_classes()
-    return impl_cls(forms, max_length, impl)
+    return impl_cls(forms, max_length, impl, windows)
+
+
+def _layer_windows(cfg, layers: int) -> dict[int, int]:
+    """layer index -> the model's own sliding window there (0: full attention), from its config: the layers
+    that `layer_types` marks "sliding_attention" (Gemma 2 / 3, Qwen 2, ...), or every layer of a model with a
+    `sliding_window` and no layer types (Mistral). The attention call checks it against what the model passes."""
+    window = getattr(cfg, "sliding_window", None) or 0
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        return {i: window for i in range(layers)}
+    return {i: window if t == "sliding_attention" else 0 for i, t in enumerate(types)}
+
+
+def _windowed(forms, window: int, layer: int) -> tuple:
+    """The forms of a layer that also attends through the model's own sliding window of `window` keys: what
+    each group sees is its form's keys among the window's. Dense and sink + window groups become one window
+    (a sink older than the window is hidden by it); other forms do not compose into one, so they are refused."""
+    out = []
+    for g, f in enumerate(forms):
+        if isinstance(f, Dense):
+            out.append(SinkWindow(0, window))
+        elif isinstance(f, SinkWindow) and (f.sink == 0 or f.window >= window):
+            out.append(SinkWindow(0, min(f.window, window)))
+        else:
+            raise KVCacheError(f"decoder layer {layer} attends through the model's own sliding window of {window} "
+                               f"tokens and the plan gives KV group {g} the form {f.to_dict()}, which does not "
+                               "compose with it into one form the cache can hold; plan that layer's groups Dense or "
+                               f"SinkWindow (sink 0, or a window of at least {window}), or keep the whole sequence "
+                               f"within {window} tokens")
+    return tuple(out)
+
+
+def _check_window(layer, kwargs) -> None:
+    """The sliding window the model attends with on this layer must be the one the cache was laid out for."""
+    window = kwargs.get("sliding_window") or 0
+    binding = window if window and layer.site.max_length > window else 0
+    if binding != layer.window:
+        raise KVCacheError(f"this layer attends through a sliding window of {window or 'none'} but the plan cache "
+                           f"was laid out for {layer.window or 'none'} (read from the model's config: "
+                           "sliding_window / layer_types); build the cache from this model")
+
+
+def _window_mask_reason(mask, window: int, n: int, s: int):
+    """None if a prefill's 4-D mask is exactly causal attention within the sliding window (queries the last n
+    of s keys), else why it is not (a padded prompt's mask also hides its padding)."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (n, s):
+        return f"a {mask.dtype} mask of shape {tuple(mask.shape)}"
+    i = torch.arange(s - n, s, device=mask.device)[:, None]
+    j = torch.arange(s, device=mask.device)[None, :]
+    if not bool((mask == ((j <= i) & (j > i - window))).all()):
+        return "a mask that also hides other keys (a padded prompt)"
+    return None
 
 
 def plan_cache_from_forms(layer_forms: dict[int, tuple], max_length: int, impl: str = "auto"):
@@ -228,18 +290,21 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
                                             "auto", "", "", None, softcap)
         return out.transpose(1, 2).contiguous(), None
     layer, phase = tag
-    window = kwargs.get("sliding_window")
-    if window and layer.site.max_length > window:
-        # the layer's own sliding window (its mask), which the cache's forms would not apply while decoding
-        raise KVCacheError(f"this layer attends through a sliding window of {window} tokens and the cache is sized "
-                           f"for {layer.site.max_length}: the plan cache does not apply a model's own sliding "
-                           "windows yet, so it would attend to keys the model hides. Generate at most "
-                           f"{window} tokens in all, or use the model's own cache")
+    _check_window(layer, kwargs)
     padding = getattr(attention_mask, "_attnforge_padding", None)       # compiler.hf's padding masks carry it
     # the newest slot of every row must be a token: the prompt's last (right padding would predict from a
     # padding slot), then each step's new one
     last_is_padding = padding is not None and layer.first and not bool(padding[:, -1].all())
     if phase == "prefill":
+        if layer.window and attention_mask is not None and padding is None:
+            # the layer's sliding-window mask: its forms apply the window already (_windowed); anything more in
+            # the mask (padding) they would not apply
+            reason = _window_mask_reason(attention_mask, layer.window, query.shape[2], key.shape[2])
+            if reason:
+                raise KVCacheError(f"a prefill on a layer with the model's own sliding window of {layer.window} "
+                                   f"came with {reason}: the plan cache runs such layers for unpadded prompts "
+                                   "only (one prompt, or prompts of one length)")
+            attention_mask = None
         if attention_mask is not None and padding is None:
             raise KVCacheError("the plan cache reads a padded batch from its attention_mask (2-D, 1 = token) "
                                "through attnforge's mask function; this prompt came with another mask (a 4-D "

@@ -471,3 +471,74 @@ def test_block_sparse_verticals_past_max_length_take_no_slots():
     assert cache._caps == [2 * 4 + 2 * 4] == [SiteKVCache.predicted_entries(forms, 30)]
     with pytest.raises(KVCacheError, match="block-sparse verticals"):
         cache.append(k[:, :, :1], v[:, :, :1])
+
+
+# ------------------------------------------------------------------------ the model's own sliding windows
+def _sliding_model(kind, window=8):
+    """A tiny Gemma 2 (sliding and full layers alternating, layer_types) or Mistral (every layer sliding, no
+    layer types) whose sliding window binds within the test's lengths."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=2, vocab_size=128, head_dim=16, sliding_window=window)
+    if kind == "gemma2":
+        cfg = transformers.Gemma2Config(**common)
+        cfg._attn_implementation = "eager"
+        return transformers.Gemma2ForCausalLM(cfg).eval()
+    cfg = transformers.MistralConfig(**common)
+    cfg._attn_implementation = "sdpa"
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("prompt", [6, 20])
+@pytest.mark.parametrize("kind", ["gemma2", "mistral"])
+def test_sliding_window_layers_hold_only_their_window_and_decode_exactly(kind, prompt):
+    """A prompt longer than the window, and one shorter that decoding carries past it (the cache used to read
+    every key there: logits off by 0.2-0.4): greedy tokens = HF's generate(), each step's logits = the
+    model's full forward, and a sliding layer's groups hold the window only (a full layer every token)."""
+    model = _sliding_model(kind)
+    ids = torch.randint(0, 128, (1, prompt), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=12, do_sample=False)
+    got, cache = af.generate(model, ids, None, max_new_tokens=12)
+    assert torch.equal(got, want)
+    total = prompt + 12
+    sliding = [1, 1] if kind == "mistral" else [1, 0]
+    assert [layer.site._caps for layer in cache.layers] == [[8, 8] if s else [total, total] for s in sliding]
+    steps = af.PlanCache(model, None, max_length=total)
+    with af.plan_attention(model), torch.no_grad():
+        logits = [model(got[:, :prompt], use_cache=True, **cache_kwargs(model, steps)).logits[:, -1]]
+        for t in range(prompt, total - 1):
+            logits.append(model(got[:, t:t + 1], use_cache=True, **cache_kwargs(model, steps)).logits[:, -1])
+        full = model(got).logits[:, prompt - 1:-1]
+    assert (torch.stack(logits, 1) - full).abs().max() < 1e-4
+
+
+def test_plan_forms_take_on_the_models_window_or_are_refused():
+    from attnforge.compiler.decode import _windowed
+
+    assert _windowed((Dense(), SinkWindow(4, 16), SinkWindow(0, 3), SinkWindow(0, 12)), 8, 0) == \
+        (SinkWindow(0, 8), SinkWindow(0, 8), SinkWindow(0, 3), SinkWindow(0, 8))
+    for form in (SinkWindow(2, 4), ElasticWindow(2, 4, 0.1), BlockSparse(4, (0,), (0,))):
+        with pytest.raises(KVCacheError, match="sliding window of 8 tokens .* does not compose"):
+            _windowed((Dense(), form), 8, 3)
+    model = _sliding_model("gemma2")
+    from attnforge.compiler.plan import Plan, SitePlan, fingerprint
+
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    sites = af.find_attention(model, (ids,))
+    plan = Plan(fingerprint(sites), "t", (SitePlan(sites[0].id, 4, 2, (Dense(), SinkWindow(2, 4))),
+                                          SitePlan(sites[1].id, 4, 2, (Dense(), SinkWindow(2, 4)))), {}, (12,))
+    with pytest.raises(KVCacheError, match="decoder layer 0 .* KV group 1"):
+        af.PlanCache(model, plan, max_length=20)
+    af.PlanCache(model, plan, max_length=8)          # the window never binds: the plan's forms as they are
+
+
+def test_a_padded_prompt_past_a_sliding_window_is_refused():
+    model = _sliding_model("gemma2")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+    with pytest.raises(KVCacheError, match="sliding window of 8 came with a mask that also hides other keys"):
+        af.generate(model, ids, None, max_new_tokens=2, attention_mask=mask)
