@@ -198,11 +198,12 @@ def PlanCache(model, plan=None, max_length: int | None = None, impl: str = "auto
     max_length = max_length or getattr(cfg, "max_position_embeddings", 4096)
     forms = _layer_forms(model, plan, kv_heads)
     layers = getattr(cfg, "num_hidden_layers", len(forms))
+    model_windows = _layer_windows(cfg, layers)
     missing = [i for i in range(layers) if i not in forms]
     if missing:
         raise KVCacheError(f"the plan has no entry for decoder layer(s) {missing[:5]} of this model; search a "
                            "plan for this model")
-    windows = {i: w for i, w in _layer_windows(cfg, layers).items() if w and max_length > w}
+    windows = {i: w for i, w in model_windows.items() if w and max_length > w}
     forms = {i: _windowed(f, windows[i], i) if i in windows else f for i, f in forms.items()}
     _, impl_cls = _cache_classes()
     return impl_cls(forms, max_length, impl, windows)

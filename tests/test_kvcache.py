@@ -533,6 +533,23 @@ def test_plan_forms_take_on_the_models_window_or_are_refused():
     with pytest.raises(KVCacheError, match="decoder layer 0 .* KV group 1"):
         af.PlanCache(model, plan, max_length=20)
     af.PlanCache(model, plan, max_length=8)          # the window never binds: the plan's forms as they are
+    # as the search plans it: the sliding layer (0, not a plain causal site) all Dense, so within its window;
+    # the full layer (1) the plan's forms
+    searched = Plan(plan.fingerprint, "t", (SitePlan(sites[0].id, 4, 2, (Dense(), Dense())),
+                                            SitePlan(sites[1].id, 4, 2, (Dense(), SinkWindow(2, 4)))), {}, (12,))
+    cache = af.PlanCache(model, searched, max_length=20)
+    assert [layer.forms for layer in cache.layers] == [(SinkWindow(0, 8),) * 2, (Dense(), SinkWindow(2, 4))]
+    # decoding it past the window = the same plan's full forward
+    out, _ = af.generate(model, ids, searched, max_new_tokens=8)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        full = torch.compile(model, backend=af.Backend(plan=searched, impl="reference", compiler="eager"))(out).logits
+    steps = af.PlanCache(model, searched, max_length=out.shape[1])
+    with af.plan_attention(model), torch.no_grad():
+        logits = [model(out[:, :12], use_cache=True, **cache_kwargs(model, steps)).logits[:, -1]]
+        for t in range(12, out.shape[1] - 1):
+            logits.append(model(out[:, t:t + 1], use_cache=True, **cache_kwargs(model, steps)).logits[:, -1])
+    assert (torch.stack(logits, 1) - full[:, 11:-1]).abs().max() < 1e-4
 
 
 def test_a_padded_prompt_past_a_sliding_window_is_refused():
