@@ -475,8 +475,8 @@ def test_block_sparse_verticals_past_max_length_take_no_slots():
 
 # ------------------------------------------------------------------------ the model's own sliding windows
 def _sliding_model(kind, window=8):
-    """A tiny Gemma 2 (sliding and full layers alternating, layer_types) or Mistral (every layer sliding, no
-    layer types) whose sliding window binds within the test's lengths."""
+    """A tiny Gemma 2 (sliding and full layers alternating, layer_types; eager, soft-capped), Gemma 3 (q/k
+    norms, SDPA) or Mistral (every layer sliding, no layer types) whose window binds within the test."""
     import transformers
 
     torch.manual_seed(0)
@@ -486,13 +486,17 @@ def _sliding_model(kind, window=8):
         cfg = transformers.Gemma2Config(**common)
         cfg._attn_implementation = "eager"
         return transformers.Gemma2ForCausalLM(cfg).eval()
+    if kind == "gemma3":
+        cfg = transformers.Gemma3TextConfig(**common, layer_types=["sliding_attention", "full_attention"])
+        cfg._attn_implementation = "sdpa"
+        return transformers.Gemma3ForCausalLM(cfg).eval()
     cfg = transformers.MistralConfig(**common)
     cfg._attn_implementation = "sdpa"
     return transformers.MistralForCausalLM(cfg).eval()
 
 
 @pytest.mark.parametrize("prompt", [6, 20])
-@pytest.mark.parametrize("kind", ["gemma2", "mistral"])
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "mistral"])
 def test_sliding_window_layers_hold_only_their_window_and_decode_exactly(kind, prompt):
     """A prompt longer than the window, and one shorter that decoding carries past it (the cache used to read
     every key there: logits off by 0.2-0.4): greedy tokens = HF's generate(), each step's logits = the

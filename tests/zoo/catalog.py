@@ -152,6 +152,8 @@ ZOO = {
                                                    attn_logit_softcapping=None, final_logit_softcapping=None), 2, False),
     "hf_gemma2_softcap_eager": (lambda: _hf_decoder("Gemma2Config", "Gemma2ForCausalLM", "eager", sliding_window=4),
                                 2, False),
+    "hf_gemma3_window_sdpa": (lambda: _hf_decoder("Gemma3TextConfig", "Gemma3ForCausalLM", "sdpa", sliding_window=4,
+                                                  layer_types=["sliding_attention", "full_attention"]), 2, False),
     "gpt2_eager": (lambda: _gpt2("eager"), 2, False),
     "gpt2_sdpa": (lambda: _gpt2("sdpa"), 2, False),
     "minilm_eager": (lambda: _minilm("eager"), 6, False),
