@@ -1,12 +1,13 @@
 """`af.varlen_attention`: FlashAttention's variable-length calling convention over attnforge's packed path.
 
-    out = af.varlen_attention(q, k, v, cu_seqlens, causal=True, forms=None)
+    out = af.varlen_attention(q, k, v, cu_seqlens, causal=True, forms=None, softcap=0.0)
 
 q [T, Hq, D], k / v [T, Hkv, D] hold every sequence's tokens end to end (T in all); cu_seqlens [n + 1] int
 gives the sequences' bounds (0, len_0, len_0 + len_1, ..., T), as flash_attn_varlen_func takes them (one
 set for queries and keys: self-attention). Each sequence is computed as that sequence alone — causal or
 not, and with `forms` (one per KV head group: a plan entry) at its own positions — through the same
-kernels as a packed batch (runtime.padding: the tokens are one row, labelled by sequence). Returns
+kernels as a packed batch (runtime.padding: the tokens are one row, labelled by sequence). softcap > 0
+soft-caps the scores (softcap * tanh(s / softcap), Gemma 2), as flash_attn_varlen_func's softcap does. Returns
 [T, Hq, Dv]; differentiable.
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _labels(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
-                     causal: bool = True, scale: float | None = None, forms=None, impl: str = "auto") -> torch.Tensor:
+                     causal: bool = True, scale: float | None = None, forms=None, impl: str = "auto",
+                     softcap: float = 0.0) -> torch.Tensor:
     """See the module docstring. forms: None (dense) or one attnforge Form per KV head group (causal only).
     impl: 'auto' | 'triton' | 'reference', as the attention op takes it."""
     from attnforge import codegen
@@ -53,5 +55,5 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))           # [1, H, T, D]
     out = torch.ops.attnforge.attention(q4, k4, v4, None, causal, 0, scale, impl, key,
-                                        forms_to_json(forms) if planned else "", labels)
+                                        forms_to_json(forms) if planned else "", labels, float(softcap))
     return out[0].transpose(0, 1).contiguous()

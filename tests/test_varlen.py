@@ -71,6 +71,28 @@ def test_the_kernels_run_one_compacted_row_per_sequence():
     assert (out.double() - want).abs().max() < 1e-5
 
 
+@pytest.mark.skipif(not kernels.interpreter_enabled(), reason="needs TRITON_INTERPRET=1")
+def test_soft_capped_sequences_through_the_kernels():
+    """softcap (as flash_attn_varlen_func takes it): each sequence = the capped formula on it alone, float64."""
+    q, k, v, cu = _data(torch.float32)
+    q = q * 4                                  # scores large enough that the cap bends them
+    af.runtime.reset_counters()
+    out = af.varlen_attention(q, k, v, cu, scale=0.25, impl="triton", softcap=1.5)
+    assert af.runtime.counters["packed"] == af.runtime.counters["triton_interpreter"] == 1
+    outs, at = [], 0
+    for n in LENGTHS:
+        if n:
+            qs, ks, vs = (x[at:at + n].double().transpose(0, 1) for x in (q, k, v))
+            s = 1.5 * torch.tanh(qs @ ks.repeat_interleave(2, 0).transpose(-1, -2) * 0.25 / 1.5)
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).tril().logical_not(), float("-inf"))
+            outs.append((s.softmax(-1) @ vs.repeat_interleave(2, 0)).transpose(0, 1))
+        at += n
+    want = torch.cat(outs)
+    assert (out.double() - want).abs().max() < 1e-5
+    assert (af.varlen_attention(q.double(), k.double(), v.double(), cu, scale=0.25, impl="reference") - want
+            ).abs().max() > 0.05
+
+
 def test_bad_bounds_say_what_is_wrong():
     q, k, v, cu = _data()
     for bad in (cu[1:], torch.tensor([0, 5, 3, 150]), cu[None], torch.tensor([0, 10])):
