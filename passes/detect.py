@@ -298,7 +298,11 @@ def _peel_scores(node: fx.Node, scores_rank: int) -> _Scores:
             ss, _ = _shape(nxt, "scores")
             if len(rs) != len(ss) or not all(M.same_size(x, y) for x, y in zip(rs, ss)):
                 raise NotAttention("the mask broadcasts the scores to a larger shape")
-            res.masks.append(("additive", Operand(mask.name)))
+            # factors met above this add scale the mask as much as the scores: the kernels scale q only
+            if res.q_ops:
+                raise NotAttention(f"the scores and the additive mask {mask.name} are scaled together by a tensor "
+                                   "after the add; only a constant factor can be carried onto the mask")
+            res.masks.append(("additive", Operand(mask.name, (("scale_mask", res.scale),) if res.scale != 1 else ())))
         elif M.is_masked_fill(node):
             nxt, m, value = node.args[0], M.arg(node, 1, "mask"), M.arg(node, 2, "value")
             if not isinstance(m, fx.Node) or not _very_negative(value):

@@ -167,3 +167,39 @@ def test_constant_causal_mask_is_lifted_only_when_exact():
         assert (site.mask, site.causal, site.window) == (kind, causal, window)
         assert (site.mask_operand is None) == (kind != "boolean")
         torch.testing.assert_close(out, fn(q, k, v))
+
+
+class ScaledAfterMask(nn.Module):
+    """softmax((scores + bias) * 0.5): the factor after the add scales the bias too (soft-capped or not)."""
+
+    def __init__(self, cap=None, tensor_factor=False):
+        super().__init__()
+        self.cap, self.tensor_factor = cap, tensor_factor
+
+    def forward(self, q, k, v, bias):
+        s = q @ k.transpose(-1, -2) * 0.25
+        if self.cap:
+            s = self.cap * torch.tanh(s / self.cap)
+        factor = q.abs().sum(-1, keepdim=True) if self.tensor_factor else 0.5
+        return torch.softmax((s + bias) * factor, -1) @ v
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_a_factor_after_an_additive_mask_scales_the_mask_too(cap):
+    """It used to be folded into the scale of q alone, leaving the mask unscaled (max error ~1.2)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 7, 8, generator=g) * 3 for _ in range(3))
+    bias = torch.randn(1, 1, 7, 7, generator=g) * 4
+    model = ScaledAfterMask(cap)
+    torch._dynamo.reset()
+    be = af.Backend(impl="reference", compiler="eager")
+    got = torch.compile(model, backend=be)(q, k, v, bias)
+    assert be.records[-1].rewritten == ("#0",)
+    assert (got - model(q, k, v, bias)).abs().max() < 1e-5
+    (site,) = af.find_attention(model, (q, k, v, bias))
+    assert site.scale == pytest.approx(0.125) and site.softcap == (1.5 if cap else 0.0)
+    torch._dynamo.reset()
+    be = af.Backend(impl="reference", compiler="eager")
+    tensor_scaled = ScaledAfterMask(cap, tensor_factor=True)
+    torch.compile(tensor_scaled, backend=be)(q, k, v, bias)
+    assert be.records[-1].rewritten == () and "scaled together by a tensor" in be.records[-1].declined[0].reason
