@@ -24,7 +24,8 @@ that row alone (runtime.padding) and the cache holds each row's real tokens at t
 each row generates what it would generate alone; forms with KV eviction or quantization take rows of equal
 length only. Layers with the model's own sliding window (Gemma 2 / 3's local layers, Mistral; read from the
 config, checked against what each call passes) hold only that window: their groups' forms take it on (Dense
-becomes SinkWindow(0, w)); their prompts must be unpadded once longer than the window. Soft-capped scores
+becomes SinkWindow(0, w)); a padded batch is refused on them once the cache is longer than the window (their
+mask then folds the padding into the window). Soft-capped scores
 (Gemma 2) are capped in the prefill, every decoding step and the eviction scores. Anything else raises
 KVCacheError, never silently attends to the wrong keys.
 """
@@ -303,8 +304,8 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
             reason = _window_mask_reason(attention_mask, layer.window, query.shape[2], key.shape[2])
             if reason:
                 raise KVCacheError(f"a prefill on a layer with the model's own sliding window of {layer.window} "
-                                   f"came with {reason}: the plan cache runs such layers for unpadded prompts "
-                                   "only (one prompt, or prompts of one length)")
+                                   f"came with {reason}: the plan cache runs such layers for unpadded batches "
+                                   "only once it is longer than the window (one prompt, or prompts of one length)")
             attention_mask = None
         if attention_mask is not None and padding is None:
             raise KVCacheError("the plan cache reads a padded batch from its attention_mask (2-D, 1 = token) "
