@@ -24,8 +24,8 @@ that row alone (runtime.padding) and the cache holds each row's real tokens at t
 each row generates what it would generate alone; forms with KV eviction or quantization take rows of equal
 length only. Layers with the model's own sliding window (Gemma 2 / 3's local layers, Mistral; read from the
 config, checked against what each call passes) hold only that window: their groups' forms take it on (Dense
-becomes SinkWindow(0, w)); a padded batch is refused on them once the cache is longer than the window (their
-mask then folds the padding into the window). Soft-capped scores
+becomes SinkWindow(0, w)); a left-padded batch runs each row alone there too (its window over the row's own
+positions). Soft-capped scores
 (Gemma 2) are capped in the prefill, every decoding step and the eviction scores. Anything else raises
 KVCacheError, never silently attends to the wrong keys.
 """
@@ -250,15 +250,23 @@ def _check_window(layer, kwargs) -> None:
                            "sliding_window / layer_types); build the cache from this model")
 
 
-def _window_mask_reason(mask, window: int, n: int, s: int):
+def _window_mask_reason(mask, window: int, n: int, s: int, keys=None):
     """None if a prefill's 4-D mask is exactly causal attention within the sliding window (queries the last n
-    of s keys), else why it is not (a padded prompt's mask also hides its padding)."""
+    of s keys), and hides the padding slots of `keys` ([B, S] bool: True = a token; None: no padding) where
+    given, else why it is not. A row's tokens must be contiguous at its end (left padding), where a window over
+    slots is the same window over the row's own positions."""
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (n, s):
         return f"a {mask.dtype} mask of shape {tuple(mask.shape)}"
     i = torch.arange(s - n, s, device=mask.device)[:, None]
     j = torch.arange(s, device=mask.device)[None, :]
-    if not bool((mask == ((j <= i) & (j > i - window))).all()):
-        return "a mask that also hides other keys (a padded prompt)"
+    want = ((j <= i) & (j > i - window))[None, None]
+    if keys is not None:
+        keys = keys.to(mask.device)
+        if not bool((keys.cummax(1).values == keys).all()):
+            return "a padded prompt whose padding is not all on the left"
+        want = want & keys[:, None, None, :]
+    if not bool((mask == want).all()):
+        return "a mask that also hides other keys"
     return None
 
 
@@ -294,18 +302,22 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
     layer, phase = tag
     _check_window(layer, kwargs)
     padding = getattr(attention_mask, "_attnforge_padding", None)       # compiler.hf's padding masks carry it
+    # a sliding-window layer's mask is sdpa_mask's, tagged with the batch's key flags (compiler.hf)
+    keys = getattr(attention_mask, "_attnforge_keys", None) if layer.window and padding is None else None
+    if keys is not None and not bool(keys.all()):
+        padding = keys
     # the newest slot of every row must be a token: the prompt's last (right padding would predict from a
     # padding slot), then each step's new one
     last_is_padding = padding is not None and layer.first and not bool(padding[:, -1].all())
     if phase == "prefill":
-        if layer.window and attention_mask is not None and padding is None:
-            # the layer's sliding-window mask: its forms apply the window already (_windowed); anything more in
-            # the mask (padding) they would not apply
-            reason = _window_mask_reason(attention_mask, layer.window, query.shape[2], key.shape[2])
+        if layer.window and attention_mask is not None and not hasattr(attention_mask, "_attnforge_padding"):
+            # the layer's sliding-window mask: its forms apply the window already (_windowed), and a left-padded
+            # batch runs through the padding vector (its key flags), if the mask is exactly those two
+            reason = _window_mask_reason(attention_mask, layer.window, query.shape[2], key.shape[2], keys)
             if reason:
                 raise KVCacheError(f"a prefill on a layer with the model's own sliding window of {layer.window} "
-                                   f"came with {reason}: the plan cache runs such layers for unpadded batches "
-                                   "only once it is longer than the window (one prompt, or prompts of one length)")
+                                   f"came with {reason}: the plan cache runs such layers for unpadded or "
+                                   "left-padded batches (a 2-D attention_mask, as generate() pads)")
             attention_mask = None
         if attention_mask is not None and padding is None:
             raise KVCacheError("the plan cache reads a padded batch from its attention_mask (2-D, 1 = token) "

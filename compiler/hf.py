@@ -61,7 +61,14 @@ def attnforge_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
                                              "_ignore_bidirectional_mask_sdpa")]
     if not plain or use_vmap or attention_mask is None or attention_mask.dim() != 2 or None in skips or \
             (causal and q_offset - kv_offset != kv_length - q_length):
-        return mu.sdpa_mask(**args)
+        mask = mu.sdpa_mask(**args)
+        if mask is not None and not torch.compiler.is_compiling() and attention_mask is not None and \
+                attention_mask.dim() == 2 and skips[0] is not None:
+            # any other mask over a padded batch (a sliding window's, say) stays sdpa_mask's, tagged with its key
+            # flags for eager callers: the plan cache's attention checks the mask against them and its window
+            mask._attnforge_keys = skips[0](attention_mask, kv_length, kv_offset)[
+                :, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
+        return mask
     prepare, ignore_causal, ignore_bidirectional = skips
     padding = prepare(attention_mask, kv_length, kv_offset)
     # the same early exits as sdpa_mask: no mask where SDPA's is_causal (or nothing) says it all

@@ -556,10 +556,21 @@ def test_plan_forms_take_on_the_models_window_or_are_refused():
     assert (torch.stack(logits, 1) - full[:, 11:-1]).abs().max() < 1e-4
 
 
-def test_a_padded_prompt_past_a_sliding_window_is_refused():
-    model = _sliding_model("gemma2")
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("kind", ["gemma2", "mistral"])
+def test_a_left_padded_batch_past_a_sliding_window_generates_each_row_as_alone(kind):
+    """Rows of 12 and 9 tokens (left-padded), 10 new tokens past the window of 8: each row = HF's generate() on
+    that row alone; the sliding layers ran the batch as a padded one (each row's window at its own positions)."""
+    model = _sliding_model(kind)
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :3] = 0
-    with pytest.raises(KVCacheError, match="sliding window of 8 came with a mask that also hides other keys"):
-        af.generate(model, ids, None, max_new_tokens=2, attention_mask=mask)
+    runtime.reset_counters()
+    got, cache = af.generate(model, ids, None, max_new_tokens=10, attention_mask=mask)
+    assert runtime.counters["padded"] == 2                  # both layers' prefills (a full layer, a sliding one)
+    for row, start in ((0, 0), (1, 3)):
+        with torch.no_grad():
+            alone = model.generate(ids[row:row + 1, start:], max_new_tokens=10, do_sample=False)
+        assert torch.equal(got[row, 12:], alone[0, 12 - start:])
+    right = mask.flip(1)
+    with pytest.raises(KVCacheError, match="padding is not all on the left|right-padded"):
+        af.generate(model, ids, None, max_new_tokens=2, attention_mask=right)
