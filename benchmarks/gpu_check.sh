@@ -46,13 +46,13 @@ step() {   # step NAME SECONDS command...: run with a time limit, log its output
 } 2>&1 | tee "$OUTDIR/env.txt" | tee -a "$LOG"
 
 step install 30 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
-step kernels 250 "$PY" benchmarks/kernels.py --json "$OUTDIR/kernels.json" \
+step kernels 245 "$PY" benchmarks/kernels.py --json "$OUTDIR/kernels.json" \
     --shapes 32x8x32768x128 9x3x32768x64 32x32x16384x128 9x3x8192x64 32x32x4096x128
-step decode 105 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes smollm2 llama8b \
+step decode 100 "$PY" benchmarks/decode.py --json "$OUTDIR/decode.json" --shapes smollm2 llama8b \
     --contexts 8192 32768 --steps 16
 step linear 55 "$PY" benchmarks/linear_kernel.py --json "$OUTDIR/linear_kernel.json" --lengths 8192 32768 --backward
 # default launch configs here: tuning every config of every kernel of the tests would take minutes of compiles
-step tests 90 env ATTNFORGE_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step tests 100 env ATTNFORGE_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 step softcap 30 "$PY" benchmarks/softcap.py --json "$OUTDIR/softcap.json" --shapes 16x8x8192x256 32x16x8192x128
 step padded 30 "$PY" benchmarks/padded.py --json "$OUTDIR/padded.json" --shapes 9x3x8192x64 32x8x8192x128
 echo "=== $(date -u +%T) done; results in $OUTDIR" | tee -a "$LOG"

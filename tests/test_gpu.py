@@ -327,3 +327,77 @@ def test_a_decoding_step_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(out.double(), cache.decode_reference(q.double(), 0.125), rtol=2e-2, atol=2e-2)
+
+
+# soft-capped scores (Gemma 2): last, so that a short GPU lease cuts these before the older checks
+def _eager_capped(q, k, v, scale, cap, keep):
+    """Gemma 2's eager attention in the inputs' dtype (scores and the cap in half precision, softmax in float32):
+    PyTorch's own error, the yardstick. keep: [G, N, N] bool."""
+    r = q.shape[1] // k.shape[1]
+    s = torch.matmul(q, k.repeat_interleave(r, 1).transpose(-1, -2)) * scale
+    s = cap * torch.tanh(s / cap)
+    s = s.masked_fill(~keep.repeat_interleave(r, 0)[None], float("-inf"))
+    return torch.matmul(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), v.repeat_interleave(r, 1))
+
+
+@pytest.mark.parametrize("dtype,d", [(DTYPES[0], 256), (DTYPES[-1], 128)])
+def test_soft_capped_dense_and_window_kernels(dtype, d):
+    """Gemma 2's shapes (head dim 256 / 128, cap 50 on scores that reach it): the dense causal kernel and
+    the sliding-window one, each against float64 with the cap."""
+    n, cap, scale = 777, 50.0, d ** -0.5
+    q, k, v = _qkv(8, 4, n, d, dtype, seed=21)
+    q = q * 12                                         # scores up to ~ +-60: the tanh bends them
+    for window in (0, 300):
+        spec = codegen.KernelSpec(causal=True, window=bool(window))
+        key = kernels.register_source(codegen.render_attention(spec).source)
+        af.runtime.reset_counters()
+        out = torch.ops.attnforge.attention(q, k, v, None, True, window, scale, "triton", key, "", None, cap)
+        assert af.runtime.counters[RAN] == 1
+        ref = attention_reference(q.double(), k.double(), v.double(), None, True, scale, window, softcap=cap)
+        keep = keep_mask((SinkWindow(0, window) if window else Dense(),) * 4, n, n, device=q.device)
+        assert_closer(out, _eager_capped(q, k, v, scale, cap, keep), ref, slack=4.0, floor=1e-3)
+        uncapped = attention_reference(q.double(), k.double(), v.double(), None, True, scale, window)
+        assert (out.double() - uncapped).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_soft_capped_plan_kernel_forward_and_backward(dtype):
+    key = kernels.register_source(codegen.render_attention(codegen.KernelSpec(causal=True, plan=True)).source)
+    n, d, scale, cap = 1041, 64, 0.125, 30.0
+    q, k, v = _qkv(12, 4, n, d, dtype, seed=23)
+    q = (q * 8).detach().requires_grad_()
+    k, v = k.requires_grad_(), v.requires_grad_()
+    grad = torch.randn(1, 12, n, d, device=DEVICE, dtype=dtype)
+    fj = forms_to_json(MIXED)
+    af.runtime.reset_counters()
+    out, _ = torch.ops.attnforge.attention_train(q, k, v, None, True, 0, scale, "triton", key, fj, None, cap)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    assert af.runtime.counters[RAN] == 1 and af.runtime.counters["triton_backward"] == 1
+    t64 = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(*t64, None, True, scale, 0, MIXED, softcap=cap)
+    ref_grads = torch.autograd.grad(ref, t64, grad.double())
+    keep = keep_mask(MIXED, n, n, device=q.device)
+    theirs = _eager_capped(q, k, v, scale, cap, keep)
+    theirs_grads = torch.autograd.grad(theirs, (q, k, v), grad)
+    assert_closer(out, theirs, ref, slack=4.0, floor=1e-3)
+    for a, t, e in zip(ours, theirs_grads, ref_grads):
+        assert_closer(a, t, e, slack=8.0, floor=2e-3)
+
+
+def test_soft_capped_decode_kernels():
+    from attnforge.compiler.decode import _decode_kernel, _decode_quant_kernel
+    from attnforge.runtime.forms import KVQuant
+    from attnforge.runtime.kvcache import SiteKVCache
+
+    g = torch.Generator(device=DEVICE).manual_seed(25)
+    n, d, cap = 5000, 128, 20.0
+    k, v = (torch.randn(1, 4, n, d, device=DEVICE, generator=g, dtype=HALF) for _ in range(2))
+    q = torch.randn(1, 8, d, device=DEVICE, generator=g, dtype=HALF) * 8
+    cache = SiteKVCache((Dense(), SinkWindow(64, 512), KVQuant(4), Dense()), max_length=n + 8)
+    cache.append(k, v)
+    out, splits = cache.decode(q, d ** -0.5, _decode_kernel(q.device), loaded_quant=_decode_quant_kernel(q.device),
+                               softcap=cap)
+    assert splits > 1
+    want = cache.decode_reference(q.double(), d ** -0.5, cap)
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+    assert (cache.decode_reference(q.double(), d ** -0.5) - want).abs().max() > 0.05
