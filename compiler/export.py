@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnforge.runtime.forms import (BlockSparse, Dense, ElasticWindow, Linear, SinkWindow, forms_from_json,
+from attnforge.runtime.forms import (BlockSparse, Dense, ElasticWindow, Linear, SinkWindow, VerticalSlash, forms_from_json,
                                      prefill_form)
 
 __all__ = ["export_onnx", "ExportError", "ExportResult", "DOMAIN", "OPSET"]
@@ -240,6 +240,10 @@ def _rewrite_for_export(gm):
         forms = node.args[9] if len(node.args) > 9 else ""
         padding = node.args[10] if len(node.args) > 10 else None
         softcap = float(node.args[11] if len(node.args) > 11 else node.kwargs.get("softcap", 0.0))
+        if any(isinstance(f, VerticalSlash) for f in forms_from_json(forms or "")):
+            raise ExportError(f"site {node.meta.get('attnforge_site')}: a vertical_slash form is estimated per input "
+                              "(top-k over the last queries' attention), which the exported graph does not compute "
+                              "yet; export a plan without it (or with its groups Dense)")
         if softcap and any(isinstance(f, Linear) for f in forms_from_json(forms or "")):
             raise ExportError(f"site {node.meta.get('attnforge_site')}: linear forms on soft-capped scores")
         if padding is not None and (pv := _meta_value(padding)) is not None and pv.dtype != torch.bool:

@@ -14,7 +14,10 @@ query i sits at position p = S - N + i (the last N positions, as in a KV cache; 
 
 and two KV-compressed forms whose prefill is Dense and which act on the decoding cache: KVEvict (a
 policy's share of the prompt's keys) and KVQuant (KIVI: keys and values as 2/4/8-bit codes, the newest
-tokens in full precision); plus Linear (softmax window + feature-map kernel over the rest).
+tokens in full precision); plus Linear (softmax window + feature-map kernel over the rest); plus one
+dynamic form, VerticalSlash (MInference), whose key blocks are estimated per input: each call resolves it
+to a BlockSparse form (attnforge.runtime.dynamic), which is what the kernels and the reference run; it
+has no fixed mask (keep_mask refuses it until resolved) and decodes over every key.
 
 `keep_mask(forms, n, s)` builds the [G, N, S] boolean mask of several groups' forms (the reference
 uses it); `kept_pairs(form, n)` counts kept (i, j) pairs in closed form for costs and densities;
@@ -30,7 +33,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-__all__ = ["Dense", "SinkWindow", "ElasticWindow", "BlockSparse", "KVEvict", "KVQuant", "Linear", "EVICT_POLICIES", "prefill_form", "Form", "FORM_KINDS", "form_from_dict",
+__all__ = ["Dense", "SinkWindow", "ElasticWindow", "BlockSparse", "KVEvict", "KVQuant", "Linear", "VerticalSlash",
+           "EVICT_POLICIES", "prefill_form", "Form", "FORM_KINDS", "form_from_dict",
            "forms_to_json", "forms_from_json", "keep_mask", "kept_pairs", "kv_tokens", "kv_read", "causal_pairs", "FormError"]
 
 
@@ -204,8 +208,40 @@ class Linear:
         return {"kind": self.kind, **asdict(self)}
 
 
-Form = Dense | SinkWindow | ElasticWindow | BlockSparse | KVEvict | KVQuant | Linear
-FORM_KINDS = {cls.kind: cls for cls in (Dense, SinkWindow, ElasticWindow, BlockSparse, KVEvict, KVQuant, Linear)}
+@dataclass(frozen=True, slots=True)
+class VerticalSlash:
+    """MInference's vertical-slash pattern, estimated per input: the attention of the last `last_q` queries
+    (every query head of the group) picks the `verticals` key blocks (columns) and the `slashes` block
+    diagonals with the most mass; key block 0 (the sink) and diagonal 0 (the local block) are always kept, on
+    top. Each call resolves it to BlockSparse(block, those verticals, those slashes)
+    (attnforge.runtime.dynamic.resolve), which the kernels run exactly; decoding reads every key (the
+    cache holds them all: later inputs choose other blocks). Inference only: no gradients through it."""
+    verticals: int
+    slashes: int
+    block: int = 64
+    last_q: int = 64
+    kind = "vertical_slash"
+
+    def __post_init__(self):
+        if self.verticals < 0 or self.slashes < 0 or self.block < 1 or self.last_q < 1:
+            raise FormError(f"vertical_slash needs verticals, slashes >= 0, block and last_q >= 1; got "
+                            f"{self.verticals}, {self.slashes}, {self.block}, {self.last_q}")
+
+    def window_at(self, s: int):
+        return None
+
+    def nominal(self) -> BlockSparse:
+        """The BlockSparse form of its budget with the verticals and slashes nearest the start and the
+        diagonal: the most pairs any resolution of it keeps (costs and densities count this)."""
+        return BlockSparse(self.block, tuple(range(self.verticals + 1)), tuple(range(self.slashes + 1)))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+Form = Dense | SinkWindow | ElasticWindow | BlockSparse | KVEvict | KVQuant | Linear | VerticalSlash
+FORM_KINDS = {cls.kind: cls for cls in (Dense, SinkWindow, ElasticWindow, BlockSparse, KVEvict, KVQuant, Linear,
+                                        VerticalSlash)}
 
 
 def prefill_form(form):
@@ -244,6 +280,9 @@ def _keep_one(form: Form, rows, cols, s: int, window=None) -> torch.Tensor:
     per sequence of a padded batch)."""
     form = prefill_form(form)
     causal = cols <= rows
+    if isinstance(form, VerticalSlash):
+        raise FormError("a vertical_slash form has no fixed mask: it is estimated per input; resolve it first "
+                        "(attnforge.runtime.dynamic.resolve)")
     if isinstance(form, Linear):        # every causal key is weighed (the window exactly, the rest linearly)
         return causal
     if isinstance(form, Dense):
@@ -288,6 +327,8 @@ def kept_pairs(form: Form, n: int, head_dim: int = 64) -> int:
         return exact + min(causal_pairs(n) - exact, n * LINEAR_BAND) + n * feature_dim(form.feature_map, head_dim) // 2
     if isinstance(form, Dense):
         return causal_pairs(n)
+    if isinstance(form, VerticalSlash):  # an upper bound: which blocks it keeps depends on the input
+        return _block_sparse_pairs(form.nominal(), n)
     if isinstance(form, (SinkWindow, ElasticWindow)):
         w, sink = min(form.window_at(n), n), form.sink
         window = causal_pairs(w) + (n - w) * w          # rows i < w see i + 1 keys, the others w
@@ -316,7 +357,7 @@ def kv_tokens(form: Form, n: int, max_length: int | None = None, head_dim: int =
     span taken at `max_length` (default n); for BlockSparse the vertical blocks reached so far plus a
     ring of the last (max distance + 1) blocks, which is also every key a later query can still read;
     for Linear the exact part's keys plus its constant-size state counted as K+V entries of `head_dim`."""
-    if isinstance(form, Dense):
+    if isinstance(form, (Dense, VerticalSlash)):     # a dynamic form decodes over every key
         return n
     if isinstance(form, Linear):         # sink + window keys, plus the running sums (A parts of D x (Dv + 1)
         from .linear import feature_dim   # numbers) in key+value-entry equivalents (Dv = D assumed)
@@ -338,4 +379,6 @@ def kv_tokens(form: Form, n: int, max_length: int | None = None, head_dim: int =
 
 def kv_read(form: Form, n: int) -> int:
     """Keys the query at position n - 1 reads (exact)."""
+    if isinstance(form, VerticalSlash):
+        return n
     return int(keep_mask([form], 1, n).sum())

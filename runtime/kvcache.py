@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .forms import BlockSparse, Dense, ElasticWindow, KVEvict, KVQuant, Linear, SinkWindow, kv_tokens
+from .forms import BlockSparse, Dense, ElasticWindow, KVEvict, KVQuant, Linear, SinkWindow, VerticalSlash, kv_tokens
 from .kvquant import QuantKV
 from .padding import _keep
 from .reference import _compute_dtype, _probs
@@ -142,7 +142,7 @@ def _to_device(values: list[int], device) -> torch.Tensor:
 
 def layout_for(form, max_length: int) -> GroupLayout:
     """The cache layout of a form, for sequences up to `max_length` tokens (elastic spans grow)."""
-    if isinstance(form, Dense):
+    if isinstance(form, (Dense, VerticalSlash)):      # a dynamic form's later inputs choose other keys
         return GroupLayout("full")
     if isinstance(form, SinkWindow):
         return GroupLayout("window", sink=form.sink, ring=form.window)

@@ -51,7 +51,8 @@ from torch import Tensor
 
 from . import kernels
 from .blockmeta import block_meta, block_reason
-from .forms import forms_from_json
+from .dynamic import dynamic, resolve
+from .forms import forms_from_json, forms_to_json
 from . import padding as pad
 from .kernels import KernelUnavailable
 from .reference import LINEAR_SOFTCAP, attention_reference, attention_reference_backward, reference_lse
@@ -122,6 +123,10 @@ def triton_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], kernel
 def _accelerated(q: Tensor) -> bool:
     """Where the automatic choice tries the compiled kernel (CUDA); elsewhere it runs the reference."""
     return q.device.type == "cuda"
+
+
+DYNAMIC_PADDED = ("vertical_slash forms are estimated per input over one sequence's positions; a padded or packed "
+                  "batch is not supported with them yet: run the rows one at a time, or plan without them")
 
 
 def _check_args(q, k, v, mask, impl, softcap=0.0):
@@ -222,6 +227,12 @@ def _forward(q, k, v, mask, causal, window, scale, impl, kernel, forms, lse=None
     a Triton backward may read it (see attention_train)."""
     _check_args(q, k, v, mask, impl, softcap)
     head_forms = _forms(forms)
+    if dynamic(head_forms):              # VerticalSlash: this input's BlockSparse forms (runtime.dynamic)
+        if padding is not None:
+            raise ValueError(DYNAMIC_PADDED)
+        head_forms = resolve(head_forms, q, k, scale, softcap)
+        forms = forms_to_json(head_forms)
+        counters["dynamic_resolved"] += 1
     if softcap and any(f.kind == "linear" for f in head_forms):
         raise ValueError(LINEAR_SOFTCAP)
     if padding is not None:
@@ -442,6 +453,7 @@ def _setup_context(ctx, inputs, output, saved_outputs=()):
     q, k, v, mask, causal, window, scale, impl, kernel, forms, padding, softcap = inputs
     ctx.save_for_backward(q, k, v, mask, padding, *saved_outputs)
     ctx.causal, ctx.window, ctx.scale, ctx.forms, ctx.softcap = causal, window, scale, forms, softcap
+    ctx.dynamic = dynamic(_forms(forms))
     ctx.impl, ctx.kernel = impl, kernel
 
 
@@ -605,6 +617,10 @@ _NO_GRADS = (None,) * 9              # mask (a float mask's gradient where the r
 
 def _backward(ctx, grad_out, out=None, lse=None, saved=None):
     # saved: ctx.saved_tensors, read once by the caller (a non-reentrant checkpoint refuses a second unpack)
+    if ctx.dynamic:
+        raise RuntimeError("gradients through a vertical_slash form are not supported: it is estimated per input "
+                           "for inference (MInference style); run it under torch.no_grad(), or fine-tune with the "
+                           "plan's static forms")
     q, k, v, mask, padding = (ctx.saved_tensors if saved is None else saved)[:5]
     # the choice is made from shapes, dtypes and devices only (it also runs on fake tensors, when a compiled
     # training step is traced); the kernels run inside attention_backward
