@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                     "same density (at the longest profiled length)")
     se.add_argument("--no-linear", action="store_true", help="leave out the linear-hybrid candidates even where "
                     "the profile measured them")
+    se.add_argument("--dynamic", action="store_true", help="also offer MInference-style VerticalSlash forms "
+                    "(estimated per input; inference only: no training, padded batches or ONNX export)")
     se.add_argument("--recall", type=float, default=RECALL_DEFAULT, help=RECALL_HELP)
     se.add_argument("--recall-slack", type=float, default=RECALL_SLACK, help=SLACK_HELP)
     se.add_argument("-o", "--out", required=True, help="plan file to write (.json)")
@@ -279,7 +281,7 @@ def _cmd_search(args) -> int:
         plan = streaming_baseline(prof, args.density, max(prof.lengths))
         front = None
     else:
-        tables = tables_for(prof, args.metric, linear=not args.no_linear)
+        tables = tables_for(prof, args.metric, linear=not args.no_linear, dynamic=args.dynamic)
         recall = _recall_floor(prof, args.recall)
         plan = search(prof, Budget(args.density, args.at, args.budget),
                       max_forms_per_layer=args.max_forms_per_layer, tables=tables, recall=recall,

@@ -195,6 +195,7 @@ def _site_rows(sites) -> list[dict]:
 
 def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor | RecallWindow]], *, model_name: str,
                   block: int = 64, out=None, progress: bool = True, linear: bool = False, kv_quant: bool = True,
+                  dynamic: bool = True,
                   distill_samples: list[torch.Tensor] | None = None, distill_steps: int = 200) -> Profile:
     """Profile `model` on token batches per length (each [1, L] input ids, or a RecallWindow, whose
     copied rows' attention onto their source is also recorded). See the module docstring.
@@ -203,7 +204,9 @@ def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor |
     of every KV group are distilled (runtime.linear.distill) on the activations of `distill_samples`
     (default: the first two samples of the shortest length; the last one held out to report the error),
     then every profiled sample measures each candidate's exact output change and loss effect.
-    kv_quant=True also measures the KVQuant forms of runtime.profiling.QUANT_BITS on the decode rows."""
+    kv_quant=True also measures the KVQuant forms of runtime.profiling.QUANT_BITS on the decode rows;
+    dynamic=True the VerticalSlash budgets of runtime.profiling.VS_CANDIDATES (the influence each one's
+    resolution drops on each sample)."""
     lengths = sorted(samples)
     first = _ids(samples[lengths[0]][0])
     sites = find_attention(model, (first,))
@@ -221,6 +224,8 @@ def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor |
         raise ProfileError(f"{out} was profiled without the linear forms; profile with them into another file")
     if kv_quant and any(prof.samples.values()) and not any("quant_abs" in st for st in prof.stats.values()):
         kv_quant = False              # resuming a profile made without them: keep its samples comparable
+    if dynamic and any(prof.samples.values()) and not any("vs_dropped" in st for st in prof.stats.values()):
+        dynamic = False
     todo = [(n, j, x) for n in lengths for j, x in enumerate(samples[n]) if j >= prof.samples.get(n, 0)]
 
     # Gradients are needed through the activations only: freeze every weight but the input embedding
@@ -252,7 +257,7 @@ def profile_model(model: torch.nn.Module, samples: dict[int, list[torch.Tensor |
         for n, j, sample in todo:
             ids = _ids(sample)
             recall = (sample.source, sample.target, sample.length) if isinstance(sample, RecallWindow) else None
-            collector = ProfileCollector(block, linear_maps=lookup, recall=recall, quant=kv_quant)
+            collector = ProfileCollector(block, linear_maps=lookup, recall=recall, quant=kv_quant, dynamic=dynamic)
             with collecting(collector), torch.enable_grad():
                 logits = _first_tensor(compiled(ids)).float()
                 labels = logits.argmax(-1).detach()

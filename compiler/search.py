@@ -201,7 +201,7 @@ def _plannable(site: dict) -> bool:
     return bool(site["causal"]) and site.get("mask") in ("causal", None)   # plain causal attention only
 
 
-def _tables(profile: Profile, metric: str = "auto", linear: bool = True) -> _Tables:
+def _tables(profile: Profile, metric: str = "auto", linear: bool = True, dynamic: bool = False) -> _Tables:
     lengths = profile.lengths
     if not lengths:
         raise SearchError("the profile holds no samples; run the profile step first")
@@ -224,6 +224,8 @@ def _tables(profile: Profile, metric: str = "auto", linear: bool = True) -> _Tab
             forms = candidate_forms(score, block)
             loss = np.array([[float((norm[n] * (1 - _keep_frac(f, n, block))).sum()) for n in lengths]
                              for f in forms])
+            if dynamic:
+                forms, loss = _with_dynamic(profile, site["id"], g, lengths, forms, loss)
             if curves is not None:
                 loss = _measured_loss(forms, loss, {n: curves[n][g] for n in lengths}, spans, profile.sink,
                                       lengths)
@@ -253,7 +255,7 @@ def _recall_kept(profile: Profile, site: str, g: int, forms: list, lengths) -> n
     loss; 0 where the profile has none. A linear hybrid counts its exact sink + window only (the rest it
     weighs approximately); a KV-evicting form none (which far keys survive decoding depends on the prompt,
     and counting its dense prefill would credit it with what the decoding steps lose)."""
-    from attnforge.runtime.forms import KVEvict, Linear
+    from attnforge.runtime.forms import KVEvict, Linear, VerticalSlash
 
     out = np.zeros((len(forms), len(lengths)))
     for li, n in enumerate(lengths):
@@ -261,11 +263,27 @@ def _recall_kept(profile: Profile, site: str, g: int, forms: list, lengths) -> n
         if r is None or not r[g].any():
             continue
         for ci, f in enumerate(forms):
-            if isinstance(f, KVEvict):
+            if isinstance(f, (KVEvict, VerticalSlash)):   # which blocks it keeps depends on the input
                 continue
             f = SinkWindow(f.sink, f.window) if isinstance(f, Linear) else f
             out[ci, li] = float((r[g] * _keep_frac(f, n, profile.block)).sum())
     return out
+
+
+def _with_dynamic(profile: Profile, site: str, g: int, lengths, forms: list, loss: np.ndarray):
+    """Append the VerticalSlash candidates with the influence their resolutions dropped on the samples, as a
+    fraction of the group's influence (what a static form's influence loss is), when the profile measured them
+    at every length; the measured metrics rescale them as they do every influence loss (_measured_loss)."""
+    from attnforge.runtime.forms import VerticalSlash
+    from attnforge.runtime.profiling import VS_CANDIDATES
+
+    stats = [profile.stats.get((site, n), {}) for n in lengths]
+    if not all("vs_dropped" in st for st in stats):
+        return forms, loss
+    rows = [[float(st["vs_dropped"][g, ci] / max(st["influence"][g].sum(), 1e-30)) for st in stats]
+            for ci in range(len(VS_CANDIDATES))]
+    extra = [VerticalSlash(nv, ns, block=profile.block) for nv, ns in VS_CANDIDATES]
+    return forms + extra, np.concatenate([loss, np.array(rows)])
 
 
 def _with_quant(profile: Profile, site: str, g: int, lengths, metric: str, forms: list, loss: np.ndarray):
@@ -407,10 +425,13 @@ def _solve(t: _Tables, density: float, max_forms_per_layer: int | None, time_lim
 
 def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None = None,
            time_limit: float = 60.0, tables: _Tables | None = None, metric: str = "auto",
-           linear: bool = True, recall: float | None = None, recall_slack: float = RECALL_SLACK) -> Plan:
+           linear: bool = True, recall: float | None = None, recall_slack: float = RECALL_SLACK,
+           dynamic: bool = False) -> Plan:
     """The plan minimizing total predicted loss under `budget` at every profiled length.
     `tables` (from `tables_for(profile, metric)`) can be shared between several searches of one profile.
-    linear=False leaves out the linear hybrids even where the profile measured them.
+    linear=False leaves out the linear hybrids even where the profile measured them; dynamic=True also
+    offers the VerticalSlash forms the profile measured (inference only: such a plan neither trains, nor
+    runs padded batches, nor exports to ONNX).
     recall: keep at least this fraction of the retrieval attention the profile measured on its recall
     windows (Profile.recall_mass), at every length that has some; None: no such floor.
     recall_slack: among plans whose predicted loss is within (1 + recall_slack) of the least, take the one
@@ -421,7 +442,7 @@ def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None 
     if recall is not None and not 0 <= recall <= 1:
         raise SearchError(f"the recall floor is a fraction in [0, 1], got {recall}")
     t0 = time.perf_counter()
-    t = tables or _tables(profile, metric, linear)
+    t = tables or _tables(profile, metric, linear, dynamic)
     if budget.lengths is not None and not set(budget.lengths) <= set(t.lengths):
         raise SearchError(f"budget lengths {list(budget.lengths)} are not all profiled ({t.lengths})")
     t1 = time.perf_counter()
@@ -467,9 +488,9 @@ def search(profile: Profile, budget: Budget, *, max_forms_per_layer: int | None 
     return Plan(plan.fingerprint, plan.model, plan.sites, plan.budget, plan.lengths, predicted)
 
 
-def tables_for(profile: Profile, metric: str = "auto", linear: bool = True) -> _Tables:
+def tables_for(profile: Profile, metric: str = "auto", linear: bool = True, dynamic: bool = False) -> _Tables:
     """Candidates and their predicted loss / kept pairs for every group (the costly part of a search)."""
-    return _tables(profile, metric, linear)
+    return _tables(profile, metric, linear, dynamic)
 
 
 def pareto(profile: Profile, densities=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0),

@@ -22,7 +22,7 @@ import torch
 
 from .forms import BlockSparse, VerticalSlash
 
-__all__ = ["resolve", "dynamic", "block_mass"]
+__all__ = ["resolve", "dynamic", "block_mass", "candidates"]
 
 
 def dynamic(forms) -> bool:
@@ -80,3 +80,18 @@ def resolve(forms, q: torch.Tensor, k: torch.Tensor, scale: float, softcap: floa
             per_key, per_diag = block_mass(f, q[:, g * r:(g + 1) * r], k[:, g], scale, softcap)
             out.append(BlockSparse(f.block, _top(per_key, f.verticals), _top(per_diag, f.slashes)))
     return tuple(out)
+
+
+def candidates(q: torch.Tensor, k: torch.Tensor, scale: float, counts, block: int, softcap: float = 0.0,
+               last_q: int = 64) -> list[list[BlockSparse]]:
+    """[KV group][candidate]: the BlockSparse form each VerticalSlash(verticals, slashes) of `counts` resolves
+    to on this input (one estimate per group serves every budget): what the profile scores them by."""
+    hkv = k.shape[1]
+    r = q.shape[1] // hkv
+    probe = VerticalSlash(0, 0, block=block, last_q=last_q)
+    out = []
+    with torch.no_grad():
+        for g in range(hkv):
+            per_key, per_diag = block_mass(probe, q[:, g * r:(g + 1) * r], k[:, g], scale, softcap)
+            out.append([BlockSparse(block, _top(per_key, nv), _top(per_diag, ns)) for nv, ns in counts])
+    return out

@@ -39,7 +39,7 @@ from .reference import _compute_dtype, _grouped, _probs, _scores, attention_refe
 
 __all__ = ["ProfileCollector", "collecting", "capturing", "attention_profile", "CHUNK", "SINK", "SPANS",
            "EVICT_POLICIES", "EVICT_BUDGETS", "EVICT_PARAMS", "EVICT_FRACTION", "evict_form", "LINEAR_CANDIDATES",
-           "linear_form", "QUANT_BITS", "QUANT_GROUP", "QUANT_RESIDUAL", "quant_form"]
+           "linear_form", "QUANT_BITS", "QUANT_GROUP", "QUANT_RESIDUAL", "quant_form", "VS_CANDIDATES"]
 
 CHUNK = 256
 SINK = 64                                              # sink tokens of every measured window form
@@ -71,6 +71,10 @@ def quant_form(bits: int):
     from .forms import KVQuant
 
     return KVQuant(bits, QUANT_GROUP, QUANT_RESIDUAL)
+# VerticalSlash (forms.VerticalSlash, MInference) measured when the collector asks (dynamic=True): per
+# budget (verticals, slashes beyond block 0 and the diagonal), the block influence its resolution on each
+# sample drops ("vs_dropped"), read by the search as the influence loss of a static form is.
+VS_CANDIDATES = ((2, 2), (4, 4), (8, 8), (16, 16))
 # Linear hybrids (forms.Linear, sink SINK) measured when the collector carries feature maps: per
 # candidate, the exact output change of every row and its loss effect, as for the windows.
 LINEAR_CANDIDATES = (("taylor2", 64), ("hedgehog", 64), ("taylor2", 256), ("hedgehog", 256))
@@ -87,9 +91,10 @@ class ProfileCollector:
     """Accumulates per-(site, length) statistics as float64 numpy arrays."""
 
     def __init__(self, block: int = 64, linear_maps=None, recall: tuple[int, int, int] | None = None,
-                 quant: bool = False):
+                 quant: bool = False, dynamic: bool = False):
         self.block = block
         self.quant = quant                    # measure the KVQuant forms of QUANT_BITS
+        self.dynamic = dynamic                # measure the VerticalSlash forms of VS_CANDIDATES
         # (source, target, length) of a recall sample: rows target.. copy keys source..; their attention
         # mass on that source goes to the "recall_mass" statistic
         self.recall = recall
@@ -399,6 +404,21 @@ def _measure_recall(p: Tensor, r0: int, recall: tuple[int, int, int], block: int
     acc[:, qa // block:qa // block + t.shape[1], ka // block:ka // block + t.shape[2]] += t
 
 
+def _vs_dropped(q: Tensor, k: Tensor, scale: float, softcap: float, infl: Tensor, block: int) -> Tensor:
+    """[Hkv, len(VS_CANDIDATES)]: the block influence (this sample's, `infl` [Hkv, nb, nb]) that each
+    VerticalSlash candidate drops on this input, resolved as the op resolves it (runtime.dynamic)."""
+    from .dynamic import candidates
+
+    nb = infl.shape[1]
+    qb, kb = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
+    out = torch.zeros(infl.shape[0], len(VS_CANDIDATES), dtype=torch.float64)
+    for g, forms in enumerate(candidates(q, k, scale, VS_CANDIDATES, block, softcap)):
+        for ci, f in enumerate(forms):
+            keep = (torch.isin(kb, torch.tensor(f.verticals)) | torch.isin(qb - kb, torch.tensor(f.slashes))) & (kb <= qb)
+            out[g, ci] = (infl[g].cpu() * ~keep).sum()
+    return out
+
+
 def _backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
     causal, window, scale, site, block, softcap = ctx.args
@@ -464,8 +484,10 @@ def _backward(ctx, grad_out):
             quant.decode_rows(qg[:, :, :, r0:r1], p, kh, vh, out, g, r0, scale, softcap)
         if lin is not None:
             _measure_linear(qg[:, :, :, r0:r1], kh, vh, out, g, r0 + s - n, scale, lin_maps, lin)
+    vs = _vs_dropped(q, k, scale, softcap, infl, block) if measure and n == s and collector.dynamic else None
     if collector is not None:
         collector.add(site, n, influence=infl, mass=mass, entropy=entropy,
+                      **({"vs_dropped": vs} if vs is not None else {}),
                       rows=torch.tensor(float(b * (hq // hkv) * n)), **(win if measure else {}),
                       **(evict.acc if evict is not None else {}), **(lin or {}),
                       **({"recall_mass": recall_mass} if recall is not None else {}),

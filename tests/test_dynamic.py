@@ -3,6 +3,7 @@ must find, the op running the resolved BlockSparse forms exactly (Triton under t
 reference, float64), and the places it is refused or decodes densely."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,3 +138,37 @@ def test_a_plan_with_it_generates_and_refuses_export(tmp_path):
     assert [layer.site._caps for layer in cache.layers] == [[154, 154]] * 2
     with pytest.raises(ExportError, match="vertical_slash"):
         export_onnx(model, (ids[:, :40],), tmp_path / "v.onnx", plan=plan)
+
+
+def test_the_profile_measures_it_and_the_search_offers_it_on_request():
+    """Per sample, the influence each VerticalSlash budget's resolution drops: a larger budget keeps a
+    superset (the same ranking), the largest every block at these lengths; the search's loss is that share
+    of the group's influence, and it is a candidate only with dynamic=True."""
+    import transformers
+
+    from attnforge.compiler.profile import profile_model
+    from attnforge.compiler.search import tables_for
+    from attnforge.runtime.profiling import VS_CANDIDATES
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    cfg._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    prof = profile_model(model, {n: [torch.randint(0, 128, (1, n), generator=g)] for n in (512, 1024)},
+                         model_name="t", progress=False, kv_quant=False)
+    site = prof.sites[0]["id"]
+    for n in (512, 1024):
+        dropped = prof.stats[(site, n)]["vs_dropped"]                        # [Hkv, candidates]
+        assert dropped.shape == (2, len(VS_CANDIDATES))
+        assert (np.diff(dropped, axis=1) <= 1e-12).all() and (dropped[:, 0] > 0).all()
+        assert (dropped <= prof.stats[(site, n)]["influence"].sum((1, 2))[:, None] + 1e-12).all()
+        assert (dropped[:, -1] == 0).all()                                  # 1 + 16 verticals: every block
+    plain = tables_for(prof, "influence")
+    assert not any(isinstance(f, VerticalSlash) for f in plain.cands[0])
+    t = tables_for(prof, "influence", dynamic=True)
+    idx = [i for i, f in enumerate(t.cands[0]) if isinstance(f, VerticalSlash)]
+    assert [t.cands[0][i] for i in idx] == [VerticalSlash(nv, ns) for nv, ns in VS_CANDIDATES]
+    st = prof.stats[(site, 512)]
+    assert t.loss[0][idx, 0] == pytest.approx(st["vs_dropped"][0] / st["influence"][0].sum())
