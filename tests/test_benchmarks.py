@@ -83,5 +83,12 @@ def test_softcap_benchmark(tmp_path):
     assert rows["local"]["window"] == 40 and all(r["attnforge_ms"] > 0 and r["flex_ms"] > 0 for r in rows.values())
 
 
+def test_dynamic_benchmark(tmp_path):
+    data = _run("dynamic", tmp_path, "--dtype", "float16", "--shapes", "4x2x320x32", "--budgets", "1x1")
+    (row,) = data["rows"]
+    assert row["checked_against"] == "sdpa" and 0 < row["kept_block_fraction"] < 1
+    assert row["attnforge_ms"] > 0 and row["attnforge_kernel_ms"] > 0 and row["estimate_ms"] > 0
+
+
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
