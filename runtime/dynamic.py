@@ -14,7 +14,7 @@ tokens) and which distances (local and periodic structure), as MInference estima
 queries. The result is an ordinary BlockSparse form, run exactly by the plan kernel and the reference; the
 same inputs always resolve to the same form (the autograd-free forward and any rerun agree). A batch shares
 one resolution (its rows' mass summed), as one call runs one set of forms. Costs O(last_q * S * D) per group
-and one host read of the chosen blocks per call.
+and one host read of every group's chosen blocks per call.
 """
 from __future__ import annotations
 
@@ -51,15 +51,20 @@ def block_mass(form: VerticalSlash, q: torch.Tensor, k: torch.Tensor, scale: flo
     return per_key, per_diag
 
 
-def _top(mass: torch.Tensor, count: int) -> tuple[int, ...]:
-    """Index 0 and the `count` other indices of most mass (ties: the lower index)."""
-    rest = mass[1:]
-    count = min(count, rest.numel())
-    if count <= 0:
-        return (0,)
-    # stable order: sort by mass descending, index ascending (topk's tie order is not specified)
-    order = torch.sort(rest, descending=True, stable=True).indices[:count] + 1
-    return (0,) + tuple(sorted(order.tolist()))
+def _tops(requests) -> list[tuple[int, ...]]:
+    """For each (mass [nb], count): index 0 and the `count` other indices of most mass (ties: the lower index),
+    sorted; every request's indices come to the host in one transfer (one synchronization per call)."""
+    picks = []
+    for mass, count in requests:
+        count = min(count, mass.numel() - 1)
+        # stable order: mass descending, index ascending (topk's order among ties is not specified)
+        picks.append(torch.sort(mass[1:], descending=True, stable=True).indices[:max(count, 0)] + 1)
+    flat = torch.cat(picks).tolist() if picks else []
+    out, at = [], 0
+    for p in picks:
+        out.append((0,) + tuple(sorted(flat[at:at + p.numel()])))
+        at += p.numel()
+    return out
 
 
 def resolve(forms, q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float = 0.0) -> tuple:
@@ -71,14 +76,15 @@ def resolve(forms, q: torch.Tensor, k: torch.Tensor, scale: float, softcap: floa
     if len(forms) != hkv:
         raise ValueError(f"{len(forms)} forms for {hkv} key/value heads; give one per KV head group")
     r = q.shape[1] // hkv
-    out = []
+    out, requests = list(forms), []
     with torch.no_grad():
-        for g, f in enumerate(forms):
-            if not isinstance(f, VerticalSlash):
-                out.append(f)
-                continue
-            per_key, per_diag = block_mass(f, q[:, g * r:(g + 1) * r], k[:, g], scale, softcap)
-            out.append(BlockSparse(f.block, _top(per_key, f.verticals), _top(per_diag, f.slashes)))
+        groups = [g for g, f in enumerate(forms) if isinstance(f, VerticalSlash)]
+        for g in groups:
+            per_key, per_diag = block_mass(forms[g], q[:, g * r:(g + 1) * r], k[:, g], scale, softcap)
+            requests += [(per_key, forms[g].verticals), (per_diag, forms[g].slashes)]
+        picks = _tops(requests)
+    for i, g in enumerate(groups):
+        out[g] = BlockSparse(forms[g].block, picks[2 * i], picks[2 * i + 1])
     return tuple(out)
 
 
@@ -89,9 +95,12 @@ def candidates(q: torch.Tensor, k: torch.Tensor, scale: float, counts, block: in
     hkv = k.shape[1]
     r = q.shape[1] // hkv
     probe = VerticalSlash(0, 0, block=block, last_q=last_q)
-    out = []
+    requests = []
     with torch.no_grad():
         for g in range(hkv):
             per_key, per_diag = block_mass(probe, q[:, g * r:(g + 1) * r], k[:, g], scale, softcap)
-            out.append([BlockSparse(block, _top(per_key, nv), _top(per_diag, ns)) for nv, ns in counts])
-    return out
+            requests += [req for nv, ns in counts for req in ((per_key, nv), (per_diag, ns))]
+        picks = _tops(requests)
+    c = len(counts)
+    return [[BlockSparse(block, picks[2 * (g * c + j)], picks[2 * (g * c + j) + 1]) for j in range(c)]
+            for g in range(hkv)]
