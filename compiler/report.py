@@ -25,7 +25,8 @@ from .profile import Profile
 __all__ = ["build_report", "write_report", "measure_latency"]
 
 FORM_COLORS = {"dense": "#4c72b0", "sink_window": "#dd8452", "elastic_window": "#55a868",
-               "block_sparse": "#c44e52", "kv_evict": "#8172b3", "kv_quant": "#937860", "none": "#dddddd"}
+               "block_sparse": "#c44e52", "kv_evict": "#8172b3", "kv_quant": "#937860", "linear": "#64b5cd",
+               "vertical_slash": "#da8bc3", "none": "#dddddd"}
 
 
 # ------------------------------------------------------------------------------------------ content
@@ -334,7 +335,7 @@ def _plots(rep: dict, profile: Profile | None, plan: Plan | None) -> dict[str, s
             mass = profile.mass(t["site"], t["length"])[t["group"]]
             rows = mass / np.maximum(mass.sum(1, keepdims=True), 1e-30)
             ax.imshow(np.log10(np.maximum(rows, 1e-6)), cmap="magma", vmin=-6, vmax=0, interpolation="nearest")
-            if t["form"] is not None:
+            if t["form"] is not None and t["form"]["kind"] != "vertical_slash":   # (a dynamic form has no region)
                 keep = _keep_frac(form_from_dict(t["form"]), t["length"], profile.block)
                 ax.contour(keep > 0.5, levels=[0.5], colors="cyan", linewidths=0.8)
             ax.set_title(f"{t['why']}\n{t['site'][-22:]} g{t['group']}"

@@ -140,7 +140,7 @@ def test_a_plan_with_it_generates_and_refuses_export(tmp_path):
         export_onnx(model, (ids[:, :40],), tmp_path / "v.onnx", plan=plan)
 
 
-def test_the_profile_measures_it_and_the_search_offers_it_on_request():
+def test_the_profile_measures_it_and_the_search_offers_it_on_request(tmp_path):
     """Per sample, the influence each VerticalSlash budget's resolution drops: a larger budget keeps a
     superset (the same ranking), the largest every block at these lengths; the search's loss is that share
     of the group's influence, and it is a candidate only with dynamic=True."""
@@ -172,3 +172,14 @@ def test_the_profile_measures_it_and_the_search_offers_it_on_request():
     assert [t.cands[0][i] for i in idx] == [VerticalSlash(nv, ns) for nv, ns in VS_CANDIDATES]
     st = prof.stats[(site, 512)]
     assert t.loss[0][idx, 0] == pytest.approx(st["vs_dropped"][0] / st["influence"][0].sum())
+    # a plan with it: the report builds (its thumbnail draws no region: the form has none before an input)
+    from attnforge.compiler.plan import Plan, SitePlan
+    from attnforge.compiler.report import build_report, write_report
+    from attnforge.compiler.search import search
+
+    plan = search(prof, af.Budget(density=0.5), metric="influence", dynamic=True)
+    forced = Plan(plan.fingerprint, "t", (SitePlan(site, 4, 2, (VerticalSlash(2, 2), Dense())),), {}, (512, 1024))
+    for p in (plan, forced):
+        rep = build_report(p, prof, command="pytest")
+        paths = write_report(rep, tmp_path / f"r{p is forced}.html", profile=prof, plan=p)
+        assert paths

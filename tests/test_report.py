@@ -67,3 +67,16 @@ def test_report_opens_in_headless_chromium(report, tmp_path):
     for key in ("sites found", f"{plan.density(320):.4f}".rstrip("0"), "KV entries kept at 320",
                 "estimated: analytic FLOPs", "attn.0#0", "9.87", "Measured: searched vs uniform"):
         assert key in dom, key
+
+
+def test_every_form_kind_has_a_colour_in_the_report(tmp_path):
+    """A plan with linear and vertical-slash groups (the figure of forms per group raised on them before)."""
+    from attnforge.compiler.plan import Plan, SitePlan
+    from attnforge.compiler.report import FORM_COLORS
+    from attnforge.runtime.forms import FORM_KINDS, Dense, Linear, VerticalSlash
+
+    assert set(FORM_KINDS) <= set(FORM_COLORS)
+    plan = Plan("x", "t", (SitePlan("a#0", 4, 2, (Linear("taylor2", 64), VerticalSlash(2, 2))),
+                           SitePlan("b#0", 4, 2, (Dense(), Dense()))), {}, (512,))
+    rep = build_report(plan, None, command="pytest")
+    assert write_report(rep, tmp_path / "r.html", plan=plan)
