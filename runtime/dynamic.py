@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .forms import BlockSparse, VerticalSlash
+from .reference import soft_cap
 
 __all__ = ["resolve", "dynamic", "block_mass", "candidates"]
 
@@ -38,8 +39,7 @@ def block_mass(form: VerticalSlash, q: torch.Tensor, k: torch.Tensor, scale: flo
     last = min(form.last_q, n)
     qs = q[:, :, n - last:].float()
     scores = torch.matmul(qs, k.float()[:, None].transpose(-1, -2)) * scale           # [B, r, last, S]
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
+    scores = soft_cap(scores, softcap)
     pos = torch.arange(s - last, s, device=q.device)[:, None]                          # query positions
     cols = torch.arange(s, device=q.device)[None, :]
     a = torch.softmax(scores.masked_fill(cols > pos, float("-inf")), -1).sum((0, 1))   # [last, S]

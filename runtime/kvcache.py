@@ -35,7 +35,7 @@ import torch
 from .forms import BlockSparse, Dense, ElasticWindow, KVEvict, KVQuant, Linear, SinkWindow, VerticalSlash, kv_tokens
 from .kvquant import QuantKV
 from .padding import _keep
-from .reference import _compute_dtype, _probs
+from .reference import _compute_dtype, _probs, soft_cap as _capped
 
 __all__ = ["GroupLayout", "SiteKVCache", "layout_for", "policy_scores", "policy_keep", "KVCacheError"]
 
@@ -586,11 +586,6 @@ class SiteKVCache:
 
 
 # ---------------------------------------------------------------------------- eviction policies
-def _capped(s: torch.Tensor, softcap: float) -> torch.Tensor:
-    """Scores soft-capped as the site computes them (softcap * tanh(s / softcap)); s itself for softcap 0."""
-    return softcap * torch.tanh(s / softcap) if softcap else s
-
-
 def _no_linear_softcap(softcap: float) -> None:
     if softcap:
         from .reference import LINEAR_SOFTCAP

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import _compute_dtype
+from .reference import _compute_dtype, soft_cap
 
 __all__ = ["QUANT_BITS", "quantized_tokens", "quantize", "dequantize", "pack", "unpack", "fake_quant", "QuantKV",
            "quant_bytes", "KVQuantError"]
@@ -240,8 +240,7 @@ class QuantKV:
         for gi in range(len(self.groups)):
             k, v = (t.to(ct) for t in self.dequantized(gi))
             s = torch.einsum("brd,btd->brt", q[:, gi * r:(gi + 1) * r].to(ct), k) * scale
-            if softcap:
-                s = softcap * torch.tanh(s / softcap)
+            s = soft_cap(s, softcap)
             outs.append(torch.softmax(s, -1) @ v)
         return torch.cat(outs, 1)
 

@@ -75,6 +75,11 @@ def _scores(q, k, mask, causal, scale, window=0, forms=(), row0=0, row1=None, so
     return (scores, dcap) if cap_grad else scores
 
 
+def soft_cap(s: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Scores soft-capped as a site computes them, softcap * tanh(s / softcap); s itself for softcap 0."""
+    return softcap * torch.tanh(s / softcap) if softcap else s
+
+
 def _probs(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over keys; rows with no visible key give zeros instead of NaN."""
     if scores.shape[-1] == 0:
