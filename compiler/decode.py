@@ -18,7 +18,11 @@ head its budget and a quantized head its codes. The model's attention calls go t
 torch.ops.attnforge.attention (on CUDA the generated dense or per-head plan kernel, a padded batch's rows
 compacted through the same kernels) while the cache keeps only what each group will read again; every decoding step reads the cache through the split-KV Triton kernel
 (CUDA, or CPU under TRITON_INTERPRET=1 with impl="triton") or its PyTorch reference.
-Supported: prefill of the whole prompt at once, then one token per step. A padded batch (prompts of
+Supported: prefill of the whole prompt at once, then one token per step or several (a chat's next turn over a
+kept cache, a later chunk of a prompt): a continuation of n tokens attends as n decoding steps fed those
+tokens would, every form keeping its decoding semantics; where every group of the layer holds all keys and no
+row is padded, that is one attention of the n queries over the cache (the generated dense kernel). Assisted
+(speculative) decoding is not supported: the cache cannot be cropped (Hugging Face checks and says so). A padded batch (prompts of
 different lengths, left-padded as generate() pads them, the `attention_mask` given) prefills every row as
 that row alone (runtime.padding) and the cache holds each row's real tokens at the row's own positions, so
 each row generates what it would generate alone; forms with KV eviction or quantization take rows of equal
@@ -64,6 +68,14 @@ def _attention_key(plan: bool) -> str:
         spec = codegen.KernelSpec(causal=True, plan=plan)
         _kernel_keys[name] = runtime.kernels.register_source(codegen.render_attention(spec).source)
     return _kernel_keys[name]
+
+
+def _masked_key() -> str:
+    """Key of the generated dense kernel that reads a boolean mask and has no causality of its own."""
+    if "masked" not in _kernel_keys:
+        spec = codegen.KernelSpec(causal=False, mask="bool")
+        _kernel_keys["masked"] = runtime.kernels.register_source(codegen.render_attention(spec).source)
+    return _kernel_keys["masked"]
 
 
 def _decode_kernel(device):
@@ -125,10 +137,14 @@ def _cache_classes():
                 self.lazy_initialization(key_states, value_states)
             n = key_states.shape[-2]
             first = self.site.length == 0 and self.prompt is None
+            if not first and self.prompt is not None:
+                raise KVCacheError("the plan cache got new tokens before the prompt's attention ran (update() "
+                                   "twice in a row): it is written by the model's own attention calls")
             if not first and n != 1:
-                raise KVCacheError(f"the plan cache takes the whole prompt at once, then one token per step; got "
-                                   f"{n} new tokens after {self.site.length} (chunked prefill or speculative "
-                                   "decoding is not supported yet)")
+                # a continuation (a chat's next turn, a later prefill chunk): the attention appends its tokens
+                # one at a time, each attending as a decoding step would (see attnforge_attention)
+                key_states._attnforge = (self, "continue")
+                return key_states, value_states
             if first:                       # prefill: attention over the full prompt, plan masks applied; the
                 # cache stores the prompt after it, when the attention has seen which tokens are padding
                 self.prompt = (key_states, value_states)
@@ -257,17 +273,22 @@ def _window_mask_reason(mask, window: int, n: int, s: int, keys=None):
     slots is the same window over the row's own positions."""
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (n, s):
         return f"a {mask.dtype} mask of shape {tuple(mask.shape)}"
-    i = torch.arange(s - n, s, device=mask.device)[:, None]
-    j = torch.arange(s, device=mask.device)[None, :]
-    want = ((j <= i) & (j > i - window))[None, None]
     if keys is not None:
         keys = keys.to(mask.device)
         if not bool((keys.cummax(1).values == keys).all()):
             return "a padded prompt whose padding is not all on the left"
-        want = want & keys[:, None, None, :]
-    if not bool((mask == want).all()):
-        return "a mask that also hides other keys"
+    j = torch.arange(s, device=mask.device)[None, :]
+    for r in range(0, n, _MASK_ROWS):      # a block of rows at a time: never a second N x S mask at long prompts
+        i = torch.arange(s - n + r, s - n + min(n, r + _MASK_ROWS), device=mask.device)[:, None]
+        want = ((j <= i) & (j > i - window))[None, None]
+        if keys is not None:
+            want = want & keys[:, None, None, :]
+        if not bool((mask[..., r:r + _MASK_ROWS, :] == want).all()):
+            return "a mask that also hides other keys"
     return None
+
+
+_MASK_ROWS = 256
 
 
 def plan_cache_from_forms(layer_forms: dict[int, tuple], max_length: int, impl: str = "auto"):
@@ -338,12 +359,19 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
         if layer.site.needs_select:                 # KV-evicting groups choose their keys from this prompt
             layer.site.select(query, scale, softcap)
         return out.transpose(1, 2).contiguous(), None
+    if phase == "continue":
+        return _continue(layer, query, key, value, attention_mask, padding, keys, scale, softcap), None
     if last_is_padding:
         raise KVCacheError("a decoding step's new token is padding in some row; after the prompt every row takes "
                            "one real token per step (left-pad the prompts)")
     if query.shape[2] != 1:
         raise KVCacheError(f"decoding takes one query token per step, got {query.shape[2]}")
-    q = query[:, :, 0]
+    return _step(layer, query[:, :, 0], scale, softcap)[:, None], None      # [B, 1, H, DV]
+
+
+def _step(layer, q, scale: float, softcap: float) -> torch.Tensor:
+    """One decoding step's attention over the layer's cache (the new token already in it): q [B, H, D] ->
+    [B, H, DV]; then the step's bookkeeping (H2O / A2SF scores and eviction)."""
     if _use_kernel(layer.impl, q):
         quant = _decode_quant_kernel(q.device) if layer.site.quant is not None else None
         out, _ = layer.site.decode(q, scale, _decode_kernel(q.device), loaded_quant=quant, softcap=softcap)
@@ -351,8 +379,51 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
     else:
         out = layer.site.decode_reference(q, scale, softcap)
         runtime.counters["kvcache_decode_reference"] = runtime.counters.get("kvcache_decode_reference", 0) + 1
-    layer.site.after_step(q, scale, softcap)        # h2o / a2sf: scores and eviction
-    return out[:, None], None                       # [B, 1, H, DV]
+    layer.site.after_step(q, scale, softcap)
+    return out
+
+
+def _continue(layer, query, key, value, attention_mask, padding, keys, scale: float, softcap: float):
+    """n > 1 new tokens after what the cache holds (a chat's next turn over a kept cache, a later chunk of a
+    chunked prefill): each token is appended and attends in turn, exactly as n decoding steps fed those tokens
+    would, so every form keeps its decoding semantics (a ring window slides, H2O / A2SF evict after each
+    token, a linear group's state advances); [B, n, H, DV]. The mask must be plain causal over the cache's
+    slots (within the layer's own window), hiding only padding slots, and the new tokens must be real."""
+    n, s = query.shape[2], layer.site.length + query.shape[2]
+    if attention_mask is not None and not hasattr(attention_mask, "_attnforge_padding"):
+        reason = _window_mask_reason(attention_mask, layer.window or s, n, s, keys)
+        if reason:
+            raise KVCacheError(f"{n} new tokens after {layer.site.length} came with {reason}: the plan cache "
+                               "continues a sequence causally (a 2-D attention_mask, or none); a tree or custom "
+                               "mask (tree-based speculative decoding) is not supported")
+    if padding is not None and not bool(padding[:, -n:].all()):
+        raise KVCacheError(f"{n} new tokens after {layer.site.length}: some row's new slots are padding; "
+                           "after the prompt every row takes real tokens only (left-pad the prompts)")
+    site = layer.site
+    if site.lens is None and all(lay.kind == "full" for lay in site.layouts):
+        # every group holds every key at its position's slot: one attention of the n queries over all of them
+        # does the n steps at once, through the generated dense kernel; the queries are the last n positions
+        # (the op's causal flag aligns query 0 with key 0, as SDPA's does, so the mask says it instead)
+        site.append(key, value)
+        length = site.length
+        k = torch.stack([site.k[:, o:o + length] for o in site._offs], 1)
+        v = torch.stack([site.v[:, o:o + length] for o in site._offs], 1)
+        rows = torch.arange(length - n, length, device=query.device)[:, None]
+        causal = rows >= torch.arange(length, device=query.device)[None, :]
+        out = torch.ops.attnforge.attention(query, k, v, causal[None, None], False, 0, scale, layer.impl,
+                                            _masked_key(), "", None, softcap)
+        layer.keys, layer.values = site.k, site.v
+        if layer.first:
+            runtime.counters["kvcache_continued_batched"] = runtime.counters.get("kvcache_continued_batched", 0) + n
+        return out.transpose(1, 2)
+    outs = []
+    for t in range(n):
+        layer.site.append(key[:, :, t:t + 1], value[:, :, t:t + 1])
+        outs.append(_step(layer, query[:, :, t], scale, softcap))
+    layer.keys, layer.values = layer.site.k, layer.site.v
+    if layer.first:
+        runtime.counters["kvcache_continued"] = runtime.counters.get("kvcache_continued", 0) + n
+    return torch.stack(outs, 1)
 
 
 def _register():

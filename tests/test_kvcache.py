@@ -134,14 +134,105 @@ def test_plan_decoding_equals_the_full_forward_of_the_same_plan(impl):
     assert steps.nbytes() < dense.nbytes() and steps.kv_entries() < dense.kv_entries()
 
 
-def test_chunked_prefill_is_refused():
-    model = _llama()
-    ids = torch.randint(0, 256, (1, 12))
-    cache = af.PlanCache(model, None, max_length=40)
+def _fed(model, cache, ids, ends, **kwargs):
+    """Logits of `ids` fed to the model over `cache` in pieces ending at `ends` (one forward per piece)."""
+    out, start = [], 0
     with af.plan_attention(model), torch.no_grad():
-        model(ids, **cache_kwargs(model, cache))
-        with pytest.raises(KVCacheError, match="one token per step"):
-            model(ids[:, :3], **cache_kwargs(model, cache))
+        for end in ends:
+            out.append(model(ids[:, start:end], **cache_kwargs(model, cache), **kwargs).logits)
+            start = end
+    return torch.cat(out, 1)
+
+
+def _continuation_forms():
+    from attnforge.runtime.forms import KVEvict, KVQuant, Linear
+
+    return {"window_blocks": {0: (SinkWindow(2, 8), BlockSparse(8, (0,), (0, 2))), 1: (Dense(), SinkWindow(1, 5))},
+            "evict_quant_linear": {0: (KVEvict("h2o", 0.5, sink=1, recent=4), KVQuant(4, 8, 8)),
+                                   1: (Linear("taylor2", 8, 2), KVEvict("a2sf", 0.5, recent=3, alpha=0.9))}}
+
+
+@pytest.mark.parametrize("name", ["window_blocks", "evict_quant_linear"])
+def test_a_continuation_attends_as_its_tokens_fed_one_by_one(name):
+    """n > 1 tokens after the prompt (a chat's next turn, a later prefill chunk) give the logits the same
+    tokens give fed one per step: every form keeps its decoding semantics (a ring slides, H2O / A2SF evict after
+    each token, KIVI quantizes, a linear group's state advances)."""
+    from attnforge.compiler.decode import plan_cache_from_forms
+
+    model = _llama()
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(11))
+    forms = _continuation_forms()[name]
+    steps = _fed(model, plan_cache_from_forms(forms, 40, "reference"), ids, [12, *range(13, 41)])
+    runtime.reset_counters()
+    cache = plan_cache_from_forms(forms, 40, "reference")
+    chunks = _fed(model, cache, ids, [12, 20, 21, 40])
+    assert runtime.counters["kvcache_continued"] == 8 + 19          # two continuations, token by token
+    assert runtime.counters["kvcache_prefill"] == 2                 # once per layer
+    assert cache.get_seq_length() == 40
+    assert (chunks - steps).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_a_dense_continuation_is_one_attention_and_equals_the_full_forward(impl):
+    """Every group full (no plan, or dense layers): the n queries attend over all keys at once through the
+    attention op (the generated dense kernel with impl='triton'), equal to the model's own forward."""
+    model = _llama()
+    ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        want = model(ids).logits
+    runtime.reset_counters()
+    got = _fed(model, af.PlanCache(model, None, max_length=40, impl=impl), ids, [9, 10, 25, 33])
+    assert runtime.counters["kvcache_continued_batched"] == 15 + 8
+    assert "kvcache_continued" not in runtime.counters
+    if impl == "triton":
+        assert runtime.counters["triton_interpreter"] == 2 * 2      # both continuations, both layers: the kernel
+    assert (got - want).abs().max() < 1e-4
+
+
+def test_the_next_chat_turn_over_a_kept_cache_generates_what_hf_does():
+    """generate(), new user tokens appended, generate() again over the same cache (left-padded batch of two):
+    the tokens Hugging Face's own DynamicCache gives."""
+    transformers_cache = transformers.DynamicCache
+    model = _llama()
+    g = torch.Generator().manual_seed(13)
+    ids, turn = torch.randint(0, 256, (2, 20), generator=g), torch.randint(0, 256, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+
+    def chat(cache, kw):
+        first = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **kw(cache))
+        ids2 = torch.cat([first, turn], 1)
+        mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+        return model.generate(ids2, attention_mask=mask2, max_new_tokens=6, do_sample=False, **kw(cache))
+
+    with torch.no_grad():
+        want = chat(transformers_cache(), lambda c: cache_kwargs(model, c))
+    runtime.reset_counters()
+    with af.plan_attention(model), torch.no_grad():
+        got = chat(af.PlanCache(model, None, max_length=60), lambda c: cache_kwargs(model, c))
+    assert torch.equal(got, want)
+    assert runtime.counters["kvcache_continued"] == 8                # the last answer token + 7 new ones
+
+
+def test_a_continuation_with_a_tree_mask_or_padding_is_refused():
+    model = _llama()
+    ids = torch.randint(0, 256, (1, 16))
+    cache = af.PlanCache(model, None, max_length=40)
+    _fed(model, cache, ids, [12])
+    causal = torch.ones(4, 16, dtype=torch.bool).tril(12)[None, None]
+    tree = causal.clone()
+    tree[0, 0, 3, 14] = False                                       # a draft branch that does not see another
+    with pytest.raises(KVCacheError, match="tree or custom mask"):
+        _fed(model, cache, ids[:, 12:], [4], attention_mask=tree)
+    cache = af.PlanCache(model, None, max_length=40)
+    _fed(model, cache, ids, [12])
+    pad = torch.ones(1, 16, dtype=torch.long)
+    pad[0, 14] = 0
+    with pytest.raises(KVCacheError, match="new slots are padding"):
+        _fed(model, cache, ids[:, 12:], [4], attention_mask=pad)
+    cache = af.PlanCache(model, None, max_length=40)
+    _fed(model, cache, ids, [12])
+    assert _fed(model, cache, ids[:, 12:], [4], attention_mask=causal).shape == (1, 4, 256)   # plain causal: runs
 
 
 def test_one_token_steps_fill_the_same_slots_as_a_bulk_write():
@@ -517,6 +608,49 @@ def test_sliding_window_layers_hold_only_their_window_and_decode_exactly(kind, p
             logits.append(model(got[:, t:t + 1], use_cache=True, **cache_kwargs(model, steps)).logits[:, -1])
         full = model(got).logits[:, prompt - 1:-1]
     assert (torch.stack(logits, 1) - full).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "mistral"])
+def test_a_continuation_on_sliding_window_layers_equals_hf(kind):
+    """A prompt, then 9 more tokens in one call, on layers whose own window binds within them: the mask Hugging
+    Face builds for the continuation is checked (causal within the window) and the logits equal the model's
+    full forward (a left-padded batch of two, each row as alone)."""
+    model = _sliding_model(kind)
+    ids = torch.randint(0, 128, (2, 15), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+    runtime.reset_counters()
+    cache = af.PlanCache(model, None, max_length=20)
+    with af.plan_attention(model), torch.no_grad():
+        first = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True, **cache_kwargs(model, cache)).logits
+        rest = model(ids[:, 6:], attention_mask=mask, use_cache=True, **cache_kwargs(model, cache)).logits
+    assert runtime.counters["kvcache_continued"] == 9              # padded: token by token
+    got = torch.cat([first, rest], 1)
+    assert (got - want)[mask.bool()].abs().max() < 1e-4
+
+
+def test_the_window_mask_check_reads_every_row_block(monkeypatch):
+    """_window_mask_reason compares the mask a few rows at a time (no second N x S mask): a wrong entry in any
+    row block, padding not on the left, and a non-boolean mask are each named; the exact mask passes."""
+    from attnforge.compiler import decode
+
+    monkeypatch.setattr(decode, "_MASK_ROWS", 3)
+    n, s, w = 10, 14, 5
+    i, j = torch.arange(s - n, s)[:, None], torch.arange(s)[None, :]
+    keys = torch.ones(2, s, dtype=torch.bool)
+    keys[1, :2] = False
+    exact = ((j <= i) & (j > i - w))[None, None] & keys[:, None, None, :]
+    assert decode._window_mask_reason(exact, w, n, s, keys) is None
+    for row in (0, 4, 9):                                          # the first, a middle and the last block
+        wrong = exact.clone()
+        wrong[0, 0, row, s - n + row] = False
+        assert decode._window_mask_reason(wrong, w, n, s, keys) == "a mask that also hides other keys"
+    right = keys.clone()
+    right[0, -1] = False
+    assert "not all on the left" in decode._window_mask_reason(exact, w, n, s, right)
+    assert "torch.float32 mask" in decode._window_mask_reason(exact.float(), w, n, s, keys)
 
 
 def test_plan_forms_take_on_the_models_window_or_are_refused():
