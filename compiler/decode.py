@@ -385,10 +385,12 @@ def _step(layer, q, scale: float, softcap: float) -> torch.Tensor:
 
 def _continue(layer, query, key, value, attention_mask, padding, keys, scale: float, softcap: float):
     """n > 1 new tokens after what the cache holds (a chat's next turn over a kept cache, a later chunk of a
-    chunked prefill): each token is appended and attends in turn, exactly as n decoding steps fed those tokens
-    would, so every form keeps its decoding semantics (a ring window slides, H2O / A2SF evict after each
-    token, a linear group's state advances); [B, n, H, DV]. The mask must be plain causal over the cache's
-    slots (within the layer's own window), hiding only padding slots, and the new tokens must be real."""
+    chunked prefill) attend as n decoding steps fed those tokens would, so every form keeps its decoding
+    semantics; [B, n, H, DV]. Every group holding all keys (no padding): one attention through the op (the
+    generated kernel); groups whose reads depend on positions only (windows, kept blocks): one PyTorch
+    attention per group (SiteKVCache.continue_reference); evicting, quantized or linear groups: token by token
+    (a ring slides, H2O / A2SF evict after each token, a linear state advances). The mask must be plain causal
+    over the cache's slots (within the layer's own window), hiding only padding slots; new tokens are real."""
     n, s = query.shape[2], layer.site.length + query.shape[2]
     if attention_mask is not None and not hasattr(attention_mask, "_attnforge_padding"):
         reason = _window_mask_reason(attention_mask, layer.window or s, n, s, keys)
@@ -412,18 +414,26 @@ def _continue(layer, query, key, value, attention_mask, padding, keys, scale: fl
         causal = rows >= torch.arange(length, device=query.device)[None, :]
         out = torch.ops.attnforge.attention(query, k, v, causal[None, None], False, 0, scale, layer.impl,
                                             _masked_key(), "", None, softcap)
-        layer.keys, layer.values = site.k, site.v
-        if layer.first:
-            runtime.counters["kvcache_continued_batched"] = runtime.counters.get("kvcache_continued_batched", 0) + n
-        return out.transpose(1, 2)
+        return _continued(layer, out, n, "kvcache_continued_batched")
+    if site.stateless:
+        # what each group reads depends on positions only (windows, kept blocks): the n queries at once over
+        # the slots before them and the new keys, each within its form, in PyTorch
+        out = site.continue_reference(query, key, value, scale, softcap)
+        return _continued(layer, out, n, "kvcache_continued_batched")
     outs = []
     for t in range(n):
         layer.site.append(key[:, :, t:t + 1], value[:, :, t:t + 1])
         outs.append(_step(layer, query[:, :, t], scale, softcap))
+    return _continued(layer, torch.stack(outs, 2), n, "kvcache_continued")
+
+
+def _continued(layer, out, n: int, counter: str) -> torch.Tensor:
+    """A continuation's output [B, H, n, DV] as the attention function returns it; the layer's views and the
+    counter (once per model call) brought up to date."""
     layer.keys, layer.values = layer.site.k, layer.site.v
     if layer.first:
-        runtime.counters["kvcache_continued"] = runtime.counters.get("kvcache_continued", 0) + n
-    return torch.stack(outs, 1)
+        runtime.counters[counter] = runtime.counters.get(counter, 0) + n
+    return out.transpose(1, 2)
 
 
 def _register():

@@ -131,6 +131,16 @@ class GroupLayout:
         return ok
 
 
+    def sees(self, pos: torch.Tensor, query) -> torch.Tensor:
+        """reads(), also for a query whose ring has since moved on: a fixed window's keys older than the
+        query's window are dropped (a decoding step's ring holds none of them; a continuation's queries attend
+        over the slots before it, some of which a later query no longer sees)."""
+        ok = self.reads(pos, query)
+        if self.kind == "window" and not self.beta:
+            ok &= (pos < self.sink) | (pos > query - self.ring)
+        return ok
+
+
 def _to_device(values: list[int], device) -> torch.Tensor:
     """A small int64 index tensor on `device` without stalling it: on CUDA through pinned memory and a
     non-blocking copy (a pageable host-to-device copy waits for the whole stream, once per layer per
@@ -480,6 +490,45 @@ class SiteKVCache:
         if self._linear:
             _no_linear_softcap(softcap)
             self._linear_attend(q.to(ct), scale, out, "reference")
+        return out.to(q.dtype)
+
+    @property
+    def stateless(self) -> bool:
+        """Whether what each group reads depends only on positions (full, window and block layouts): no
+        eviction, quantization or linear state that changes with the tokens seen."""
+        return all(lay.kind in ("full", "window", "blocks") for lay in self.layouts)
+
+    def continue_reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           softcap: float = 0.0, rows: int = 256) -> torch.Tensor:
+        """n new tokens at once (q [B, H, n, D], k / v [B, G, n, D|DV]) in a stateless cache: query t of row b,
+        at position p_b + t, attends to what the decoding step at that position would read (the slots stored
+        before it and the new keys up to it, within its group's form); then the tokens are stored. The PyTorch
+        oracle, a block of `rows` queries at a time; out [B, H, n, DV] in q's dtype."""
+        if not self.stateless:
+            raise KVCacheError("evicting, quantized and linear groups take new tokens one step at a time")
+        b, h, n, _ = q.shape
+        g = len(self.layouts)
+        r, ct = h // g, _compute_dtype(q.dtype)
+        start = torch.tensor(self.lens if self.lens is not None else [self.length] * b, device=q.device)
+        qpos = start[:, None] + torch.arange(n, device=q.device)[None, :]                 # [B, n]
+        out = q.new_zeros(b, h, n, v.shape[-1], dtype=ct)
+        for gi, lay in enumerate(self.layouts):
+            o, c = (self._offs[gi], self._caps[gi]) if self.k is not None else (0, 0)
+            kg = torch.cat([self.k[:, o:o + c], k[:, gi].to(self.k.dtype)], 1).to(ct) if c else k[:, gi].to(ct)
+            vg = torch.cat([self.v[:, o:o + c], v[:, gi].to(self.v.dtype)], 1).to(ct) if c else v[:, gi].to(ct)
+            pos = torch.cat([self.pos[:, o:o + c].long(), qpos], 1) if c else qpos          # [B, c + n]
+            for t0 in range(0, n, rows):
+                t1 = min(n, t0 + rows)
+                see = lay.sees(pos[:, None, :], qpos[:, t0:t1, None])                       # [B, rows, c + n]
+                qg = q[:, gi * r:(gi + 1) * r, t0:t1].to(ct)
+                s = _capped(torch.einsum("brnd,bjd->brnj", qg, kg) * scale, softcap)
+                p = _probs(s.masked_fill(~see[:, None], float("-inf")))
+                out[:, gi * r:(gi + 1) * r, t0:t1] = torch.einsum("brnj,bjd->brnd", p, vg)
+        if self.lens is None:
+            self.append(k, v)
+        else:                              # a padded batch: each row's tokens at its own positions, step by step
+            for t in range(n):
+                self.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
         return out.to(q.dtype)
 
     def _groups(self, groups: tuple[int, ...], device):

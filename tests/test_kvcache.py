@@ -166,7 +166,9 @@ def test_a_continuation_attends_as_its_tokens_fed_one_by_one(name):
     runtime.reset_counters()
     cache = plan_cache_from_forms(forms, 40, "reference")
     chunks = _fed(model, cache, ids, [12, 20, 21, 40])
-    assert runtime.counters["kvcache_continued"] == 8 + 19          # two continuations, token by token
+    # two continuations: at once where reads depend on positions only, else token by token
+    counter = "kvcache_continued_batched" if name == "window_blocks" else "kvcache_continued"
+    assert runtime.counters[counter] == 8 + 19
     assert runtime.counters["kvcache_prefill"] == 2                 # once per layer
     assert cache.get_seq_length() == 40
     assert (chunks - steps).abs().max() < 1e-5
@@ -211,7 +213,7 @@ def test_the_next_chat_turn_over_a_kept_cache_generates_what_hf_does():
     with af.plan_attention(model), torch.no_grad():
         got = chat(af.PlanCache(model, None, max_length=60), lambda c: cache_kwargs(model, c))
     assert torch.equal(got, want)
-    assert runtime.counters["kvcache_continued"] == 8                # the last answer token + 7 new ones
+    assert runtime.counters["kvcache_continued_batched"] == 8        # the last answer token + 7 new ones
 
 
 def test_a_continuation_with_a_tree_mask_or_padding_is_refused():
@@ -233,6 +235,31 @@ def test_a_continuation_with_a_tree_mask_or_padding_is_refused():
     cache = af.PlanCache(model, None, max_length=40)
     _fed(model, cache, ids, [12])
     assert _fed(model, cache, ids[:, 12:], [4], attention_mask=causal).shape == (1, 4, 256)   # plain causal: runs
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("ends", [(9, 30, 31, 50), (5, 50), (20, 21, 23, 50)])
+def test_continue_reference_equals_decoding_step_by_step(ends, padded):
+    """SiteKVCache.continue_reference (n queries at once over the slots before them and the new keys) = the
+    decoding steps one at a time in float64, for dense, sink + window (the ring overrun within one
+    continuation), elastic and block-sparse groups, a left-padded batch too; the slots it leaves equal theirs."""
+    q, k, v = _data(len(FORMS), 50)
+    keep = torch.ones(2, ends[0], dtype=torch.bool)
+    if padded:
+        keep[1, :3] = False
+    step, bulk = SiteKVCache(FORMS, max_length=50), SiteKVCache(FORMS, max_length=50)
+    for cache in (step, bulk):
+        cache.append(k[:, :, :ends[0]], v[:, :, :ends[0]], keep if padded else None)
+    want = torch.stack([(step.append(k[:, :, t:t + 1], v[:, :, t:t + 1]), step.decode_reference(q[:, :, t], 0.25))[1]
+                        for t in range(ends[0], 50)], 2)
+    got = torch.cat([bulk.continue_reference(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], 0.25, rows=4)
+                     for a, e in zip(ends, ends[1:])], 2)
+    assert (got - want).abs().max() < 1e-12
+    assert torch.equal(bulk.pos, step.pos) and torch.equal(bulk.k, step.k) and bulk.lens == step.lens
+    from attnforge.runtime.forms import KVEvict
+
+    with pytest.raises(KVCacheError, match="one step at a time"):
+        SiteKVCache((KVEvict("h2o", 0.5),), 8).continue_reference(q[:1, :2, :2], k[:1, :1, :2], v[:1, :1, :2], 0.25)
 
 
 def test_one_token_steps_fill_the_same_slots_as_a_bulk_write():
@@ -626,7 +653,7 @@ def test_a_continuation_on_sliding_window_layers_equals_hf(kind):
     with af.plan_attention(model), torch.no_grad():
         first = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True, **cache_kwargs(model, cache)).logits
         rest = model(ids[:, 6:], attention_mask=mask, use_cache=True, **cache_kwargs(model, cache)).logits
-    assert runtime.counters["kvcache_continued"] == 9              # padded: token by token
+    assert runtime.counters["kvcache_continued_batched"] == 9      # window layouts, padded: at once
     got = torch.cat([first, rest], 1)
     assert (got - want)[mask.bool()].abs().max() < 1e-4
 
