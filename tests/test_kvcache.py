@@ -735,3 +735,24 @@ def test_a_left_padded_batch_past_a_sliding_window_generates_each_row_as_alone(k
     right = mask.flip(1)
     with pytest.raises(KVCacheError, match="padding is not all on the left|right-padded"):
         af.generate(model, ids, None, max_new_tokens=2, attention_mask=right)
+
+
+@pytest.mark.parametrize("plan", ["dense", "windows_blocks"])
+def test_chunked_prefill_generates_what_the_whole_prompt_does(plan):
+    """Hugging Face's chunked prefill (generate(prefill_chunk_size=16): a 40-token prompt in three calls) over
+    the plan cache: the same tokens as the prompt at once (and as HF's own generate() for a dense plan),
+    the later chunks continued at once."""
+    model = _llama()
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(14))
+    forms = None if plan == "dense" else _quant_plan(model, ids, [(SinkWindow(2, 8), BlockSparse(8, (0,), (0, 2))),
+                                                                  (ElasticWindow(2, 6, 0.2), Dense())])
+    kw = dict(max_new_tokens=8, return_dict_in_generate=True, output_logits=True)
+    whole, _ = af.generate(model, ids, forms, **kw)
+    runtime.reset_counters()
+    chunked, _ = af.generate(model, ids, forms, prefill_chunk_size=16, **kw)
+    assert runtime.counters["kvcache_continued_batched"] == 24 and runtime.counters["kvcache_prefill"] == 2
+    assert torch.equal(chunked.sequences, whole.sequences)
+    assert (torch.stack(chunked.logits) - torch.stack(whole.logits)).abs().max() < 1e-4
+    if plan == "dense":
+        with torch.no_grad():
+            assert torch.equal(whole.sequences, model.generate(ids, max_new_tokens=8, do_sample=False))
