@@ -9,7 +9,10 @@ time `--steps` greedy decoding steps (one token each, the model's full forward p
     kv50        attnforge PlanCache, every group sink 64 + window: 50% of the KV entries at that context
     kivi4/2     attnforge PlanCache, every group KVQuant (KIVI codes, 4 / 2 bits, group 32, residual 128),
                 read by the quantized decode kernel (dequantization in registers)
-and report tokens/s, speed-up over hf, the bytes each cache holds and the peak allocated memory.
+and report tokens/s, speed-up over hf, the bytes each cache holds and the peak allocated memory. With
+`--continuation N`, also one N-token continuation after the prompt (a chat's next turn, a later chunk of a
+chunked prefill) per cache: hf, dense (one attention through the dense kernel) and kv50 (the window groups
+attend at once in PyTorch), as tokens/s and the last token's logits against hf's.
 Also each decode kernel alone for one layer (CUDA events): bytes it reads per call over its time, as a
 fraction of the device's HBM bandwidth (datasheet: H100 SXM 3.35 TB/s, H200 4.8 TB/s); measured first,
 since it is quick. The JSON is rewritten after every row; a failed row is recorded under "errors".
@@ -70,6 +73,25 @@ def run(model, cache, ids, steps, attnforge, dev):
         dev.sync()
         seconds = time.perf_counter() - t
     return steps / seconds, dev.peak(), first
+
+
+def continuation(model, make_cache, ids, new, attnforge, dev):
+    """(tokens/s of one forward over the last `new` tokens of ids after a prefill of the rest, its last logits):
+    once to warm up (kernels compiled, autotuned), then timed on a fresh cache."""
+    import attnforge as af
+
+    for timed in (False, True):
+        cache = make_cache()
+        ctx = af.plan_attention(model) if attnforge else torch.no_grad()
+        with ctx, torch.no_grad():
+            model(ids[:, :-new], **cache_kwargs(model, cache), logits_to_keep=1)
+            dev.sync()
+            t = time.perf_counter()
+            logits = model(ids[:, -new:], **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1].float()
+            dev.sync()
+            seconds = time.perf_counter() - t
+        del cache
+    return new / seconds, logits
 
 
 def hf_cache_bytes(cache):
@@ -149,6 +171,8 @@ def main():
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--continuation", type=int, default=0, metavar="N",
+                    help="also time one N-token continuation after the prompt per cache (0: not)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                     help="cpu: smoke-test this script through Triton's interpreter (--shapes tiny; no figures)")
     args = ap.parse_args()
@@ -209,6 +233,26 @@ def main():
                 except Exception as e:
                     res.error({"shape": shape, "context": n, "cache": label}, e)
                 dev.empty_cache()
+            if args.continuation:
+                impl = "auto" if dev.cuda else "triton"
+                makers = (("hf", False, lambda: transformers.DynamicCache(config=model.config)),
+                          ("dense", True, lambda: plan_cache_from_forms({i: (Dense(),) * g for i in range(layers)},
+                                                                        n + 2, impl=impl)),
+                          ("kv50", True, lambda: plan_cache_from_forms(
+                              {i: (SinkWindow(64, n // 2 - 64),) * g for i in range(layers)}, n + 2, impl=impl)))
+                want = None
+                for label, ours, make in makers:
+                    try:
+                        tps, last = continuation(model, make, ids, args.continuation, ours, dev)
+                        row[f"{label}_continue_tokens_per_s"] = tps
+                        if want is None:
+                            want = last
+                        else:
+                            row[f"{label}_continue_speedup_vs_hf"] = round(tps / row["hf_continue_tokens_per_s"], 3)
+                            row[f"{label}_continue_logits_max_diff_vs_hf"] = (last - want).abs().max().item()
+                    except Exception as e:
+                        res.error({"shape": shape, "context": n, "continuation": label}, e)
+                    dev.empty_cache()
             print(json.dumps(row), flush=True)
             res.add(row)
         del model

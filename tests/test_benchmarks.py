@@ -53,13 +53,16 @@ def test_dense_benchmark(tmp_path):
 
 
 def test_decode_benchmark(tmp_path):
-    data = _run("decode", tmp_path, "--shapes", "tiny", "--contexts", "300", "--steps", "2", "--dtype", "float32")
+    data = _run("decode", tmp_path, "--shapes", "tiny", "--contexts", "300", "--steps", "2", "--dtype", "float32",
+                "--continuation", "20")
     assert {k["kernel"] for k in data["kernel"]} == {"dense", "quant4", "quant2"}
     assert all(k["max_error_vs_float64"] < 1e-5 for k in data["kernel"])
     (row,) = data["rows"]
     assert row["dense_first_step_logits_max_diff_vs_hf"] < 1e-4            # all-dense cache = HF's cache
     assert all(row[f"{c}_decode_kernel_calls"] == 2 * 3 for c in ("dense", "kv50", "kivi4", "kivi2"))  # layers x steps
     assert row["kv50_cache_bytes"] < row["dense_cache_bytes"]
+    assert row["dense_continue_logits_max_diff_vs_hf"] < 1e-4             # a 20-token continuation, as HF's
+    assert row["kv50_continue_tokens_per_s"] > 0 and "kv50_continue_logits_max_diff_vs_hf" in row
 
 
 def test_linear_kernel_benchmark(tmp_path):
