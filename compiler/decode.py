@@ -408,8 +408,7 @@ def _continue(layer, query, key, value, attention_mask, padding, keys, scale: fl
         # (the op's causal flag aligns query 0 with key 0, as SDPA's does, so the mask says it instead)
         site.append(key, value)
         length = site.length
-        k = torch.stack([site.k[:, o:o + length] for o in site._offs], 1)
-        v = torch.stack([site.v[:, o:o + length] for o in site._offs], 1)
+        k, v = _full_groups(site, length)
         rows = torch.arange(length - n, length, device=query.device)[:, None]
         causal = rows >= torch.arange(length, device=query.device)[None, :]
         out = torch.ops.attnforge.attention(query, k, v, causal[None, None], False, 0, scale, layer.impl,
@@ -425,6 +424,17 @@ def _continue(layer, query, key, value, attention_mask, padding, keys, scale: fl
         layer.site.append(key[:, :, t:t + 1], value[:, :, t:t + 1])
         outs.append(_step(layer, query[:, :, t], scale, softcap))
     return _continued(layer, torch.stack(outs, 2), n, "kvcache_continued")
+
+
+def _full_groups(site, length: int):
+    """K, V [B, G, length, D] of a cache whose groups all hold every key: a strided view of the flat slot
+    buffer where the regions are equal and back to back (no copy of the whole cache), else stacked."""
+    cap, g = site._caps[0], len(site._caps)
+    if site._caps == [cap] * g and site._offs == [i * cap for i in range(g)]:
+        b = site.k.shape[0]
+        return (site.k.view(b, g, cap, -1)[:, :, :length], site.v.view(b, g, cap, -1)[:, :, :length])
+    return (torch.stack([site.k[:, o:o + length] for o in site._offs], 1),
+            torch.stack([site.v[:, o:o + length] for o in site._offs], 1))
 
 
 def _continued(layer, out, n: int, counter: str) -> torch.Tensor:

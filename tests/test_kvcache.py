@@ -182,8 +182,15 @@ def test_a_dense_continuation_is_one_attention_and_equals_the_full_forward(impl)
     ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         want = model(ids).logits
+    from attnforge.compiler.decode import _full_groups
+
     runtime.reset_counters()
-    got = _fed(model, af.PlanCache(model, None, max_length=40, impl=impl), ids, [9, 10, 25, 33])
+    cache = af.PlanCache(model, None, max_length=40, impl=impl)
+    got = _fed(model, cache, ids, [9, 10, 25, 33])
+    site = cache.layers[0].site
+    k, v = _full_groups(site, 33)                                   # the cache itself, viewed: no copy
+    assert k.data_ptr() == site.k.data_ptr() and v.data_ptr() == site.v.data_ptr() and k.shape == (2, 2, 33, 16)
+    assert torch.equal(k[:, 1], site.k[:, site._offs[1]:site._offs[1] + 33])
     assert runtime.counters["kvcache_continued_batched"] == 15 + 8
     assert "kvcache_continued" not in runtime.counters
     if impl == "triton":
