@@ -468,9 +468,18 @@ def plan_attention(model):
         model.set_attn_implementation(saved)
 
 
-def generate(model, input_ids, plan=None, max_new_tokens: int = 64, impl: str = "auto", **kwargs):
-    """model.generate() with a PlanCache (greedy unless told otherwise). Returns (token ids, cache)."""
-    cache = PlanCache(model, plan, max_length=input_ids.shape[1] + max_new_tokens, impl=impl)
+def generate(model, input_ids, plan=None, max_new_tokens: int = 64, impl: str = "auto", cache=None, **kwargs):
+    """model.generate() with a PlanCache (greedy unless told otherwise). Returns (token ids, cache).
+    cache: a PlanCache this model filled before (the previous turn of a chat: input_ids then holds the whole
+    conversation, and only its new tokens are run, continuing the cache); None makes one for the call."""
+    if cache is None:
+        cache = PlanCache(model, plan, max_length=input_ids.shape[1] + max_new_tokens, impl=impl)
+    elif not getattr(cache, "attnforge_plan_cache", False):
+        raise ValueError(f"cache must be an af.PlanCache (the one a previous af.generate returned), not a "
+                         f"{type(cache).__name__}")
+    elif plan is not None:
+        raise ValueError("give the plan or a cache built from it, not both: a kept cache decodes with the plan "
+                         "it was built for")
     kwargs.setdefault("do_sample", False)
     # the cache is the point: a config saved with use_cache=False (as training configs are) would make
     # generate() feed the whole sequence at every step

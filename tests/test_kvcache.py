@@ -763,3 +763,29 @@ def test_chunked_prefill_generates_what_the_whole_prompt_does(plan):
     if plan == "dense":
         with torch.no_grad():
             assert torch.equal(whole.sequences, model.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_af_generate_continues_a_kept_cache_over_turns():
+    """af.generate(cache=...) and an optimized model's generate(cache=...): the second turn over the kept cache
+    (a windowed / block-sparse plan) generates what the whole conversation prompted from scratch does."""
+    model = _llama()
+    g = torch.Generator().manual_seed(15)
+    ids, turn = torch.randint(0, 256, (1, 24), generator=g), torch.randint(0, 256, (1, 9), generator=g)
+    plan = _quant_plan(model, ids, [(SinkWindow(2, 8), BlockSparse(8, (0,), (0, 2))), (Dense(), SinkWindow(1, 5))])
+    cache = af.PlanCache(model, plan, max_length=64)
+    first, kept = af.generate(model, ids, cache=cache, max_new_tokens=6)
+    assert kept is cache
+    conversation = torch.cat([first, turn], 1)
+    runtime.reset_counters()
+    second, _ = af.generate(model, conversation, cache=cache, max_new_tokens=6)
+    assert runtime.counters["kvcache_continued_batched"] == 1 + 9          # the last answer token + the turn
+    scratch, _ = af.generate(model, conversation, plan, max_new_tokens=6)
+    assert torch.equal(second, scratch)
+    with pytest.raises(ValueError, match="not both"):
+        af.generate(model, conversation, plan, cache=cache)
+    with pytest.raises(ValueError, match="must be an af.PlanCache"):
+        af.generate(model, conversation, cache=transformers.DynamicCache())
+    optimized = af.optimize(_llama(), plan, impl="reference", compiler="eager")
+    cache = af.PlanCache(optimized, plan, max_length=64)
+    assert torch.equal(optimized.generate(ids, cache=cache, max_new_tokens=6, do_sample=False), first)
+    assert torch.equal(optimized.generate(conversation, cache=cache, max_new_tokens=6, do_sample=False), second)
