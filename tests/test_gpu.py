@@ -10,6 +10,7 @@ GQA, several splits). Run on a GPU machine with the interpreter off:
 Each check asserts that the compiled path ran (the op's counters) and that its error against float64 is
 of the order of PyTorch's own half-precision error (SDPA on the same inputs and mask).
 """
+import contextlib
 import math
 import os
 
@@ -292,6 +293,43 @@ def test_plan_cache_prefills_and_decodes_with_the_kernels():
             want.append(model(want[-1].argmax(-1, keepdim=True), **cache_kwargs(model, hf)).logits[:, -1])
     torch.testing.assert_close(logits["dense"], torch.stack(want), rtol=1e-3, atol=1e-3)
     assert not torch.allclose(logits["mixed"], logits["dense"], atol=1e-6)     # the plan did change something
+
+
+def test_a_continuation_runs_the_dense_kernel_and_matches_hf():
+    """A 120-token continuation after a 280-token prompt over the plan cache (a chat's next turn): with every
+    group dense it is one attention through the generated masked kernel per layer, its logits those of
+    transformers' own cache; with window groups, at once through PyTorch, equal to feeding the tokens one by one."""
+    import transformers
+
+    from attnforge.compiler.decode import plan_attention, plan_cache_from_forms
+
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=300, head_dim=32, max_position_embeddings=1024)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 300, (1, 400), device=DEVICE)
+
+    def fed(cache, ends, ours=True):
+        out, start = [], 0
+        with plan_attention(model) if ours else contextlib.nullcontext(), torch.no_grad():
+            for end in ends:
+                out.append(model(ids[:, start:end], **cache_kwargs(model, cache)).logits)
+                start = end
+        return torch.cat(out, 1)
+
+    af.runtime.reset_counters()
+    dense = fed(plan_cache_from_forms({0: (Dense(), Dense()), 1: (Dense(), Dense())}, 410), [280, 400])
+    assert af.runtime.counters["kvcache_continued_batched"] == 120
+    if DEVICE == "cuda":
+        assert af.runtime.counters[RAN] == 4 and af.runtime.counters["reference"] == 0   # prefill + continuation
+    want = fed(transformers.DynamicCache(config=cfg), [280, 400], ours=False)
+    torch.testing.assert_close(dense, want, rtol=1e-3, atol=1e-3)
+    windows = {0: (SinkWindow(16, 64), Dense()), 1: (Dense(), SinkWindow(4, 100))}
+    at_once = fed(plan_cache_from_forms(windows, 410), [280, 400])
+    one_by_one = fed(plan_cache_from_forms(windows, 410), [280, *range(281, 401)])
+    torch.testing.assert_close(at_once[:, 280:], one_by_one[:, 280:], rtol=1e-3, atol=1e-3)
 
 
 def test_a_decoding_step_never_waits_for_the_gpu():
