@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 
 import torch
 
@@ -419,6 +420,12 @@ def _continue(layer, query, key, value, attention_mask, padding, keys, scale: fl
         # the slots before them and the new keys, each within its form, in PyTorch
         out = site.continue_reference(query, key, value, scale, softcap)
         return _continued(layer, out, n, "kvcache_continued_batched")
+    if site._evict and not getattr(site, "_warned_continue", False):     # (the same text: Python shows it once)
+        site._warned_continue = True
+        warnings.warn(f"{n} tokens continue a cache whose KV-evicting groups sized their budgets from the first "
+                      f"call's {site.prompt} tokens: they are decoded into those budgets (evicting as they come), "
+                      "as generated tokens are. For a long prompt, prefill it in one call (no prefill_chunk_size) "
+                      "so that each policy chooses over all of it", stacklevel=2)
     outs = []
     for t in range(n):
         layer.site.append(key[:, :, t:t + 1], value[:, :, t:t + 1])
