@@ -6,6 +6,8 @@
     attnforge search P.npz --density D  a per-head plan under the budget (plus the Pareto front)
     attnforge optimize MODEL --density D -o OUT/   profile + search + kernels + report + ONNX + summary
     attnforge export MODEL [--plan P] --onnx F     the ONNX export alone (one function node per site)
+    attnforge generate MODEL [--plan P]            greedy generation through the plan's per-head KV cache,
+                                                   against every group dense: tokens, memory, time
 """
 from __future__ import annotations
 
@@ -136,6 +138,24 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--plan", default=None, help="plan.json (default: every site dense)")
     ex.add_argument("--onnx", required=True, help="ONNX file to write")
     ex.add_argument("--json", action="store_true", help="print the export summary as JSON")
+
+    ge = sub.add_parser("generate", help="generate through a plan's per-head KV cache, against a dense cache",
+                        description="Greedy generation with Hugging Face generate() over attnforge's per-head "
+                                    "KV cache laid out by the plan (each group holds only what its form "
+                                    "reads), then the same with every group dense: the continuation, how "
+                                    "many new tokens agree, the bytes each cache holds, tokens/s. The prompt: "
+                                    "--prompt / --prompt-file, else --prompt-tokens of held-out text (pydoc "
+                                    "topics 40-78) for built-in text models, else the model's example input.")
+    _model_args(ge)
+    ge.add_argument("--plan", default=None, help="plan.json (default: every group dense)")
+    ge.add_argument("--prompt", default=None, help="prompt text (text models)")
+    ge.add_argument("--prompt-file", default=None, help="a UTF-8 file holding the prompt (text models)")
+    ge.add_argument("--prompt-tokens", type=int, default=512,
+                    help="length of the default held-out prompt (default %(default)s)")
+    ge.add_argument("--max-new-tokens", type=int, default=32)
+    ge.add_argument("--impl", choices=("auto", "triton", "reference"), default="auto")
+    ge.add_argument("--no-dense", action="store_true", help="skip the dense comparison")
+    ge.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
@@ -450,6 +470,96 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _generate_prompt(args):
+    """(model, prompt ids [1, T], tokenizer or None) for `attnforge generate`."""
+    from .evaluate import EVALUATION, text_tokens
+    from .models import ModelSpecError, load_model, text_model
+
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ModelSpecError("give --prompt or --prompt-file, not both")
+    tm = text_model(args.model)
+    if tm is None:
+        if args.prompt is not None or args.prompt_file is not None:
+            raise ModelSpecError(f"{args.model} has no tokenizer here: it generates from its example input "
+                                 "(drop --prompt / --prompt-file)")
+        model, inputs = load_model(args.model, args.seq_len)
+        if not callable(getattr(model, "generate", None)) or len(inputs) != 1 or getattr(inputs[0], "dim",
+                                                                                          lambda: 0)() != 2:
+            raise ModelSpecError(f"{args.model}: generate needs a Hugging Face causal LM whose example input "
+                                 "is one [batch, length] tensor of token ids")
+        return model, inputs[0], None
+    model, tokenizer = tm
+    text = args.prompt
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelSpecError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({e})") from e
+    if text is not None:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:
+            raise ModelSpecError("the prompt is empty")
+    else:
+        ids = text_tokens(tokenizer, EVALUATION)[:, :args.prompt_tokens]
+    return model, ids, tokenizer
+
+
+def _cmd_generate(args) -> int:
+    import time
+
+    from attnforge import runtime
+
+    from .decode import KVCacheError, generate
+    from .models import ModelSpecError
+    from .plan import Plan
+
+    if args.max_new_tokens < 1:
+        raise ModelSpecError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    model, ids, tokenizer = _generate_prompt(args)
+    plan = Plan.load(args.plan) if args.plan else None
+    runs = [("plan" if plan is not None else "dense", plan)]
+    if plan is not None and not args.no_dense:
+        runs.append(("dense", None))
+    rows = {}
+    for name, p in runs:
+        runtime.reset_counters()
+        try:
+            t0 = time.perf_counter()
+            out, cache = generate(model, ids, p, max_new_tokens=args.max_new_tokens, impl=args.impl)
+            seconds = time.perf_counter() - t0
+        except KVCacheError as e:
+            print(f"attnforge: error: {e}", file=sys.stderr)
+            return 2
+        new = out[0, ids.shape[1]:]
+        rows[name] = {"new_tokens": new.tolist(), "seconds": round(seconds, 3),
+                      "tokens_per_s": round(len(new) / seconds, 2), "cache_bytes": cache.nbytes(),
+                      "kv_entries": cache.kv_entries(),
+                      "calls": {k: v for k, v in sorted(runtime.counters.items()) if k.startswith("kvcache_")}}
+        if tokenizer is not None:
+            rows[name]["text"] = tokenizer.decode(new, skip_special_tokens=True)
+    if "plan" in rows and "dense" in rows:
+        a, b = rows["plan"]["new_tokens"], rows["dense"]["new_tokens"]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        rows["plan"]["tokens_equal_to_dense_before_first_difference"] = same
+        rows["plan"]["cache_bytes_vs_dense"] = round(rows["plan"]["cache_bytes"] / rows["dense"]["cache_bytes"], 4)
+    summary = {"model": args.model, "plan": args.plan, "prompt_tokens": ids.shape[1],
+               "max_new_tokens": args.max_new_tokens, "impl": args.impl, "runs": rows}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{args.model}: prompt {ids.shape[1]} tokens, {args.max_new_tokens} new (greedy)")
+    for name, r in rows.items():
+        extra = ""
+        if name == "plan" and "dense" in rows:
+            extra = (f", {r['cache_bytes_vs_dense']:.2f}x dense's bytes; the first "
+                     f"{r['tokens_equal_to_dense_before_first_difference']} new tokens equal dense's")
+        print(f"  {name:>5}: cache {r['cache_bytes'] / 2**20:.2f} MiB ({r['kv_entries']} KV entries){extra}; "
+              f"{r['tokens_per_s']:.1f} tokens/s on this machine (first-call costs included)")
+        print(f"         {r['text']!r}" if "text" in r else f"         {r['new_tokens']}")
+    return 0
+
+
 def _versions() -> dict:
     import platform
 
@@ -470,7 +580,7 @@ def main(argv=None) -> int:
     from .search import SearchError
 
     commands = {"detect": _cmd_detect, "run": _cmd_run, "profile": _cmd_profile, "search": _cmd_search,
-                "optimize": _cmd_optimize, "report": _cmd_report, "export": _cmd_export}
+                "optimize": _cmd_optimize, "report": _cmd_report, "export": _cmd_export, "generate": _cmd_generate}
     from .export import ExportError
 
     try:

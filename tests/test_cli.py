@@ -104,3 +104,14 @@ def test_search_errors_exit_2(tmp_path, capsys):
     bad.write_text("not a profile")
     assert main(["search", str(bad), "--density", "0.5", "-o", str(tmp_path / "x.json")]) == 2
     assert "not a readable attnforge profile" in capsys.readouterr().err
+
+
+def test_generate_refuses_what_it_cannot_run(capsys):
+    """A model that is not a Hugging Face causal LM, a prompt for a model without a tokenizer, two prompts:
+    exit 2 with the reason on one line."""
+    for argv, msg in ((["generate", "tiny"], "needs a Hugging Face causal LM"),
+                      (["generate", "tiny", "--prompt", "hi"], "has no tokenizer here"),
+                      (["generate", "tiny", "--prompt", "a", "--prompt-file", "b"], "not both"),
+                      (["generate", "tiny", "--max-new-tokens", "0"], "at least 1")):
+        assert main(argv) == 2
+        assert msg in capsys.readouterr().err

@@ -49,3 +49,23 @@ def test_eager_attention_spelling_is_found_too():
     sites = af.find_attention(model, inputs)
     assert len(sites) == 30 and {s.spelling for s in sites} == {"matmul_softmax"}
     assert {(s.num_heads, s.num_kv_heads, s.head_dim, s.causal) for s in sites} == {(9, 3, 64, True)}
+
+
+def test_generate_cli_through_a_searched_plan_against_dense(capsys):
+    """`attnforge generate smollm2 --plan P --json`: greedy generation through the plan's per-head cache and
+    through a dense one, with real weights: every decoding step of every layer read attnforge's cache, the
+    plan's cache holds fewer entries past its windows, and the report says how many new tokens agree."""
+    from pathlib import Path
+
+    from attnforge.compiler.cli import main
+
+    plan = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "accuracy.searched_0.5.plan.json"
+    assert main(["generate", "smollm2", "--plan", str(plan), "--prompt-tokens", "300", "--max-new-tokens", "3",
+                 "--impl", "reference", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    plan_run, dense_run = res["runs"]["plan"], res["runs"]["dense"]
+    assert res["prompt_tokens"] == 300 and len(plan_run["new_tokens"]) == len(dense_run["new_tokens"]) == 3
+    for run in (plan_run, dense_run):       # the prompt once per layer, then 2 steps x 30 layers from our cache
+        assert run["calls"] == {"kvcache_decode_reference": 60, "kvcache_prefill": 30}
+    assert plan_run["kv_entries"] < dense_run["kv_entries"] and plan_run["cache_bytes"] < dense_run["cache_bytes"]
+    assert 0 <= plan_run["tokens_equal_to_dense_before_first_difference"] <= 3 and dense_run["text"]
