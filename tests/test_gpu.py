@@ -258,6 +258,19 @@ def test_inductor_training_step_runs_the_backward_kernels_with_the_saved_lse():
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-4)
 
 
+def _small_llama():
+    """A 2-layer Llama (4 query / 2 KV heads, head dim 32, random weights) on DEVICE and 400 token ids."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=300, head_dim=32, max_position_embeddings=1024)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    return model, torch.randint(0, 300, (1, 400), device=DEVICE)
+
+
 def test_plan_cache_prefills_and_decodes_with_the_kernels():
     """A small Llama under af.plan_attention with a PlanCache: the prefill runs the generated kernels (dense
     layers the dense kernel, mixed ones the plan kernel), every step the decode kernels; with every group
@@ -267,13 +280,8 @@ def test_plan_cache_prefills_and_decodes_with_the_kernels():
     from attnforge.compiler.decode import plan_attention, plan_cache_from_forms
     from attnforge.runtime.forms import KVQuant
 
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=300, head_dim=32, max_position_embeddings=1024)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 300, (1, 400), device=DEVICE)
+    model, ids = _small_llama()
+    cfg = model.config
     logits = {}
     for name, forms in (("dense", (Dense(), Dense())), ("mixed", (SinkWindow(16, 64), KVQuant(4)))):
         cache = plan_cache_from_forms({0: forms, 1: (Dense(), Dense())}, 410)
@@ -303,13 +311,8 @@ def test_a_continuation_runs_the_dense_kernel_and_matches_hf():
 
     from attnforge.compiler.decode import plan_attention, plan_cache_from_forms
 
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=300, head_dim=32, max_position_embeddings=1024)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 300, (1, 400), device=DEVICE)
+    model, ids = _small_llama()
+    cfg = model.config
 
     def fed(cache, ends, ours=True):
         out, start = [], 0
