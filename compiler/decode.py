@@ -257,11 +257,20 @@ def _windowed(forms, window: int, layer: int) -> tuple:
     return tuple(out)
 
 
-def _check_window(layer, kwargs) -> None:
-    """The sliding window the model attends with on this layer must be the one the cache was laid out for."""
+def _check_window(layer, kwargs, n: int) -> None:
+    """The sliding window the model attends with on this layer must be the one the cache was laid out for:
+    it binds when the cache was sized past it, or when this call's n tokens carry the sequence past it (a kept
+    cache that outgrew the max_length it was built for: its layer holds every key, and would read them all)."""
     window = kwargs.get("sliding_window") or 0
-    binding = window if window and layer.site.max_length > window else 0
+    reach = max(layer.site.max_length, layer._seen() + n)
+    binding = window if window and reach > window else 0
     if binding != layer.window:
+        if window and not layer.window and layer.site.max_length <= window:
+            raise KVCacheError(f"this call carries the sequence to {layer._seen() + n} tokens, past the model's "
+                               f"sliding window of {window}, but the plan cache was built for max_length "
+                               f"{layer.site.max_length} (within the window, so this layer keeps every key): build "
+                               f"it with max_length >= the whole conversation (af.generate(..., max_length=...), "
+                               "af.PlanCache(model, plan, max_length=...))")
         raise KVCacheError(f"this layer attends through a sliding window of {window or 'none'} but the plan cache "
                            f"was laid out for {layer.window or 'none'} (read from the model's config: "
                            "sliding_window / layer_types); build the cache from this model")
@@ -289,7 +298,7 @@ def _window_mask_reason(mask, window: int, n: int, s: int, keys=None):
     return None
 
 
-_MASK_ROWS = 256
+_MASK_ROWS = 1024     # rows of an N x S mask checked or built at once
 
 
 def plan_cache_from_forms(layer_forms: dict[int, tuple], max_length: int, impl: str = "auto"):
@@ -322,7 +331,7 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
                                             "auto", "", "", None, softcap)
         return out.transpose(1, 2).contiguous(), None
     layer, phase = tag
-    _check_window(layer, kwargs)
+    _check_window(layer, kwargs, query.shape[2] if phase == "continue" else 0)   # (a step appended its token)
     padding = getattr(attention_mask, "_attnforge_padding", None)       # compiler.hf's padding masks carry it
     # a sliding-window layer's mask is sdpa_mask's, tagged with the batch's key flags (compiler.hf)
     keys = getattr(attention_mask, "_attnforge_keys", None) if layer.window and padding is None else None
@@ -348,7 +357,8 @@ def attnforge_attention(module, query, key, value, attention_mask, scaling=None,
         if last_is_padding:
             raise KVCacheError("a right-padded prompt: the last slot of some row is padding, so its next token "
                                "would be predicted from a padding slot. Pad the prompts on the left "
-                               "(tokenizer.padding_side = 'left'), as generate() expects")
+                               "(tokenizer.padding_side = 'left'), as generate() expects (with prefill_chunk_size: "
+                               "a row's left padding must fit in the first chunk)")
         # causal: the generated kernel (dense, or the per-head plan kernel) where it can run, every row of a
         # padded batch as that row alone (runtime.padding); the op says why where it falls back
         kernel = _attention_key(bool(layer.prefill_json))
@@ -393,28 +403,34 @@ def _continue(layer, query, key, value, attention_mask, padding, keys, scale: fl
     (a ring slides, H2O / A2SF evict after each token, a linear state advances). The mask must be plain causal
     over the cache's slots (within the layer's own window), hiding only padding slots; new tokens are real."""
     n, s = query.shape[2], layer.site.length + query.shape[2]
+    if padding is not None and not bool(padding[:, -n:].all()):
+        raise KVCacheError(f"{n} new tokens after {layer.site.length}: some row's new slots are padding; "
+                           "after the prompt every row takes real tokens only (left-pad the prompts)")
+    layer.site.check_room(n)               # refused before anything is written, not halfway through
     if attention_mask is not None and not hasattr(attention_mask, "_attnforge_padding"):
         reason = _window_mask_reason(attention_mask, layer.window or s, n, s, keys)
         if reason:
             raise KVCacheError(f"{n} new tokens after {layer.site.length} came with {reason}: the plan cache "
                                "continues a sequence causally (a 2-D attention_mask, or none); a tree or custom "
                                "mask (tree-based speculative decoding) is not supported")
-    if padding is not None and not bool(padding[:, -n:].all()):
-        raise KVCacheError(f"{n} new tokens after {layer.site.length}: some row's new slots are padding; "
-                           "after the prompt every row takes real tokens only (left-pad the prompts)")
     site = layer.site
     if site.lens is None and all(lay.kind == "full" for lay in site.layouts):
         # every group holds every key at its position's slot: one attention of the n queries over all of them
         # does the n steps at once, through the generated dense kernel; the queries are the last n positions
         # (the op's causal flag aligns query 0 with key 0, as SDPA's does, so the mask says it instead)
+        # (a block of _MASK_ROWS queries per call, over the keys up to its last row: the mask stays that small)
         site.append(key, value)
         length = site.length
         k, v = _full_groups(site, length)
-        rows = torch.arange(length - n, length, device=query.device)[:, None]
-        causal = rows >= torch.arange(length, device=query.device)[None, :]
-        out = torch.ops.attnforge.attention(query, k, v, causal[None, None], False, 0, scale, layer.impl,
-                                            _masked_key(), "", None, softcap)
-        return _continued(layer, out, n, "kvcache_continued_batched")
+        outs = []
+        for r in range(0, n, _MASK_ROWS):
+            last = length - n + min(n, r + _MASK_ROWS)                 # keys up to the block's last query
+            rows = torch.arange(length - n + r, last, device=query.device)[:, None]
+            causal = rows >= torch.arange(last, device=query.device)[None, :]
+            outs.append(torch.ops.attnforge.attention(query[:, :, r:r + _MASK_ROWS], k[:, :, :last], v[:, :, :last],
+                                                      causal[None, None], False, 0, scale, layer.impl,
+                                                      _masked_key(), "", None, softcap))
+        return _continued(layer, torch.cat(outs, 2), n, "kvcache_continued_batched")
     if site.stateless:
         # what each group reads depends on positions only (windows, kept blocks): the n queries at once over
         # the slots before them and the new keys, each within its form, in PyTorch
@@ -475,12 +491,15 @@ def plan_attention(model):
         model.set_attn_implementation(saved)
 
 
-def generate(model, input_ids, plan=None, max_new_tokens: int = 64, impl: str = "auto", cache=None, **kwargs):
+def generate(model, input_ids, plan=None, max_new_tokens: int = 64, impl: str = "auto", cache=None,
+             max_length: int | None = None, **kwargs):
     """model.generate() with a PlanCache (greedy unless told otherwise). Returns (token ids, cache).
     cache: a PlanCache this model filled before (the previous turn of a chat: input_ids then holds the whole
-    conversation, and only its new tokens are run, continuing the cache); None makes one for the call."""
+    conversation, and only its new tokens are run, continuing the cache); None makes one for the call, sized
+    for max_length tokens (default: the prompt plus max_new_tokens; give the whole conversation's length for a
+    cache that later turns continue)."""
     if cache is None:
-        cache = PlanCache(model, plan, max_length=input_ids.shape[1] + max_new_tokens, impl=impl)
+        cache = PlanCache(model, plan, max_length=max_length or input_ids.shape[1] + max_new_tokens, impl=impl)
     elif not getattr(cache, "attnforge_plan_cache", False):
         raise ValueError(f"cache must be an af.PlanCache (the one a previous af.generate returned), not a "
                          f"{type(cache).__name__}")

@@ -492,6 +492,18 @@ class SiteKVCache:
             self._linear_attend(q.to(ct), scale, out, "reference")
         return out.to(q.dtype)
 
+    def check_room(self, n: int) -> None:
+        """Raise (before anything is written) if n more tokens exceed max_length in a layout that cannot grow:
+        elastic spans and block-sparse verticals are sized for it, evicting and quantized regions too; full,
+        fixed-window, block-ring and linear groups can go on."""
+        new_len = self.length + n
+        fixed = ["elastic window" if lay.beta else "block-sparse" if lay.horizon else lay.kind
+                 for lay in self.layouts if lay.beta or lay.horizon or lay.kind in ("evict", "quant")]
+        if new_len > self.max_length and fixed:
+            raise KVCacheError(f"{new_len} tokens exceed the cache's max_length {self.max_length}, which its "
+                               f"{sorted(set(fixed))} groups were sized for; build the cache with a larger "
+                               "max_length (the whole conversation's)")
+
     @property
     def stateless(self) -> bool:
         """Whether what each group reads depends only on positions (full, window and block layouts): no
@@ -507,6 +519,7 @@ class SiteKVCache:
         if not self.stateless:
             raise KVCacheError("evicting, quantized and linear groups take new tokens one step at a time")
         b, h, n, _ = q.shape
+        self.check_room(n)
         g = len(self.layouts)
         r, ct = h // g, _compute_dtype(q.dtype)
         start = torch.tensor(self.lens if self.lens is not None else [self.length] * b, device=q.device)

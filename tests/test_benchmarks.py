@@ -62,7 +62,7 @@ def test_decode_benchmark(tmp_path):
     assert all(row[f"{c}_decode_kernel_calls"] == 2 * 3 for c in ("dense", "kv50", "kivi4", "kivi2"))  # layers x steps
     assert row["kv50_cache_bytes"] < row["dense_cache_bytes"]
     assert row["dense_continue_logits_max_diff_vs_hf"] < 1e-4             # a 20-token continuation, as HF's
-    assert row["kv50_continue_tokens_per_s"] > 0 and "kv50_continue_logits_max_diff_vs_hf" in row
+    assert row["kv50_continue_tokens_per_s"] > 0 and 0 <= row["kv50_continue_logits_max_diff_vs_hf"] < 1
 
 
 def test_linear_kernel_benchmark(tmp_path):

@@ -180,15 +180,17 @@ def test_a_continuation_attends_as_its_tokens_fed_one_by_one(name):
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_a_dense_continuation_is_one_attention_and_equals_the_full_forward(impl):
+def test_a_dense_continuation_is_one_attention_and_equals_the_full_forward(impl, monkeypatch):
     """Every group full (no plan, or dense layers): the n queries attend over all keys at once through the
     attention op (the generated dense kernel with impl='triton'), equal to the model's own forward."""
     model = _llama()
     ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         want = model(ids).logits
+    from attnforge.compiler import decode
     from attnforge.compiler.decode import _full_groups
 
+    monkeypatch.setattr(decode, "_MASK_ROWS", 4)    # 4 query rows per call (1024 on real prompts): 15 = 4+4+4+3
     runtime.reset_counters()
     cache = af.PlanCache(model, None, max_length=40, impl=impl)
     got = _fed(model, cache, ids, [9, 10, 25, 33])
@@ -199,7 +201,7 @@ def test_a_dense_continuation_is_one_attention_and_equals_the_full_forward(impl)
     assert runtime.counters["kvcache_continued_batched"] == 15 + 8
     assert "kvcache_continued" not in runtime.counters
     if impl == "triton":
-        assert runtime.counters["triton_interpreter"] == 2 * 2      # both continuations, both layers: the kernel
+        assert runtime.counters["triton_interpreter"] == 2 * (4 + 2)   # row blocks of both continuations, 2 layers
     assert (got - want).abs().max() < 1e-4
 
 
@@ -268,6 +270,10 @@ def test_continue_reference_equals_decoding_step_by_step(ends, padded):
                      for a, e in zip(ends, ends[1:])], 2)
     assert (got - want).abs().max() < 1e-12
     assert torch.equal(bulk.pos, step.pos) and torch.equal(bulk.k, step.k) and bulk.lens == step.lens
+    with pytest.raises(KVCacheError, match=r"51 tokens exceed the cache's max_length 50, which its "
+                                           r"\['elastic window'\]"):     # refused before anything is written
+        bulk.continue_reference(q[:, :, :1], k[:, :, :1], v[:, :, :1], 0.25)
+    assert bulk.length == 50 and torch.equal(bulk.pos, step.pos)
     from attnforge.runtime.forms import KVEvict
 
     with pytest.raises(KVCacheError, match="one step at a time"):
@@ -690,6 +696,40 @@ def test_the_window_mask_check_reads_every_row_block(monkeypatch):
     right[0, -1] = False
     assert "not all on the left" in decode._window_mask_reason(exact, w, n, s, right)
     assert "torch.float32 mask" in decode._window_mask_reason(exact.float(), w, n, s, keys)
+
+
+def test_a_kept_cache_carried_past_the_models_window_is_refused_or_sized_for_it():
+    """A cache af.generate sized within the model's window (so its sliding layers keep every key), carried
+    past the window by the next turn: refused with what to do (it used to read every key: logits 0.08-0.18
+    off); built for the whole conversation (max_length=), the turns generate what HF's generate() does."""
+    model = _sliding_model("mistral")
+    g = torch.Generator().manual_seed(3)
+    ids, turn = torch.randint(0, 128, (1, 3), generator=g), torch.randint(0, 128, (1, 2), generator=g)
+    first, cache = af.generate(model, ids, max_new_tokens=3)                # max_length 6 <= window 8
+    conversation = torch.cat([first, turn], 1)
+    with pytest.raises(KVCacheError, match="past the model's sliding window of 8, but the plan cache was built for "
+                                           "max_length 6"):
+        af.generate(model, conversation, cache=cache, max_new_tokens=8)
+    first, cache = af.generate(model, ids, max_new_tokens=3, max_length=16)
+    conversation = torch.cat([first, turn], 1)
+    second, _ = af.generate(model, conversation, cache=cache, max_new_tokens=8)
+    with torch.no_grad():
+        assert torch.equal(second, model.generate(conversation, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+def test_padding_among_new_tokens_on_sliding_layers_is_named(kind):
+    """On a sliding-window layer, padding among a continuation's new tokens is refused as such (it used to be
+    named a tree or custom mask)."""
+    model = _sliding_model(kind)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2))
+    cache = af.PlanCache(model, None, max_length=30)
+    mask = torch.ones(1, 20, dtype=torch.long)
+    mask[0, 15] = 0
+    with af.plan_attention(model), torch.no_grad():
+        model(ids[:, :12], use_cache=True, **cache_kwargs(model, cache))
+        with pytest.raises(KVCacheError, match="new slots are padding"):
+            model(ids[:, 12:], attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
 
 
 def test_plan_forms_take_on_the_models_window_or_are_refused():
