@@ -402,18 +402,18 @@ def _continue(layer, query, key, value, attention_mask, padding, keys, scale: fl
     attention per group (SiteKVCache.continue_reference); evicting, quantized or linear groups: token by token
     (a ring slides, H2O / A2SF evict after each token, a linear state advances). The mask must be plain causal
     over the cache's slots (within the layer's own window), hiding only padding slots; new tokens are real."""
-    n, s = query.shape[2], layer.site.length + query.shape[2]
+    site = layer.site
+    n, s = query.shape[2], site.length + query.shape[2]
     if padding is not None and not bool(padding[:, -n:].all()):
-        raise KVCacheError(f"{n} new tokens after {layer.site.length}: some row's new slots are padding; "
+        raise KVCacheError(f"{n} new tokens after {site.length}: some row's new slots are padding; "
                            "after the prompt every row takes real tokens only (left-pad the prompts)")
-    layer.site.check_room(n)               # refused before anything is written, not halfway through
+    site.check_room(n)                     # refused before anything is written, not halfway through
     if attention_mask is not None and not hasattr(attention_mask, "_attnforge_padding"):
         reason = _window_mask_reason(attention_mask, layer.window or s, n, s, keys)
         if reason:
-            raise KVCacheError(f"{n} new tokens after {layer.site.length} came with {reason}: the plan cache "
+            raise KVCacheError(f"{n} new tokens after {site.length} came with {reason}: the plan cache "
                                "continues a sequence causally (a 2-D attention_mask, or none); a tree or custom "
                                "mask (tree-based speculative decoding) is not supported")
-    site = layer.site
     if site.lens is None and all(lay.kind == "full" for lay in site.layouts):
         # every group holds every key at its position's slot: one attention of the n queries over all of them
         # does the n steps at once, through the generated dense kernel; the queries are the last n positions
@@ -444,7 +444,7 @@ def _continue(layer, query, key, value, attention_mask, padding, keys, scale: fl
                       "so that each policy chooses over all of it", stacklevel=2)
     outs = []
     for t in range(n):
-        layer.site.append(key[:, :, t:t + 1], value[:, :, t:t + 1])
+        site.append(key[:, :, t:t + 1], value[:, :, t:t + 1])
         outs.append(_step(layer, query[:, :, t], scale, softcap))
     return _continued(layer, torch.stack(outs, 2), n, "kvcache_continued")
 

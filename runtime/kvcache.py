@@ -130,7 +130,6 @@ class GroupLayout:
             ok &= hit
         return ok
 
-
     def sees(self, pos: torch.Tensor, query) -> torch.Tensor:
         """reads(), also for a query whose ring has since moved on: a fixed window's keys older than the
         query's window are dropped (a decoding step's ring holds none of them; a continuation's queries attend
