@@ -143,7 +143,7 @@ def _plan_generate(model, plan, eager_forward, impl: str):
     compiled forward stays for whole-sequence calls)."""
     import functools
 
-    from .decode import PlanCache, cache_kwargs, plan_attention
+    from .decode import PlanCache, cache_kwargs, draft_room, plan_attention
 
     original = model.generate
 
@@ -152,9 +152,6 @@ def _plan_generate(model, plan, eager_forward, impl: str):
         config = kwargs.get("generation_config") or model.generation_config
         if args or kwargs.get("use_cache") is False or not torch.is_tensor(inputs) or inputs.dim() != 2:
             return original(inputs, *args, **kwargs)      # no cache to plan (or inputs we do not read)
-        if (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1:
-            raise ValueError("beam search is not supported by attnforge's plan cache; use greedy or sampling "
-                             "generation (or use_cache=False)")
         given = {n: kwargs.pop(n) for n in ("past_key_values", "cache") if kwargs.get(n) is not None}
         cache = next(iter(given.values()), None)
         if cache is not None and not getattr(cache, "attnforge_plan_cache", False):
@@ -164,7 +161,7 @@ def _plan_generate(model, plan, eager_forward, impl: str):
         if cache is None:
             new = kwargs.get("max_new_tokens") or getattr(config, "max_new_tokens", None)
             total = inputs.shape[1] + new if new else kwargs.get("max_length") or getattr(config, "max_length", None)
-            cache = PlanCache(model, plan, max_length=total, impl=impl)
+            cache = PlanCache(model, plan, max_length=total and total + draft_room(model, kwargs), impl=impl)
         compiled = model.forward
         model.forward = eager_forward
         try:

@@ -21,8 +21,11 @@ compacted through the same kernels) while the cache keeps only what each group w
 Supported: prefill of the whole prompt at once, then one token per step or several (a chat's next turn over a
 kept cache, a later chunk of a prompt): a continuation of n tokens attends as n decoding steps fed those
 tokens would, every form keeping its decoding semantics; where every group of the layer holds all keys and no
-row is padded, that is one attention of the n queries over the cache (the generated dense kernel). Assisted
-(speculative) decoding is not supported: the cache cannot be cropped (Hugging Face checks and says so). A padded batch (prompts of
+row is padded, that is one attention of the n queries over the cache (the generated dense kernel). Beam search
+reorders the cache's rows after every step (reorder_cache). Assisted (speculative) and prompt-lookup decoding
+verify a draft as such a continuation and take the rejected tokens back (crop): while Hugging Face records
+(activate_past_recording), each write keeps what it overwrites, so full, window and block layouts roll back
+exactly; evicting, quantized and linear groups cannot, and such a plan is refused with the reason. A padded batch (prompts of
 different lengths, left-padded as generate() pads them, the `attention_mask` given) prefills every row as
 that row alone (runtime.padding) and the cache holds each row's real tokens at the row's own positions, so
 each row generates what it would generate alone; forms with KV eviction or quantization take rows of equal
@@ -48,7 +51,7 @@ from attnforge.runtime.kvcache import KVCacheError, SiteKVCache
 from .plan import resolve_site
 
 __all__ = ["PlanCache", "plan_cache_from_forms", "plan_attention", "generate", "attnforge_attention", "KVCacheError",
-           "cache_kwargs"]
+           "cache_kwargs", "draft_room"]
 
 NAME = "attnforge"
 _kernel_keys: dict[str, str] = {}
@@ -181,8 +184,41 @@ def _cache_classes():
             self.site = SiteKVCache(self.forms, self.site.max_length)
             self.prompt = None
 
-        def reorder_cache(self, beam_idx):
-            raise KVCacheError("beam search over the plan cache is not supported; use greedy or sampling")
+        def reorder_cache(self, beam_idx, host=None):
+            """Beam search: each row continues the beam beam_idx[row] was."""
+            self.site.reorder(beam_idx, host)
+            self.keys, self.values = self.site.k, self.site.v
+
+        @property
+        def is_croppable(self) -> bool:
+            """Whether crop() can take tokens back exactly (assisted decoding checks): position-only layouts."""
+            return self.site.stateless
+
+        @property
+        def record_past(self) -> bool:
+            return self.site.recording
+
+        @record_past.setter
+        def record_past(self, on: bool) -> None:
+            self.site.record(on)
+
+        def activate_past_recording(self, **kwargs):
+            """From now on, remember what each write replaces, so that crop() can take back draft tokens."""
+            self.site.record(True)
+
+        def crop(self, tokens_to_remove: int) -> None:
+            """Take back tokens: -n removes the newest n (0 keeps every token written since the last crop); a
+            positive value is the length to keep (the older convention)."""
+            n = -tokens_to_remove if tokens_to_remove <= 0 else self._seen() - tokens_to_remove
+            if self.prompt is not None:
+                raise KVCacheError("crop() between a prompt's update() and its attention")
+            if n:
+                self.site.rollback(n)
+            else:
+                self.site.commit()
+            self.keys, self.values = self.site.k, self.site.v
+            if n and self.first:
+                runtime.counters["kvcache_rolled_back"] = runtime.counters.get("kvcache_rolled_back", 0) + n
 
     class PlanCacheImpl(Cache):
         """A transformers Cache whose layers keep, per KV group, only what the plan's form reads."""
@@ -196,6 +232,13 @@ def _cache_classes():
                 layer.first = i == 0        # checks made once per step, not once per layer
             super().__init__(layers=layers)
             self.impl = impl
+
+        def reorder_cache(self, beam_idx):
+            # the beams' indices on the host once per step, not once per layer, where a layer keeps rows there
+            host = beam_idx.tolist() if any(layer.site.lens is not None or layer.site._linear
+                                            for layer in self.layers) else None
+            for layer in self.layers:
+                layer.reorder_cache(beam_idx, host)
 
         def nbytes(self) -> int:
             return sum(layer.site.nbytes() for layer in self.layers)
@@ -491,6 +534,14 @@ def plan_attention(model):
         model.set_attn_implementation(saved)
 
 
+def draft_room(model, kwargs) -> int:
+    """Tokens past max_length a generate() call may run through the cache: Hugging Face's prompt-lookup drafts
+    are capped at max_length as an index into the sequence, not as its total, so the verification of the last
+    draft can reach max_length - 2 + prompt_lookup_num_tokens tokens (it keeps only those within max_length)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return int(kwargs.get("prompt_lookup_num_tokens") or getattr(config, "prompt_lookup_num_tokens", None) or 0)
+
+
 def generate(model, input_ids, plan=None, max_new_tokens: int = 64, impl: str = "auto", cache=None,
              max_length: int | None = None, **kwargs):
     """model.generate() with a PlanCache (greedy unless told otherwise). Returns (token ids, cache).
@@ -499,7 +550,8 @@ def generate(model, input_ids, plan=None, max_new_tokens: int = 64, impl: str = 
     for max_length tokens (default: the prompt plus max_new_tokens; give the whole conversation's length for a
     cache that later turns continue)."""
     if cache is None:
-        cache = PlanCache(model, plan, max_length=max_length or input_ids.shape[1] + max_new_tokens, impl=impl)
+        total = (max_length or input_ids.shape[1] + max_new_tokens) + draft_room(model, kwargs)
+        cache = PlanCache(model, plan, max_length=total, impl=impl)
     elif not getattr(cache, "attnforge_plan_cache", False):
         raise ValueError(f"cache must be an af.PlanCache (the one a previous af.generate returned), not a "
                          f"{type(cache).__name__}")

@@ -207,6 +207,7 @@ class SiteKVCache:
         self._free: dict[int, list] = {}      # h2o / a2sf: free slots, host ints or (evicted on the device) 0-dim tensors
         self._count: dict[int, int] = {}
         self._held: dict[int, int] = {}       # h2o / a2sf: keys each group holds (tracked on the host)
+        self._log: list | None = None         # while recording (assisted decoding): what each append replaced
 
     # ------------------------------------------------------------------ storage
     def _allocate(self, like_k, like_v, caps):
@@ -271,6 +272,8 @@ class SiteKVCache:
             grow = [max(c, 2 * have) if lay.kind == "full" else c
                     for c, have, lay in zip(need, self._caps or [0] * g, self.layouts)]
             self._allocate(k, v, grow)
+        if self._log is not None:            # before any write: what these tokens will replace
+            self._log.append(self._snapshot(k, v, keep, n))
         if self.quant is not None:
             sel = self._groups(tuple(self._quant), k.device)
             self.quant.append(k[:, sel], v[:, sel])
@@ -366,6 +369,136 @@ class SiteKVCache:
         self.pos[rows, idx] = _to_device(self.lens, k.device).to(self.pos.dtype)[:, None]
         self._flags[rows, idx] = 1
         self.lens = [p + 1 for p in self.lens]
+
+    # ------------------------------------------------------------------ beam search and rollback
+    def reorder(self, rows: torch.Tensor, host: list[int] | None = None) -> None:
+        """Beam search: row b of the cache becomes what row rows[b] holds (rows [B'] int64; an index may repeat,
+        one may go). host: the same indices as Python ints, where the caller has them (a padded batch's lengths
+        and linear groups' states are per row on the host; without it they are read from `rows` once)."""
+        if self._evict and rows.numel() != 1:
+            raise KVCacheError("KV-evicting groups choose keys per sequence (batch 1): beam search needs a plan "
+                               "without KVEvict forms")
+        if self._pending is not None or self._log:
+            raise KVCacheError("reorder the cache between steps only (not between a prompt and its selection, "
+                               "nor with rolled-back drafts pending)")
+        if self.k is not None:
+            idx = rows.to(self.k.device)
+            self.k, self.v, self.pos, self._flags = (t.index_select(0, idx) for t in (self.k, self.v, self.pos,
+                                                                                       self._flags))
+        if self.quant is not None:
+            self.quant.reorder(rows)
+        if self.lens is None and self.linear is None and self._linear_pending is None:
+            return
+        host = rows.tolist() if host is None else host
+        if self.lens is not None:
+            self.lens = [self.lens[i] for i in host]
+        if self._linear_pending is not None:
+            k, v, keep = self._linear_pending
+            idx = rows.to(k.device)
+            self._linear_pending = (k.index_select(0, idx), v.index_select(0, idx),
+                                    None if keep is None else keep[host])
+        if self.linear is not None:           # states change in place: a row taken again gets copies
+            taken, states = set(), []
+            for i in host:
+                states.append([st.clone() for st in self.linear[i]] if i in taken else self.linear[i])
+                taken.add(i)
+            self.linear = states
+
+    def record(self, on: bool = True) -> None:
+        """Assisted (speculative) decoding: from now on every append remembers what it replaces, so that
+        rollback(n) can take back rejected draft tokens (commit() forgets, keeping them). Position-only layouts
+        (full, windows, kept blocks) only: evicting, quantized and linear groups change with every token."""
+        if on and not self.stateless:
+            kinds = sorted({lay.kind for lay in self.layouts if lay.kind not in ("full", "window", "blocks")})
+            raise KVCacheError(f"assisted decoding takes back rejected draft tokens, and this cache's {kinds} groups "
+                               "(KV eviction, KVQuant, linear states) change with every token they take, so they "
+                               "cannot be rolled back; use a plan without those forms for assisted or prompt-lookup "
+                               "decoding, or generate without an assistant")
+        self._log = [] if on else None
+
+    @property
+    def recording(self) -> bool:
+        return self._log is not None
+
+    def commit(self) -> None:
+        """Keep every token written since recording began (or since the last commit / rollback)."""
+        if self._log is not None:
+            self._log = []
+
+    def rollback(self, n: int) -> None:
+        """Take back the last n tokens written since recording began (or the last commit): the cache then holds
+        exactly what it would hold had they never come. Commits what remains."""
+        if n < 0 or n > self.length:
+            raise KVCacheError(f"cannot take back {n} tokens of a cache holding {self.length}")
+        if self._log is None:
+            if not n:
+                return
+            if self.lens is not None or any(lay.kind != "full" for lay in self.layouts):
+                raise KVCacheError("rolling back tokens needs record() before they are written (Hugging Face's "
+                                   "activate_past_recording(), which assisted decoding calls)")
+            # full groups only, nothing overwritten: the newest positions just go
+            self._undo({"length": self.length - n, "lens": None, "saved": {}})
+            return
+        log, self._log = self._log, None               # the replay below is not recorded
+        while n > 0:
+            if not log:
+                raise KVCacheError(f"cannot take back {n} more tokens: they were written before recording began")
+            entry = log.pop()
+            self._undo(entry)
+            drop = min(entry["n"], n)
+            n -= drop
+            if entry["n"] > drop:                      # the first part of this write stays: write it again
+                self._replay(entry, entry["n"] - drop)
+        self._log = []
+
+    def _snapshot(self, k, v, keep, n: int) -> dict:
+        """What a write of n tokens (k / v [B, G, n, D]) replaces: per non-full stateless group, the slots its
+        positions map to (in-group indices, so a later regrow does not move them) and their contents; full
+        groups' new slots were empty (taken back by position). An empty cache is taken back to empty."""
+        entry = {"length": self.length, "lens": None if self.lens is None else list(self.lens), "n": n,
+                 "k": k, "v": v, "keep": keep, "saved": {}}
+        if not self.length:
+            return entry
+        starts = self.lens if self.lens is not None else [self.length]
+        pos = torch.tensor([s + t for s in starts for t in range(n)], device=self.pos.device)
+        for gi, lay in enumerate(self.layouts):
+            if lay.kind in ("window", "blocks"):
+                slots = lay.slots(pos, self.length + n)[1].unique()
+                idx = self._offs[gi] + slots
+                entry["saved"][gi] = (slots, self.k[:, idx].clone(), self.v[:, idx].clone(), self.pos[:, idx].clone(),
+                                      self._flags[:, idx].clone())
+        return entry
+
+    def _undo(self, entry: dict) -> None:
+        """Put the slots back as they were before `entry`'s write."""
+        if not entry["length"]:
+            self.pos.fill_(-1)
+            self._flags.zero_()
+            self.length, self.lens = 0, None
+            return
+        start = torch.tensor(entry["lens"] if entry["lens"] is not None else [entry["length"]] * self.pos.shape[0],
+                             device=self.pos.device)[:, None]
+        for gi, lay in enumerate(self.layouts):
+            o, c = self._offs[gi], self._caps[gi]
+            if lay.kind == "full":
+                stale = self.pos[:, o:o + c] >= start
+                self.pos[:, o:o + c].masked_fill_(stale, -1)
+                self._flags[:, o:o + c].masked_fill_(stale, 0)
+            elif gi in entry["saved"]:
+                slots, k, v, pos, flags = entry["saved"][gi]
+                idx = o + slots
+                self.k[:, idx], self.v[:, idx], self.pos[:, idx], self._flags[:, idx] = k, v, pos, flags
+        self.length, self.lens = entry["length"], entry["lens"]
+
+    def _replay(self, entry: dict, m: int) -> None:
+        """Write the first m tokens of `entry` again (as they first came: a prompt with its padding flags, a
+        padded batch's steps one at a time)."""
+        k, v, keep = entry["k"][:, :, :m], entry["v"][:, :, :m], entry["keep"]
+        if self.length and self.lens is not None:
+            for t in range(m):
+                self.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        else:
+            self.append(k, v, None if keep is None else keep[:, :m])
 
     # ------------------------------------------------------------------ eviction (KVEvict groups)
     def _evict_slot(self, gi: int, p: int) -> int:
@@ -501,7 +634,8 @@ class SiteKVCache:
         if new_len > self.max_length and fixed:
             raise KVCacheError(f"{new_len} tokens exceed the cache's max_length {self.max_length}, which its "
                                f"{sorted(set(fixed))} groups were sized for; build the cache with a larger "
-                               "max_length (the whole conversation's)")
+                               "max_length (the whole conversation's, plus prompt_lookup_num_tokens when drafting "
+                               "from the prompt)")
 
     @property
     def stateless(self) -> bool:

@@ -194,6 +194,12 @@ class QuantKV:
         vr[:, :, :rest] = rv[:, :, move:]
         self.nq, self.length = nq_new, new_len
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: row b becomes what row rows[b] holds (every buffer is per row; lengths are shared)."""
+        if self.buf is not None:
+            idx = rows.to(self.buf["kq"].device)
+            self.buf = {name: t.index_select(0, idx) for name, t in self.buf.items()}
+
     def _store(self, gi: int, bits: int, k: torch.Tensor, v: torch.Tensor) -> None:
         koff, voff, ksoff, vsoff = (o[gi] for o in self._offs)
         t0, t = self.nq, k.shape[1]

@@ -24,6 +24,7 @@ heads runs.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import threading
@@ -378,6 +379,13 @@ class LinearState:
                 self.ke[idx] = k[rows].to(self.ke.dtype)
                 self.ve[idx] = v[rows].to(self.ve.dtype)
         self.length = newest + 1
+
+    def clone(self) -> "LinearState":
+        """An independent copy (beam search continues one sequence in two rows); the feature maps are shared."""
+        other = copy.copy(self)
+        for name in ("S", "z", "S0", "z0", "ke", "ve"):
+            setattr(other, name, getattr(self, name).clone())
+        return other
 
     def nbytes(self) -> int:
         """Bytes held: the running sums and the exact part's buffer."""

@@ -561,7 +561,7 @@ def test_decode_reads_the_stored_tokens_not_the_capacity():
 def test_generate_under_optimize_decodes_with_the_plan_cache():
     """af.optimize(model, plan) makes model.generate() use the per-head cache: the same tokens as
     af.generate with that plan, every step read from the plan's cache, the compiled forward restored
-    after; a caller's af.PlanCache is used, any other cache or beam search is refused with the reason."""
+    after; a caller's af.PlanCache is used, any other cache is refused with the reason; beams decode over it."""
     from attnforge.compiler.plan import Plan, SitePlan, fingerprint
 
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(3))
@@ -590,8 +590,10 @@ def test_generate_under_optimize_decodes_with_the_plan_cache():
     assert model.forward is compiled and model.config._attn_implementation == "attnforge_sdpa"
     with pytest.raises(ValueError, match="DynamicCache would attend to every key"):
         model.generate(ids, max_new_tokens=3, **cache_kwargs(model, transformers.DynamicCache()))
-    with pytest.raises(ValueError, match="beam search"):
-        model.generate(ids, max_new_tokens=3, num_beams=2)
+    with torch.no_grad():                                             # beam search decodes over the plan cache too
+        beams = model.generate(ids, max_new_tokens=3, num_beams=2, do_sample=False)
+    assert model.attnforge_cache.layers[0].site.k.shape[0] == 2
+    assert torch.equal(beams, af.generate(model, ids, plan, max_new_tokens=3, num_beams=2)[0])
 
 
 def test_block_sparse_verticals_past_max_length_take_no_slots():
