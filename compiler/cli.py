@@ -6,8 +6,8 @@
     attnforge search P.npz --density D  a per-head plan under the budget (plus the Pareto front)
     attnforge optimize MODEL --density D -o OUT/   profile + search + kernels + report + ONNX + summary
     attnforge export MODEL [--plan P] --onnx F     the ONNX export alone (one function node per site)
-    attnforge generate MODEL [--plan P]            greedy generation through the plan's per-head KV cache,
-                                                   against every group dense: tokens, memory, time
+    attnforge generate MODEL [--plan P]            generation (greedy, beams, prompt lookup) through the plan's
+                                                   per-head KV cache, against every group dense: tokens, memory, time
 """
 from __future__ import annotations
 
@@ -154,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="length of the default held-out prompt (default %(default)s)")
     ge.add_argument("--max-new-tokens", type=int, default=32)
     ge.add_argument("--impl", choices=("auto", "triton", "reference"), default="auto")
+    ge.add_argument("--num-beams", type=int, default=1, help="beam search over the cache (default 1: greedy)")
+    ge.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                    help="prompt-lookup decoding: drafts of up to N tokens copied from the prompt, verified in "
+                         "one forward each, rejected ones taken back from the cache (default 0: off)")
     ge.add_argument("--no-dense", action="store_true", help="skip the dense comparison")
     ge.add_argument("--json", action="store_true", help="print JSON")
     return p
@@ -516,6 +520,14 @@ def _cmd_generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise ModelSpecError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.num_beams < 1 or args.prompt_lookup < 0:
+        raise ModelSpecError("--num-beams must be at least 1 and --prompt-lookup at least 0")
+    if args.num_beams > 1 and args.prompt_lookup:
+        raise ModelSpecError("--num-beams and --prompt-lookup do not go together (Hugging Face drafts for one "
+                             "sequence at a time)")
+    mode = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
+    if args.prompt_lookup:
+        mode["prompt_lookup_num_tokens"] = args.prompt_lookup
     model, ids, tokenizer = _generate_prompt(args)
     plan = Plan.load(args.plan) if args.plan else None
     runs = [("plan" if plan is not None else "dense", plan)]
@@ -526,7 +538,7 @@ def _cmd_generate(args) -> int:
         runtime.reset_counters()
         try:
             t0 = time.perf_counter()
-            out, cache = generate(model, ids, p, max_new_tokens=args.max_new_tokens, impl=args.impl)
+            out, cache = generate(model, ids, p, max_new_tokens=args.max_new_tokens, impl=args.impl, **mode)
             seconds = time.perf_counter() - t0
         except KVCacheError as e:
             print(f"attnforge: error: {e}", file=sys.stderr)
@@ -544,18 +556,23 @@ def _cmd_generate(args) -> int:
         rows["plan"]["tokens_equal_to_dense_before_first_difference"] = same
         rows["plan"]["cache_bytes_vs_dense"] = round(rows["plan"]["cache_bytes"] / rows["dense"]["cache_bytes"], 4)
     summary = {"model": args.model, "plan": args.plan, "prompt_tokens": ids.shape[1],
-               "max_new_tokens": args.max_new_tokens, "impl": args.impl, "runs": rows}
+               "max_new_tokens": args.max_new_tokens, "impl": args.impl, "num_beams": args.num_beams,
+               "prompt_lookup": args.prompt_lookup, "runs": rows}
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{args.model}: prompt {ids.shape[1]} tokens, {args.max_new_tokens} new (greedy)")
+    how = (f"{args.num_beams} beams" if args.num_beams > 1 else
+           f"greedy, prompt-lookup drafts of up to {args.prompt_lookup}" if args.prompt_lookup else "greedy")
+    print(f"{args.model}: prompt {ids.shape[1]} tokens, {args.max_new_tokens} new ({how})")
     for name, r in rows.items():
         extra = ""
         if name == "plan" and "dense" in rows:
             extra = (f", {r['cache_bytes_vs_dense']:.2f}x dense's bytes; the first "
                      f"{r['tokens_equal_to_dense_before_first_difference']} new tokens equal dense's")
         print(f"  {name:>5}: cache {r['cache_bytes'] / 2**20:.2f} MiB ({r['kv_entries']} KV entries){extra}; "
-              f"{r['tokens_per_s']:.1f} tokens/s on this machine (first-call costs included)")
+              f"{r['tokens_per_s']:.1f} tokens/s on this machine (first-call costs included)"
+              + (f"; {r['calls'].get('kvcache_rolled_back', 0)} rejected draft tokens taken back"
+                 if args.prompt_lookup else ""))
         print(f"         {r['text']!r}" if "text" in r else f"         {r['new_tokens']}")
     return 0
 

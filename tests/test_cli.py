@@ -112,6 +112,7 @@ def test_generate_refuses_what_it_cannot_run(capsys):
     for argv, msg in ((["generate", "tiny"], "needs a Hugging Face causal LM"),
                       (["generate", "tiny", "--prompt", "hi"], "has no tokenizer here"),
                       (["generate", "tiny", "--prompt", "a", "--prompt-file", "b"], "not both"),
-                      (["generate", "tiny", "--max-new-tokens", "0"], "at least 1")):
+                      (["generate", "tiny", "--max-new-tokens", "0"], "at least 1"),
+                      (["generate", "tiny", "--num-beams", "2", "--prompt-lookup", "3"], "do not go together")):
         assert main(argv) == 2
         assert msg in capsys.readouterr().err

@@ -69,3 +69,23 @@ def test_generate_cli_through_a_searched_plan_against_dense(capsys):
         assert run["calls"] == {"kvcache_decode_reference": 60, "kvcache_prefill": 30}
     assert plan_run["kv_entries"] < dense_run["kv_entries"] and plan_run["cache_bytes"] < dense_run["cache_bytes"]
     assert 0 <= plan_run["tokens_equal_to_dense_before_first_difference"] <= 3 and dense_run["text"]
+
+
+def test_beams_and_prompt_lookup_with_real_weights():
+    """Real weights: beam search over the plan cache with every group dense gives Hugging Face's own beam
+    search tokens; prompt-lookup decoding through a searched plan's cache gives that plan's greedy tokens,
+    rejected drafts taken back (the greedy continuation of this prompt repeats itself: drafts to accept)."""
+    from pathlib import Path
+
+    model, (ids,) = models.smollm2(200)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=3)
+    got, _ = af.generate(model, ids, None, max_new_tokens=6, num_beams=3, impl="reference")
+    assert torch.equal(got, want)
+    plan = af.Plan.load(Path(__file__).resolve().parent.parent / "benchmarks" / "results" /
+                        "accuracy.searched_0.5.plan.json")
+    greedy, _ = af.generate(model, ids, plan, max_new_tokens=24, impl="reference")
+    af.runtime.reset_counters()
+    drafted, _ = af.generate(model, ids, plan, max_new_tokens=24, impl="reference", prompt_lookup_num_tokens=8)
+    assert torch.equal(drafted, greedy)
+    assert af.runtime.counters["kvcache_continued_batched"] > 0
