@@ -209,7 +209,7 @@ def _cache_classes():
         def crop(self, tokens_to_remove: int) -> None:
             """Take back tokens: -n removes the newest n (0 keeps every token written since the last crop); a
             positive value is the length to keep (the older convention)."""
-            n = -tokens_to_remove if tokens_to_remove <= 0 else self._seen() - tokens_to_remove
+            n = -tokens_to_remove if tokens_to_remove <= 0 else max(0, self._seen() - tokens_to_remove)
             if self.prompt is not None:
                 raise KVCacheError("crop() between a prompt's update() and its attention")
             if n:

@@ -335,6 +335,36 @@ def test_a_continuation_runs_the_dense_kernel_and_matches_hf():
     torch.testing.assert_close(at_once[:, 280:], one_by_one[:, 280:], rtol=1e-3, atol=1e-3)
 
 
+def test_beams_and_prompt_lookup_drafts_over_the_kernels():
+    """Beam search over the plan cache read by the compiled decode kernel, every group dense: transformers'
+    own beam search tokens; prompt-lookup drafts over a windows plan: that plan's greedy tokens, rejected
+    drafts taken back (weights scaled up so that the logits are not near ties)."""
+    model, ids = _small_llama()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    prompt = torch.cat([ids[:, :60], ids[:, :60]], 1)
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=16, do_sample=False, num_beams=3)
+    af.runtime.reset_counters()
+    got, _ = af.generate(model, prompt, None, max_new_tokens=16, num_beams=3)
+    assert torch.equal(got, want)
+    if DEVICE == "cuda":
+        assert af.runtime.counters["kvcache_decode_triton"] == 2 * 15
+    sites = af.find_attention(model, (prompt,))
+    from attnforge.compiler.plan import Plan, SitePlan, fingerprint
+
+    plan = Plan(fingerprint(sites), "t", (SitePlan(sites[0].id, 4, 2, (SinkWindow(4, 32), Dense())),
+                                          SitePlan(sites[1].id, 4, 2, (Dense(), BlockSparse(64, (0,), (0, 1))))),
+                {}, (120,))
+    greedy, _ = af.generate(model, prompt, plan, max_new_tokens=40)
+    af.runtime.reset_counters()
+    drafted, _ = af.generate(model, prompt, plan, max_new_tokens=40, prompt_lookup_num_tokens=6)
+    assert torch.equal(drafted, greedy)
+    assert af.runtime.counters["kvcache_continued_batched"] > 0
+
+
 def test_a_decoding_step_never_waits_for_the_gpu():
     """Appending a token, decoding over the per-head cache (window, elastic, block-sparse, quantized and
     H2O-evicting groups) and the eviction step issue no synchronizing CUDA call: the host keeps queueing
