@@ -460,13 +460,12 @@ class SiteKVCache:
         if not self.length:
             return entry
         starts = self.lens if self.lens is not None else [self.length]
-        pos = torch.tensor([s + t for s in starts for t in range(n)], device=self.pos.device)
+        positions = range(min(starts), max(starts) + n)
         for gi, lay in enumerate(self.layouts):
-            if lay.kind in ("window", "blocks"):
-                slots = lay.slots(pos, self.length + n)[1].unique()
-                idx = self._offs[gi] + slots
-                entry["saved"][gi] = (slots, self.k[:, idx].clone(), self.v[:, idx].clone(), self.pos[:, idx].clone(),
-                                      self._flags[:, idx].clone())
+            if lay.kind in ("window", "blocks"):      # the slots on the host (no device sync), each once
+                slots = _to_device(sorted({lay.slot(p) for p in positions}), self.pos.device)
+                idx = self._offs[gi] + slots            # (gathering copies)
+                entry["saved"][gi] = (slots, self.k[:, idx], self.v[:, idx], self.pos[:, idx], self._flags[:, idx])
         return entry
 
     def _undo(self, entry: dict) -> None:
@@ -476,8 +475,8 @@ class SiteKVCache:
             self._flags.zero_()
             self.length, self.lens = 0, None
             return
-        start = torch.tensor(entry["lens"] if entry["lens"] is not None else [entry["length"]] * self.pos.shape[0],
-                             device=self.pos.device)[:, None]
+        start = _to_device(entry["lens"] if entry["lens"] is not None else [entry["length"]] * self.pos.shape[0],
+                           self.pos.device)[:, None]
         for gi, lay in enumerate(self.layouts):
             o, c = self._offs[gi], self._caps[gi]
             if lay.kind == "full":
