@@ -24,8 +24,8 @@ tokens would, every form keeping its decoding semantics; where every group of th
 row is padded, that is one attention of the n queries over the cache (the generated dense kernel). Beam search
 reorders the cache's rows after every step (reorder_cache). Assisted (speculative) and prompt-lookup decoding
 verify a draft as such a continuation and take the rejected tokens back (crop): while Hugging Face records
-(activate_past_recording), each write keeps what it overwrites, so full, window and block layouts roll back
-exactly; evicting, quantized and linear groups cannot, and such a plan is refused with the reason. A padded batch (prompts of
+(activate_past_recording), each write keeps what it overwrites (and evicting, quantized and linear groups their
+state before each token), so every layout rolls back exactly. A padded batch (prompts of
 different lengths, left-padded as generate() pads them, the `attention_mask` given) prefills every row as
 that row alone (runtime.padding) and the cache holds each row's real tokens at the row's own positions, so
 each row generates what it would generate alone; forms with KV eviction or quantization take rows of equal
@@ -189,10 +189,7 @@ def _cache_classes():
             self.site.reorder(beam_idx, host)
             self.keys, self.values = self.site.k, self.site.v
 
-        @property
-        def is_croppable(self) -> bool:
-            """Whether crop() can take tokens back exactly (assisted decoding checks): position-only layouts."""
-            return self.site.stateless
+        is_croppable = True       # crop() takes tokens back exactly, in every layout (SiteKVCache.rollback)
 
         @property
         def record_past(self) -> bool:
@@ -479,7 +476,7 @@ def _continue(layer, query, key, value, attention_mask, padding, keys, scale: fl
         # the slots before them and the new keys, each within its form, in PyTorch
         out = site.continue_reference(query, key, value, scale, softcap)
         return _continued(layer, out, n, "kvcache_continued_batched")
-    if site._evict and not getattr(site, "_warned_continue", False):     # (the same text: Python shows it once)
+    if site._evict and not site.recording and not getattr(site, "_warned_continue", False):     # (the same text: Python shows it once)
         site._warned_continue = True
         warnings.warn(f"{n} tokens continue a cache whose KV-evicting groups sized their budgets from the first "
                       f"call's {site.prompt} tokens: they are decoded into those budgets (evicting as they come), "

@@ -406,14 +406,11 @@ class SiteKVCache:
 
     def record(self, on: bool = True) -> None:
         """Assisted (speculative) decoding: from now on every append remembers what it replaces, so that
-        rollback(n) can take back rejected draft tokens (commit() forgets, keeping them). Position-only layouts
-        (full, windows, kept blocks) only: evicting, quantized and linear groups change with every token."""
-        if on and not self.stateless:
-            kinds = sorted({lay.kind for lay in self.layouts if lay.kind not in ("full", "window", "blocks")})
-            raise KVCacheError(f"assisted decoding takes back rejected draft tokens, and this cache's {kinds} groups "
-                               "(KV eviction, KVQuant, linear states) change with every token they take, so they "
-                               "cannot be rolled back; use a plan without those forms for assisted or prompt-lookup "
-                               "decoding, or generate without an assistant")
+        rollback(n) can take back rejected draft tokens (commit() forgets, keeping them). Position-only groups
+        keep the slots a write overwrites; evicting, quantized and linear groups, whose state changes with every
+        token (and which take tokens one at a time after the prompt), keep their whole state before each token:
+        an evicting group's region and scores, KIVI's residual (codes past the kept count are never read), a
+        linear group's sums and window."""
         self._log = [] if on else None
 
     @property
@@ -433,7 +430,7 @@ class SiteKVCache:
         if self._log is None:
             if not n:
                 return
-            if self.lens is not None or any(lay.kind != "full" for lay in self.layouts):
+            if self.lens is not None or any(lay.kind != "full" for lay in self.layouts) or self.quant or self._linear:
                 raise KVCacheError("rolling back tokens needs record() before they are written (Hugging Face's "
                                    "activate_past_recording(), which assisted decoding calls)")
             # full groups only, nothing overwritten: the newest positions just go
@@ -452,13 +449,17 @@ class SiteKVCache:
         self._log = []
 
     def _snapshot(self, k, v, keep, n: int) -> dict:
-        """What a write of n tokens (k / v [B, G, n, D]) replaces: per non-full stateless group, the slots its
+        """What a write of n tokens (k / v [B, G, n, D]) replaces: per window / block group, the slots its
         positions map to (in-group indices, so a later regrow does not move them) and their contents; full
-        groups' new slots were empty (taken back by position). An empty cache is taken back to empty."""
+        groups' new slots were empty (taken back by position); the state of evicting, quantized and linear
+        groups. An empty cache is taken back to empty (and its prompt written again, evicting groups choosing
+        again from the queries select() gets)."""
         entry = {"length": self.length, "lens": None if self.lens is None else list(self.lens), "n": n,
-                 "k": k, "v": v, "keep": keep, "saved": {}}
+                 "k": k, "v": v, "keep": keep, "saved": {}, "state": None, "select": None}
         if not self.length:
             return entry
+        if not self.stateless:
+            entry["state"] = self._state()
         starts = self.lens if self.lens is not None else [self.length]
         positions = range(min(starts), max(starts) + n)
         for gi, lay in enumerate(self.layouts):
@@ -468,13 +469,52 @@ class SiteKVCache:
                 entry["saved"][gi] = (slots, self.k[:, idx], self.v[:, idx], self.pos[:, idx], self._flags[:, idx])
         return entry
 
+    def _state(self) -> dict:
+        """The token-dependent state of the evicting, quantized and linear groups (copies)."""
+        state = {}
+        for gi in self._evict:
+            o, c = self._offs[gi], self._caps[gi]
+            state[gi] = tuple(t[:, o:o + c].clone() for t in (self.k, self.v, self.pos, self._flags)) + (
+                self.scores[o:o + c].clone(), list(self._free.get(gi, ())), self._held.get(gi), self._count.get(gi))
+        if self.quant is not None:
+            state["quant"] = self.quant.state()
+        if self._linear:
+            state["linear"] = (None if self.linear is None else [[st.clone() for st in row] for row in self.linear],
+                               self._linear_pending)        # (pending tensors are replaced, never written)
+        return state
+
+    def _set_state(self, state: dict) -> None:
+        for gi in self._evict:
+            o, c = self._offs[gi], self._caps[gi]
+            *tensors, scores, free, held, count = state[gi]
+            for t, saved in zip((self.k, self.v, self.pos, self._flags), tensors):
+                t[:, o:o + c] = saved
+            self.scores[o:o + c] = scores
+            self._free[gi] = free
+            for book, value in ((self._held, held), (self._count, count)):
+                if value is None:
+                    book.pop(gi, None)
+                else:
+                    book[gi] = value
+        if self.quant is not None:
+            self.quant.set_state(state["quant"])
+        if self._linear:
+            self.linear, self._linear_pending = state["linear"]
+
     def _undo(self, entry: dict) -> None:
         """Put the slots back as they were before `entry`'s write."""
-        if not entry["length"]:
-            self.pos.fill_(-1)
-            self._flags.zero_()
+        if not entry["length"]:               # empty again: the buffers go too (regions are sized by the prompt)
+            self.k = self.v = self.pos = self._flags = self.scores = None
+            self._caps, self._offs = [], []
             self.length, self.lens = 0, None
+            self.prompt, self._pending = 0, None
+            self._free, self._count, self._held = {}, {}, {}
+            if self.quant is not None:
+                self.quant.set_state(None)
+            self.linear = self._linear_pending = None
             return
+        if entry.get("state") is not None:
+            self._set_state(entry["state"])
         start = _to_device(entry["lens"] if entry["lens"] is not None else [entry["length"]] * self.pos.shape[0],
                            self.pos.device)[:, None]
         for gi, lay in enumerate(self.layouts):
@@ -496,8 +536,11 @@ class SiteKVCache:
         if self.length and self.lens is not None:
             for t in range(m):
                 self.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
-        else:
-            self.append(k, v, None if keep is None else keep[:, :m])
+            return
+        self.append(k, v, None if keep is None else keep[:, :m])
+        if entry["select"] is not None and self.needs_select:    # a prompt: evicting groups choose again
+            q, scale, softcap = entry["select"]
+            self.select(q[:, :, :m], scale, softcap)
 
     # ------------------------------------------------------------------ eviction (KVEvict groups)
     def _evict_slot(self, gi: int, p: int) -> int:
@@ -523,6 +566,8 @@ class SiteKVCache:
         q: the prompt's queries [1, H, P, D]; softcap: the site's (scores ranked as the model attends)."""
         if self._pending is None:
             return
+        if self._log:                         # while recording: a rolled-back prompt chooses again from these
+            self._log[-1]["select"] = (q, scale, softcap)
         k, v = self._pending
         g, h = len(self.layouts), q.shape[1]
         r = h // g

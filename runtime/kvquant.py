@@ -194,6 +194,21 @@ class QuantKV:
         vr[:, :, :rest] = rv[:, :, move:]
         self.nq, self.length = nq_new, new_len
 
+    def state(self):
+        """What a token changes: the counts and the residual (codes are appended past nq, never rewritten)."""
+        if self.buf is None:
+            return None
+        return self.length, self.nq, self.buf["kr"].clone(), self.buf["vr"].clone()
+
+    def set_state(self, state) -> None:
+        """Back to a state() (None: empty)."""
+        if state is None:
+            self.length = self.nq = 0
+            return
+        self.length, self.nq, kr, vr = state
+        self.buf["kr"].copy_(kr)
+        self.buf["vr"].copy_(vr)
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search: row b becomes what row rows[b] holds (every buffer is per row; lengths are shared)."""
         if self.buf is not None:

@@ -10,7 +10,7 @@ import torch
 
 import attnforge as af
 from attnforge import runtime
-from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, KVQuant, Linear, SinkWindow
+from attnforge.runtime.forms import BlockSparse, Dense, ElasticWindow, KVEvict, KVQuant, Linear, SinkWindow
 from attnforge.runtime.kvcache import KVCacheError, SiteKVCache
 
 STATELESS = (Dense(), SinkWindow(3, 7), ElasticWindow(2, 4, 0.1), BlockSparse(4, (0, 2), (0, 2)))
@@ -76,8 +76,6 @@ def test_reordered_rows_decode_as_caches_fed_each_rows_history(first_read):
 
 
 def test_reorder_refuses_evicting_groups():
-    from attnforge.runtime.forms import KVEvict
-
     cache = SiteKVCache((KVEvict("h2o", 0.5, sink=1, recent=2),), max_length=16)
     k, v, q = _tokens(1, 1, 8, seed=3)
     cache.append(k, v)
@@ -162,25 +160,88 @@ def test_a_padded_prompts_drafts_roll_back_row_by_row():
         _same(cache, alone, row, 0)
 
 
-def test_rollback_needs_recording_except_for_full_groups_and_refuses_stateful_groups():
+def test_rollback_needs_recording_except_for_full_groups():
     k, v, _ = _tokens(1, 2, 12, seed=5)
     full = SiteKVCache((Dense(), Dense()), max_length=16)
     full.append(k, v)
     full.rollback(3)                                          # nothing overwritten: the newest positions go
     assert full.length == 9 and full.kv_entries() == 2 * 9
-    window = SiteKVCache((Dense(), SinkWindow(1, 4)), max_length=16)
-    window.append(k, v)
-    with pytest.raises(KVCacheError, match="needs record"):
-        window.rollback(1)
+    for other in (SinkWindow(1, 4), KVQuant(4, 8, 8)):
+        cache = SiteKVCache((Dense(), other), max_length=16)
+        cache.append(k, v)
+        with pytest.raises(KVCacheError, match="needs record"):
+            cache.rollback(1)
     with pytest.raises(KVCacheError, match="cannot take back 20 tokens"):
-        window.rollback(20)
-    window.record()
-    window.append(k[:, :, :2], v[:, :, :2])
+        cache.rollback(20)
+    cache.record()
+    cache.append(k[:, :, :2], v[:, :, :2])
     with pytest.raises(KVCacheError, match="written before recording began"):
-        window.rollback(3)
-    for stateful in (KVQuant(4, 8, 8), Linear("taylor2", 4, 2)):
-        with pytest.raises(KVCacheError, match="cannot be rolled back"):
-            SiteKVCache((Dense(), stateful), max_length=16).record()
+        cache.rollback(3)
+
+
+def _hedgehog():
+    from attnforge.runtime.linear import FeatureMaps, register_maps
+
+    g = torch.Generator().manual_seed(8)
+    return Linear("hedgehog", 4, 2, register_maps(FeatureMaps(torch.eye(D) + 0.2 * torch.randn(D, D, generator=g),
+                                                               torch.eye(D), 0.7))[0])
+
+
+STATEFUL = {"h2o_kivi": lambda: (KVEvict("h2o", 0.5, sink=1, recent=3), KVQuant(4, 8, 8), SinkWindow(2, 5)),
+            "a2sf_linear": lambda: (KVEvict("a2sf", 0.5, recent=2, alpha=0.9), Linear("taylor2", 4, 2), Dense()),
+            "streaming_snapkv": lambda: (KVEvict("streaming", 0.5, sink=2, recent=4), KVEvict("snapkv", 0.5, recent=4),
+                                         _hedgehog())}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_rolled_back_drafts_restore_evicting_quantized_and_linear_state(name, seed):
+    """Evicting groups (H2O / A2SF scores and evictions, a StreamingLLM ring, SnapKV's kept set), KIVI codes and
+    residual, linear-hybrid sums: a prompt with a draft (rolled back: the policies choose again over the accepted
+    prompt) and steps of 1-5 tokens decoded one by one with some taken back attend exactly as a cache fed only
+    the accepted tokens (each with its step: attention read, scores added, a key evicted)."""
+    forms = STATEFUL[name]()
+    g = len(forms)
+    k, v, q = _tokens(1, g, 80, seed=20 + seed)
+    cache, plain = SiteKVCache(forms, 80), SiteKVCache(forms, 80)
+    cache.record()
+    prompt, draft = 24, 3
+    bad = _rejected(k, draft)
+    cache.append(torch.cat([k[:, :, :prompt], bad], 2), torch.cat([v[:, :, :prompt], bad], 2))
+    cache.select(torch.cat([q[:, :, :prompt], _rejected(q, draft)], 2), SCALE)
+    cache.rollback(draft)
+    plain.append(k[:, :, :prompt], v[:, :, :prompt])
+    plain.select(q[:, :, :prompt], SCALE)
+
+    def step(c, kt, vt, qt):
+        c.append(kt, vt)
+        out = c.decode_reference(qt, SCALE)
+        c.after_step(qt, SCALE)
+        return out
+
+    accepted = prompt
+    for n, back in _schedule(seed, steps=10):
+        bad_k, bad_q = _rejected(k, back), _rejected(q, back)
+        for t in range(n):
+            if t < n - back:
+                step(cache, k[:, :, accepted + t:accepted + t + 1], v[:, :, accepted + t:accepted + t + 1],
+                     q[:, :, accepted + t])
+            else:
+                j = t - (n - back)
+                step(cache, bad_k[:, :, j:j + 1], bad_k[:, :, j:j + 1], bad_q[:, :, j])
+        cache.rollback(back)
+        for t in range(accepted, accepted + n - back):
+            want = step(plain, k[:, :, t:t + 1], v[:, :, t:t + 1], q[:, :, t])
+        accepted += n - back
+        assert cache.length == plain.length == accepted
+        # the next step reads and evicts the same: its attention equals the plain cache's
+        nxt = (k[:, :, accepted:accepted + 1], v[:, :, accepted:accepted + 1], q[:, :, accepted])
+        got = step(cache, *nxt)
+        want = step(plain, *nxt)
+        assert (got - want).abs().max() < 1e-12
+        cache.commit()
+        accepted += 1
+    assert cache.kv_entries() == plain.kv_entries()
 
 
 # ------------------------------------------------------------------------ inside Hugging Face generate()
@@ -320,12 +381,23 @@ def test_a_sliding_window_model_drafts_over_its_own_window():
     assert runtime.counters["kvcache_rolled_back"] > 0
 
 
-def test_drafts_over_groups_that_cannot_roll_back_are_refused_with_the_reason():
+def test_drafts_over_evicting_quantized_and_linear_groups_give_the_greedy_tokens():
+    """A KV-compressed plan (H2O, A2SF, KIVI 4-bit, a linear-hybrid group): prompt lookup gives the plan's
+    greedy tokens, rejected drafts taken back from every group's state, without the chunked-prefill warning
+    (each verification decodes its tokens, as greedy decoding would)."""
+    import warnings
+
     model = _llama()
-    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(7))
-    plan = _plan(model, ids, ((KVQuant(4, 8, 8), Dense()), (Dense(), Dense())))
-    with pytest.raises(KVCacheError, match=r"\['quant'\] groups .* cannot be rolled back"):
-        af.generate(model, ids, plan, max_new_tokens=8, prompt_lookup_num_tokens=3)
-    # beam search over KIVI groups is fine (their buffers are per row)
-    out, _ = af.generate(model, ids, plan, max_new_tokens=4, num_beams=2)
-    assert out.shape == (1, 24)
+    x = torch.randint(0, 256, (1, 15), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([x, x, x[:, :5]], 1)
+    plan = _plan(model, ids, ((KVEvict("h2o", 0.5, sink=1, recent=4), KVQuant(4, 8, 8)),
+                              (Linear("taylor2", 8, 2), KVEvict("a2sf", 0.5, recent=3, alpha=0.9))))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*sized their budgets")
+        got, want, cache = _greedy_and_drafted(model, ids, plan, "reference", prompt_lookup_num_tokens=4)
+    assert torch.equal(got, want)
+    assert runtime.counters["kvcache_rolled_back"] > 0 and runtime.counters["kvcache_continued"] > 0
+    # beam search over KIVI and linear groups (their buffers and states are per row)
+    beams = _plan(model, ids, ((KVQuant(4, 8, 8), Dense()), (Linear("taylor2", 8, 2), SinkWindow(2, 6))))
+    out, _ = af.generate(model, ids, beams, max_new_tokens=4, num_beams=2)
+    assert out.shape == (1, ids.shape[1] + 4)

@@ -74,7 +74,8 @@ def test_generate_cli_through_a_searched_plan_against_dense(capsys):
 def test_beams_and_prompt_lookup_with_real_weights():
     """Real weights: beam search over the plan cache with every group dense gives Hugging Face's own beam
     search tokens; prompt-lookup decoding through a searched plan's cache gives that plan's greedy tokens,
-    rejected drafts taken back (the greedy continuation of this prompt repeats itself: drafts to accept)."""
+    rejected drafts taken back (the greedy continuation of this prompt repeats itself: drafts to accept), and
+    through a KV-compressed cache (evicting and 4-bit groups) that cache's own greedy tokens."""
     from pathlib import Path
 
     model, (ids,) = models.smollm2(200)
@@ -89,3 +90,19 @@ def test_beams_and_prompt_lookup_with_real_weights():
     drafted, _ = af.generate(model, ids, plan, max_new_tokens=24, impl="reference", prompt_lookup_num_tokens=8)
     assert torch.equal(drafted, greedy)
     assert af.runtime.counters["kvcache_continued_batched"] > 0
+    # a KV-compressed cache (H2O, KIVI 4-bit, A2SF on the three KV heads of every layer): drafts verified one
+    # token at a time there, rejected ones rolled back out of every group's state
+    from attnforge.compiler.decode import plan_cache_from_forms
+    from attnforge.runtime.forms import KVEvict, KVQuant
+
+    forms = (KVEvict("h2o", 0.5, sink=4, recent=32), KVQuant(4), KVEvict("a2sf", 0.5, recent=32, alpha=0.95))
+    total = ids.shape[1] + 24 + 8
+
+    def compressed(**draft):
+        cache = plan_cache_from_forms({i: forms for i in range(30)}, total, "reference")
+        return af.generate(model, ids, max_new_tokens=24, cache=cache, **draft)[0]
+
+    greedy = compressed()
+    af.runtime.reset_counters()
+    assert torch.equal(compressed(prompt_lookup_num_tokens=8), greedy)
+    assert af.runtime.counters["kvcache_continued"] > 0
