@@ -476,7 +476,8 @@ def _continue(layer, query, key, value, attention_mask, padding, keys, scale: fl
         # the slots before them and the new keys, each within its form, in PyTorch
         out = site.continue_reference(query, key, value, scale, softcap)
         return _continued(layer, out, n, "kvcache_continued_batched")
-    if site._evict and not site.recording and not getattr(site, "_warned_continue", False):     # (the same text: Python shows it once)
+    # (the same text: Python shows it once); drafts being verified are decoding, not a later prompt chunk
+    if site._evict and not site.recording and not getattr(site, "_warned_continue", False):
         site._warned_continue = True
         warnings.warn(f"{n} tokens continue a cache whose KV-evicting groups sized their budgets from the first "
                       f"call's {site.prompt} tokens: they are decoded into those budgets (evicting as they come), "
