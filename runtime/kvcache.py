@@ -181,12 +181,6 @@ class SiteKVCache:
             raise KVCacheError(f"max_length must be >= 1, got {max_length}")
         self.layouts = tuple(layout_for(f, max_length) for f in forms)
         self.max_length = max_length
-        self.length = 0                       # tokens seen (padding included: what the model was fed)
-        self.lens: list[int] | None = None    # a padded batch: real tokens per row (None: every row has length)
-        self.k = self.v = self.pos = self._flags = None
-        self._caps: list[int] = []
-        self._offs: list[int] = []
-        self._off_t = self._cap_t = None
         self._dynamic = any(lay.dynamic for lay in self.layouts)
         self._evict = [gi for gi, lay in enumerate(self.layouts) if lay.kind == "evict"]
         self._quant = [gi for gi, lay in enumerate(self.layouts) if lay.kind == "quant"]
@@ -199,6 +193,20 @@ class SiteKVCache:
             (qg, qr), = shapes
             self.quant = QuantKV([(gi, self.layouts[gi].form.bits) for gi in self._quant], qg, qr, max_length)
         self._linear = [gi for gi, lay in enumerate(self.layouts) if lay.kind == "linear"]
+        self._log: list | None = None         # while recording (assisted decoding): what each append replaced
+        self._empty()
+
+    def _empty(self) -> None:
+        """No token held (a new cache, or one whose every write was taken back): buffers are made by the first
+        append, sized by its prompt."""
+        self.length = 0                       # tokens seen (padding included: what the model was fed)
+        self.lens: list[int] | None = None    # a padded batch: real tokens per row (None: every row has length)
+        self.k = self.v = self.pos = self._flags = None
+        self._caps: list[int] = []
+        self._offs: list[int] = []
+        self._off_t = self._cap_t = None
+        if self.quant is not None:
+            self.quant.set_state(None)
         self.linear = None                    # [batch][group] LinearState, made at the first read (needs the scale)
         self._linear_pending = None           # (k, v [B, nl, T, D], keep [B, T] or None) of Linear groups until then
         self.prompt = 0                       # prompt length (evicting groups size their regions by it)
@@ -207,7 +215,6 @@ class SiteKVCache:
         self._free: dict[int, list] = {}      # h2o / a2sf: free slots, host ints or (evicted on the device) 0-dim tensors
         self._count: dict[int, int] = {}
         self._held: dict[int, int] = {}       # h2o / a2sf: keys each group holds (tracked on the host)
-        self._log: list | None = None         # while recording (assisted decoding): what each append replaced
 
     # ------------------------------------------------------------------ storage
     def _allocate(self, like_k, like_v, caps):
@@ -430,11 +437,11 @@ class SiteKVCache:
         if self._log is None:
             if not n:
                 return
-            if self.lens is not None or any(lay.kind != "full" for lay in self.layouts) or self.quant or self._linear:
+            if self.lens is not None or any(lay.kind != "full" for lay in self.layouts):
                 raise KVCacheError("rolling back tokens needs record() before they are written (Hugging Face's "
                                    "activate_past_recording(), which assisted decoding calls)")
             # full groups only, nothing overwritten: the newest positions just go
-            self._undo({"length": self.length - n, "lens": None, "saved": {}})
+            self._undo({"length": self.length - n, "lens": None, "saved": {}, "state": None})
             return
         log, self._log = self._log, None               # the replay below is not recorded
         while n > 0:
@@ -504,16 +511,9 @@ class SiteKVCache:
     def _undo(self, entry: dict) -> None:
         """Put the slots back as they were before `entry`'s write."""
         if not entry["length"]:               # empty again: the buffers go too (regions are sized by the prompt)
-            self.k = self.v = self.pos = self._flags = self.scores = None
-            self._caps, self._offs = [], []
-            self.length, self.lens = 0, None
-            self.prompt, self._pending = 0, None
-            self._free, self._count, self._held = {}, {}, {}
-            if self.quant is not None:
-                self.quant.set_state(None)
-            self.linear = self._linear_pending = None
+            self._empty()
             return
-        if entry.get("state") is not None:
+        if entry["state"] is not None:
             self._set_state(entry["state"])
         start = _to_device(entry["lens"] if entry["lens"] is not None else [entry["length"]] * self.pos.shape[0],
                            self.pos.device)[:, None]
@@ -530,14 +530,11 @@ class SiteKVCache:
         self.length, self.lens = entry["length"], entry["lens"]
 
     def _replay(self, entry: dict, m: int) -> None:
-        """Write the first m tokens of `entry` again (as they first came: a prompt with its padding flags, a
-        padded batch's steps one at a time)."""
-        k, v, keep = entry["k"][:, :, :m], entry["v"][:, :, :m], entry["keep"]
-        if self.length and self.lens is not None:
-            for t in range(m):
-                self.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
-            return
-        self.append(k, v, None if keep is None else keep[:, :m])
+        """Write the first m tokens of `entry` again, as they first came. Only a prompt (with its padding flags)
+        or an unpadded continuation over position-only groups writes several tokens at once: after the prompt,
+        padded rows and evicting, quantized and linear groups take one token per append."""
+        keep = entry["keep"]
+        self.append(entry["k"][:, :, :m], entry["v"][:, :, :m], None if keep is None else keep[:, :m])
         if entry["select"] is not None and self.needs_select:    # a prompt: evicting groups choose again
             q, scale, softcap = entry["select"]
             self.select(q[:, :, :m], scale, softcap)
