@@ -231,7 +231,7 @@ def test_rolled_back_drafts_restore_evicting_quantized_and_linear_state(name, se
                 step(cache, bad_k[:, :, j:j + 1], bad_k[:, :, j:j + 1], bad_q[:, :, j])
         cache.rollback(back)
         for t in range(accepted, accepted + n - back):
-            want = step(plain, k[:, :, t:t + 1], v[:, :, t:t + 1], q[:, :, t])
+            step(plain, k[:, :, t:t + 1], v[:, :, t:t + 1], q[:, :, t])
         accepted += n - back
         assert cache.length == plain.length == accepted
         # the next step reads and evicts the same: its attention equals the plain cache's
